@@ -1,0 +1,69 @@
+"""Checkpoints: one format, written atomically, that stays readable by the paper's code.
+
+A checkpoint is a dict. The paper's code wrote and read exactly two keys, which we keep:
+    model_state_dict   the JEM module's state dict (keys `f.*`, `energy_output.*`, `class_output.*`)
+    replay_buffer      FloatTensor (buffer_size, 3, 32, 32), on the CPU
+This project adds `format_version`, `args` (the run's flags), and for resuming `optimizer_state_dict`,
+`epoch`, `iteration` and `best_valid_acc`. Files from the paper's code (two keys only) load as they are.
+"""
+import os
+import re
+
+import torch
+
+from utils import UserError
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path, model, replay_buffer, **extra):
+    """Write atomically: a crash mid-write never leaves a truncated file under `path`."""
+    state = {
+        "format_version": FORMAT_VERSION,
+        "model_state_dict": model.state_dict(),
+        "replay_buffer": replay_buffer.images.detach().cpu(),
+        **extra,
+    }
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, on the CPU; a missing or foreign file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at --load_path {path}")
+    try:
+        # weights_only=False: project checkpoints hold the run's args (plain Python values) too.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
+        raise UserError(f"{path} is not a JEM checkpoint: expected a dict with 'model_state_dict' "
+                        "(and 'replay_buffer'), as written by this project or the paper's code")
+    return ckpt
+
+
+def describe_state_dict(state_dict):
+    """Depth, width and n_classes of the network a JEM state dict was saved from (None if unknown)."""
+    try:
+        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"f\.layer1\.(\d+)\.", k))}
+        width = state_dict["f.layer1.0.conv1.weight"].shape[0] // 16
+        n_classes = state_dict["class_output.weight"].shape[0]
+    except (KeyError, AttributeError, IndexError):
+        return None
+    return {"depth": 6 * len(blocks) + 4, "width": width, "n_classes": n_classes}
+
+
+def load_model_state(model, state_dict, path):
+    """Strict load; a checkpoint of another architecture gets one line that says what to pass."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        found = describe_state_dict(state_dict)
+        hint = (f"it holds a WRN-{found['depth']}-{found['width']} with {found['n_classes']} classes; pass "
+                f"--depth {found['depth']} --width {found['width']} and the --norm it was trained with"
+                if found else "its keys are not those of a JEM Wide-ResNet")
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"checkpoint {path} does not fit this model: {hint} ({detail})")

@@ -1,0 +1,233 @@
+"""Data sets, transforms and loaders shared by training and evaluation.
+
+Pixels are normalised to [-1, 1] (mean 0.5, std 0.5) and, as in the paper, Gaussian noise of std
+`sigma` is added to every image, train and test.
+
+`--dataset` accepts the torchvision sets (cifar10, cifar100, svhn; downloaded when online), the
+built-in `synthetic` set (no download, for the quickstart and the tests), or the path of an image
+folder with `train/` and `test/` class sub-folders.
+"""
+import functools
+import os
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from utils import UserError
+
+TORCHVISION_SETS = {
+    # name: (class, folder torchvision expects under --data_root, n_classes)
+    "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", 10),
+    "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", 100),
+    "svhn": (torchvision.datasets.SVHN, "train_32x32.mat / test_32x32.mat", 10),
+}
+VALID_SPLIT_SEED = 1234  # the paper's fixed shuffle for the validation split
+
+
+class AddGaussianNoise:
+    """The paper's `x + sigma * randn_like(x)`, as a picklable class (works with spawned workers)."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return x + self.sigma * torch.randn_like(x) if self.sigma > 0 else x
+
+    def __repr__(self):
+        return f"AddGaussianNoise(sigma={self.sigma})"
+
+
+def _resize_for(dataset):
+    """Image folders may hold any size; everything else is 32x32 already."""
+    return [T.Resize((32, 32))] if is_image_folder(dataset) else []
+
+
+def train_transform(dataset, sigma):
+    flip = [] if dataset == "svhn" else [T.RandomHorizontalFlip()]  # digits are not mirror-symmetric
+    return T.Compose(_resize_for(dataset) + [T.Pad(4, padding_mode="reflect"), T.RandomCrop(32)] + flip
+                     + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)])
+
+
+def test_transform(dataset, sigma):
+    return T.Compose(_resize_for(dataset)
+                     + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)])
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in synthetic set: ten shape classes drawn in random colours on random gradients.
+
+SYNTHETIC_CLASSES = ("disk", "square", "ring", "diamond", "hbar", "vbar", "plus", "cross", "triangle",
+                     "frame")
+SYNTHETIC_SIZES = {"train": 10000, "test": 1000}
+
+
+def _shape_mask(label, dx, dy, r):
+    ax, ay = np.abs(dx), np.abs(dy)
+    box = np.maximum(ax, ay)
+    masks = (
+        dx ** 2 + dy ** 2 < r ** 2,
+        box < r,
+        (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2),
+        ax + ay < r,
+        (ay < 0.35 * r) & (ax < r),
+        (ax < 0.35 * r) & (ay < r),
+        ((ax < 0.3 * r) & (ay < r)) | ((ay < 0.3 * r) & (ax < r)),
+        (np.abs(ax - ay) < 0.3 * r) & (box < r),
+        (dy > -r) & (dy < r) & (ax < (dy + r) / 2),
+        (box < r) & (box > 0.6 * r),
+    )
+    return masks[label]
+
+
+@functools.lru_cache(maxsize=2)
+def make_synthetic(split):
+    """Deterministic uint8 images (N, 32, 32, 3) and int64 labels; the same on every machine."""
+    rng = np.random.RandomState(0 if split == "train" else 1)
+    n = SYNTHETIC_SIZES[split]
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(n) % len(SYNTHETIC_CLASSES)
+    rng.shuffle(labels)
+    for i, label in enumerate(labels):
+        c0, c1 = rng.uniform(0, 1, size=(2, 3))
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = ((xx - 16) * np.cos(angle) + (yy - 16) * np.sin(angle)) / 45 + 0.5
+        background = c0 + (c1 - c0) * ramp[..., None]
+        colour = rng.uniform(0, 1, size=3)
+        while np.abs(colour - background.mean((0, 1))).sum() < 0.6:  # keep the shape visible
+            colour = rng.uniform(0, 1, size=3)
+        r = rng.uniform(6, 11)
+        cx, cy = rng.uniform(r, 32 - r, size=2)
+        mask = _shape_mask(label, xx - cx, yy - cy, r)
+        image = np.where(mask[..., None], colour, background) + rng.normal(0, 0.03, size=(32, 32, 3))
+        images[i] = np.clip(image * 255, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+class ArrayDataset(Dataset):
+    """uint8 HWC images in memory, served as PIL images like torchvision's CIFAR10."""
+
+    def __init__(self, images, targets, transform=None):
+        self.images, self.targets, self.transform = images, list(targets), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        image = Image.fromarray(self.images[i])
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a named data set.
+
+def is_image_folder(dataset):
+    return dataset not in TORCHVISION_SETS and dataset != "synthetic"
+
+
+def n_classes_of(dataset, data_root=None):
+    if dataset in TORCHVISION_SETS:
+        return TORCHVISION_SETS[dataset][2]
+    if dataset == "synthetic":
+        return len(SYNTHETIC_CLASSES)
+    return len(_image_folder(dataset, "train").classes)
+
+
+def _torchvision_set(name, root, train, transform):
+    cls, folder, _ = TORCHVISION_SETS[name]
+    split = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+    try:
+        return cls(root, transform=transform, download=False, **split)
+    except RuntimeError:
+        pass  # not on disk yet: try to download it
+    try:
+        return cls(root, transform=transform, download=True, **split)
+    except (URLError, OSError, RuntimeError) as e:
+        raise UserError(
+            f"{name} is not in --data_root {root} (torchvision looks for {os.path.join(root, folder)}) "
+            f"and downloading it failed ({e}); put the data set there or run once with internet access")
+
+
+def _image_folder(path, split, transform=None):
+    folder = os.path.join(path, split)
+    if not os.path.isdir(folder):
+        raise UserError(f"--dataset {path} is neither a known data set (cifar10, cifar100, svhn, synthetic) "
+                        f"nor an image folder with a {split}/ sub-folder of class folders")
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"cannot read image folder {folder}: {e}")
+
+
+def load_dataset(name, data_root, train, transform):
+    """The train or test split of `name` (see module docstring) with `transform` applied."""
+    if name in TORCHVISION_SETS:
+        return _torchvision_set(name, data_root, train, transform)
+    if name == "synthetic":
+        return ArrayDataset(*make_synthetic("train" if train else "test"), transform=transform)
+    return _image_folder(name, "train" if train else "test", transform)
+
+
+def targets_of(dataset):
+    """Labels of every item without decoding images (SVHN calls them `labels`)."""
+    targets = getattr(dataset, "targets", None)
+    return np.asarray(dataset.labels if targets is None else targets)
+
+
+def split_indices(labels, n_valid, labels_per_class, n_classes):
+    """The paper's split: (train, labeled, valid) indices into the training set.
+
+    A fixed seeded shuffle holds out the first n_valid images for validation; with labels_per_class
+    > 0, only the first labels_per_class training images of each class keep their label.
+    """
+    order = list(range(len(labels)))
+    np.random.RandomState(VALID_SPLIT_SEED).shuffle(order)  # same order as the paper's np.random.seed(1234)
+    if n_valid >= len(order):
+        raise UserError(f"--n_valid {n_valid} leaves no training images ({len(order)} in the training set); "
+                        "pass a smaller --n_valid")
+    valid, train = np.array(order[:n_valid], dtype=np.int64), np.array(order[n_valid:], dtype=np.int64)
+    if labels_per_class <= 0:
+        return train, train, valid
+    train_labels = labels[train]
+    labeled = np.concatenate([train[train_labels == c][:labels_per_class] for c in range(n_classes)])
+    return train, labeled, valid
+
+
+def make_loader(dataset, batch_size, train, device, workers):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def default_workers(device):
+    """SGLD dominates the iteration, so on a CPU workers would only compete with it for cores."""
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def train_loaders(args, device):
+    """Loaders for training: all training images (p(x)), the labeled ones, validation and test."""
+    train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
+    eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
+    test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, args.sigma))
+    train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
+                                          args.n_classes)
+    if len(labeled) < args.batch_size:
+        raise UserError(f"only {len(labeled)} labeled training images for --batch_size {args.batch_size}; "
+                        "use a smaller batch or more --labels_per_class")
+    workers = args.n_workers if args.n_workers is not None else default_workers(device)
+    return {
+        "train": make_loader(Subset(train_set, train), args.batch_size, True, device, workers),
+        "labeled": make_loader(Subset(train_set, labeled), args.batch_size, True, device, workers),
+        "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
+        "test": make_loader(test_set, 100, False, device, workers),
+    }
+
+
+def cycle(loader):
+    """Endless iteration over a loader (reshuffled every pass)."""
+    while True:
+        yield from loader

@@ -1,0 +1,57 @@
+"""The JEM energy model: a Wide-ResNet classifier whose logits also define an energy.
+
+    p(y | x) = softmax(f(x))[y]                       (the classifier, unchanged)
+    -E(x, y) = f(x)[y]                                (class-conditional score)
+    -E(x)    = logsumexp_y f(x)[y]                    (the "px" score)
+
+With `uncond=True` the p(x) score comes from a separate scalar head instead (`energy_output`), and
+the model cannot sample class-conditionally.
+"""
+import torch.nn as nn
+
+from utils import UserError
+from wideresnet import Wide_ResNet
+
+
+class JEM(nn.Module):
+    """Thin wrapper around a Wide-ResNet; attribute names match the paper's checkpoints."""
+
+    def __init__(self, depth=28, width=10, norm=None, dropout_rate=0.0, n_classes=10, uncond=False):
+        super().__init__()
+        self.f = Wide_ResNet(depth, width, norm=norm, dropout_rate=dropout_rate)
+        self.energy_output = nn.Linear(self.f.last_dim, 1)
+        self.class_output = nn.Linear(self.f.last_dim, n_classes)
+        self.n_classes = n_classes
+        self.uncond = uncond
+
+    def classify(self, x):
+        """Logits f(x), shape (N, n_classes)."""
+        return self.class_output(self.f(x))
+
+    def heads(self, x):
+        """Logits and the log p(x) score (= -E(x)) from one pass through the trunk."""
+        features = self.f(x)
+        logits = self.class_output(features)
+        return logits, self.px_score(features, logits)
+
+    def px_score(self, features, logits):
+        if self.uncond:
+            return self.energy_output(features).squeeze(1)
+        return logits.logsumexp(1)
+
+    def forward(self, x, y=None):
+        """-E(x) when y is None, else -E(x, y) = f(x)[y]. Shape (N,)."""
+        if y is None:
+            return self.heads(x)[1]
+        if self.uncond:
+            raise ValueError("an unconditional JEM (--uncond) has no class-conditional energy")
+        return self.classify(x).gather(1, y[:, None]).squeeze(1)
+
+
+def build_model(args):
+    """The JEM model described by the run's flags (depth, width, norm, dropout_rate, n_classes, uncond)."""
+    try:
+        return JEM(args.depth, args.width, args.norm, getattr(args, "dropout_rate", 0.0), args.n_classes,
+                   args.uncond)
+    except ValueError as e:
+        raise UserError(f"{e} (--depth)") from None
