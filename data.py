@@ -231,3 +231,105 @@ def cycle(loader):
     """Endless iteration over a loader (reshuffled every pass)."""
     while True:
         yield from loader
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation data sets: the paper's names for test-time splits and out-of-distribution sets.
+
+EVAL_SETS = {
+    # name: (data set, training split?); the paper's eval names first, then this project's aliases
+    "cifar_test": ("cifar10", False),
+    "cifar_train": ("cifar10", True),
+    "svhn_test": ("svhn", False),
+    "svhn_train": ("svhn", True),
+    "svhn": ("svhn", False),
+    "cifar_100": ("cifar100", False),
+    "cifar10": ("cifar10", False),
+    "cifar100": ("cifar100", False),
+    "cifar100_test": ("cifar100", False),
+    "synthetic": ("synthetic", False),
+}
+EVAL_NAMES = (*EVAL_SETS, "cifar_interp", "celeba")
+NO_LABEL = -1  # the label of images that have none (interpolations, a folder of loose images)
+INTERP_SEED = 1234  # fixes which two images each cifar_interp image mixes, on every machine
+
+
+class ImageFiles(Dataset):
+    """Every image directly inside one folder, unlabeled: e.g. CelebA's img_align_celeba/."""
+
+    def __init__(self, folder, transform):
+        extensions = torchvision.datasets.folder.IMG_EXTENSIONS
+        self.paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                            if name.lower().endswith(extensions))
+        self.targets = [NO_LABEL] * len(self.paths)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(torchvision.datasets.folder.default_loader(self.paths[i])), NO_LABEL
+
+
+class InterpolatedPairs(Dataset):
+    """The paper's CIFAR10-interp OOD set: the average of two different images of `base`, plus noise.
+
+    `base` must serve clean images (sigma 0); the noise is added after mixing, as for any test image.
+    Image i is mixed with a fixed partner: a seeded random cycle through the set, so never itself.
+    """
+
+    def __init__(self, base, sigma, seed=INTERP_SEED):
+        if len(base) < 2:
+            raise UserError("cifar_interp needs at least two images in the data set it mixes")
+        order = np.random.RandomState(seed).permutation(len(base))
+        self.partner = np.empty_like(order)
+        self.partner[order] = np.roll(order, -1)
+        self.base, self.noise = base, AddGaussianNoise(sigma)
+        self.targets = [NO_LABEL] * len(base)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        (a, _), (b, _) = self.base[i], self.base[int(self.partner[i])]
+        return self.noise((a + b) / 2), NO_LABEL
+
+
+def eval_image_folder(path, transform):
+    """PATH/test/<class>/* when PATH has a test/ folder, else PATH/<class>/*, else PATH/* (unlabeled)."""
+    if not os.path.isdir(path):
+        raise UserError(f"no data set {path!r}: use one of {', '.join(EVAL_NAMES)} or the path of an image "
+                        "folder (PATH/test/<class>/*, PATH/<class>/* or PATH/*.png)")
+    test = os.path.join(path, "test")
+    folder = test if os.path.isdir(test) else path
+    if not any(entry.is_dir() for entry in os.scandir(folder)):
+        dataset = ImageFiles(folder, transform)
+        if len(dataset) == 0:
+            raise UserError(f"image folder {folder} holds no images and no class folders")
+        return dataset
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"cannot read image folder {folder}: {e}")
+
+
+def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test"):
+    """A test-time data set by any name evaluation accepts, with the test transform (noise `sigma`).
+
+    Names: the keys of EVAL_SETS; `cifar_interp` (mixes of two images of the set named `interp_of`);
+    `celeba` (the image folder `celeba_root`, resized to 32x32); else the path of an image folder.
+    """
+    if name == "cifar_interp":
+        if interp_of == "cifar_interp":
+            raise UserError("cifar_interp mixes images of the in-distribution set (--dataset), which cannot "
+                            "be cifar_interp itself")
+        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, 0.0, celeba_root), sigma)
+    if name in EVAL_SETS:
+        base, train = EVAL_SETS[name]
+        return load_dataset(base, data_root, train, test_transform(base, sigma))
+    if name == "celeba":
+        if celeba_root is None:
+            raise UserError("celeba needs --celeba_root: a folder of CelebA images (loose, or in sub-folders); "
+                            "they are resized to 32x32")
+        name = celeba_root
+    return eval_image_folder(name, test_transform(name, sigma))

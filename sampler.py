@@ -3,6 +3,7 @@
 The chain is x <- x + sgld_lr * d score(x)/dx + sgld_std * N(0, I), where score = -E. The step size and
 the noise scale are decoupled on purpose, as in the paper (not the textbook sgld_lr/2 and sqrt(sgld_lr)).
 """
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -56,8 +57,17 @@ class ReplayBuffer:
         return starts, inds
 
     def write(self, inds, samples):
-        if inds is not None:
-            self.images[inds] = samples.detach().to(self.images.dtype)
+        """Store samples at their start indices; where an index was drawn twice, the later chain wins.
+
+        A plain `images[inds] = samples` with repeated indices may interleave the pixels of both
+        chains (the write order is undefined), so each index is written once.
+        """
+        if inds is None:
+            return
+        unique, position = torch.unique(inds, return_inverse=True)
+        order = torch.arange(len(inds), device=inds.device)
+        last = torch.zeros_like(unique).scatter_reduce_(0, position, order, reduce="amax")
+        self.images[unique] = samples.detach()[last].to(self.images.dtype)
 
 
 @contextmanager
@@ -83,17 +93,73 @@ def sgld(score_fn, x, n_steps, sgld_lr, sgld_std):
     return x.detach()
 
 
-def sample_q(model, replay_buffer, n, y=None, n_steps=20, sgld_lr=1.0, sgld_std=0.01):
+class CapturedChain:
+    """The SGLD chain for one batch shape captured once as a CUDA graph, then replayed.
+
+    A replay launches all n_steps forward and input-gradient passes without Python, which is what
+    bounds small networks on a GPU. The graph reads the parameters where they live, so in-place
+    optimizer updates are seen; it is only valid while they stay there (no `.to()`, no
+    `load_state_dict(assign=True)` afterwards). Replays draw fresh SGLD noise, but not the same
+    numbers as the eager chain would from the same seed.
+    """
+
+    WARMUP_CHAINS = 2  # cuDNN autotuning, lazy initialisation and torch.compile happen before capture
+
+    def __init__(self, model, starts, y, n_steps, sgld_lr, sgld_std):
+        self.starts = starts.clone()
+        self.y = None if y is None else y.clone()  # labels are read from here on every replay
+
+        def chain():
+            return sgld(lambda x: model(x, self.y), self.starts, n_steps, sgld_lr, sgld_std)
+
+        side_stream = torch.cuda.Stream(starts.device)
+        side_stream.wait_stream(torch.cuda.current_stream(starts.device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(self.WARMUP_CHAINS):
+                chain()
+        torch.cuda.current_stream(starts.device).wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.samples = chain()
+
+    def __call__(self, starts, y):
+        self.starts.copy_(starts)
+        if y is not None:
+            self.y.copy_(y)
+        self.graph.replay()
+        return self.samples.clone()  # the next replay overwrites self.samples
+
+
+# model -> {chain shape and settings: CapturedChain}. Weak keys: a chain holds no reference to its
+# model, so the graphs and their memory go when the model does.
+_captured_chains = weakref.WeakKeyDictionary()
+
+
+def captured_chain(model, starts, y, n_steps, sgld_lr, sgld_std):
+    """The CUDA graph of this chain for this model, captured on first use."""
+    key = (tuple(starts.shape), y is None, n_steps, sgld_lr, sgld_std, torch.is_autocast_enabled("cuda"),
+           torch.get_autocast_dtype("cuda"))
+    chains = _captured_chains.setdefault(model, {})
+    if key not in chains:
+        chains[key] = CapturedChain(model, starts, y, n_steps, sgld_lr, sgld_std)
+    return chains[key]
+
+
+def sample_q(model, replay_buffer, n, y=None, n_steps=20, sgld_lr=1.0, sgld_std=0.01, cuda_graph=False):
     """Draw n samples from the model (class-conditional when y is given) and update the buffer.
 
     The model runs in eval mode with frozen parameters during the chain; its previous mode and
-    parameter flags are restored afterwards.
+    parameter flags are restored afterwards. cuda_graph=True replays a captured chain (see
+    CapturedChain) when the buffer is on a GPU; elsewhere it is ignored.
     """
     starts, inds = replay_buffer.sample_start(n, y)
     was_training = model.training
     model.eval()
     with frozen_parameters(model):
-        samples = sgld(lambda x: model(x, y), starts, n_steps, sgld_lr, sgld_std)
+        if cuda_graph and starts.is_cuda:
+            samples = captured_chain(model, starts, y, n_steps, sgld_lr, sgld_std)(starts, y)
+        else:
+            samples = sgld(lambda x: model(x, y), starts, n_steps, sgld_lr, sgld_std)
     model.train(was_training)
     replay_buffer.write(inds, samples)
     return samples

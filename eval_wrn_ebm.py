@@ -1,0 +1,436 @@
+"""Evaluate a trained JEM: the paper's classification, OOD, histogram and sampling experiments, and calibration.
+
+Loads a checkpoint of this project or of the paper's code (the released CIFAR-10 model included, no
+conversion) and writes `<mode>.json` (its numbers and the arguments used) and its figures into
+--save_dir. The paper's command lines:
+
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval test_clf --dataset cifar_test
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval OOD --ood_dataset cifar_100 --score_fn px
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval logp_hist --datasets cifar10 svhn --save_dir DIR
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval uncond_samples --save_dir DIR --n_sample_steps 1000 \
+        --buffer_size 10000 --n_steps 40 --print_every 100 --reinit_freq 0.05
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval cond_samples --save_dir DIR
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval cond_samples --save_dir DIR --n_sample_steps 1000 \
+        --buffer_size 10000 --n_steps 40 --print_every 10 --reinit_freq 0.05 --fresh_samples
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval calibration --dataset cifar100_test --save_dir DIR
+
+Offline, on the training quickstart's checkpoint (no download):
+
+    python eval_wrn_ebm.py --load_path runs/quickstart/last_ckpt.pt --eval OOD --dataset synthetic \
+        --ood_dataset cifar_interp --save_dir runs/quickstart/eval
+
+Every mode is one function `mode(args, model, replay_buffer, device) -> dict of results`, chosen from MODES.
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from attack import add_attack_flags, run_attack
+from checkpoint import describe_state_dict, load_checkpoint, load_model_state
+from data import EVAL_NAMES, default_workers, load_eval_dataset, make_loader, targets_of
+from models import build_model
+from plotting import save_grid, save_histograms, save_reliability_diagram
+from sampler import IMAGE_SHAPE, ReplayBuffer, sample_q, sgld
+from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
+                   prepare_save_dir, run_cli, seed_everything, select_device, write_json)
+
+EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the paper's figure)
+PER_ROW = 10  # images per class row in the cond_samples grids
+MAX_CLASS_GRIDS = 100  # cond_samples grids at most (the paper's code saved 100)
+MODEL_FLAGS = ("depth", "width", "norm", "uncond")
+PAPER_MODEL = {"depth": 28, "width": 10, "norm": None, "uncond": False, "n_classes": 10}  # WRN-28-10, CIFAR-10
+FROM_CHECKPOINT = object()  # default of the model flags: take the value from the checkpoint
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
+        epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored arguments, else "
+               "the shapes of its weights, else the paper's WRN-28-10 without norm.")
+    parser.add_argument("--eval", choices=list(MODES), default="OOD", help="what to evaluate")
+    parser.add_argument("--load_path", type=str, required=True,
+                        help="checkpoint of this project or of the paper's code")
+    parser.add_argument("--save_dir", type=str, default="./experiment/eval",
+                        help="where <mode>.json, figures and samples go")
+
+    data = parser.add_argument_group("data", f"data sets: {', '.join(EVAL_NAMES)}, or the PATH of an image "
+                                             "folder (PATH/test/<class>/*, PATH/<class>/* or PATH/*.png)")
+    data.add_argument("--dataset", type=str, default="cifar_test",
+                      help="labeled set of test_clf and calibration; in-distribution set (positives) of OOD, "
+                           "and the set that cifar_interp mixes")
+    data.add_argument("--ood_dataset", type=str, default="svhn", help="OOD: the out-of-distribution set")
+    data.add_argument("--datasets", nargs="+", type=str, default=[], help="logp_hist: one histogram per set")
+    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data sets live")
+    data.add_argument("--celeba_root", type=str, default=None,
+                      help="image folder read for the data set named celeba (resized to 32x32)")
+    data.add_argument("--sigma", type=float, default=3e-2,
+                      help="std of the Gaussian noise added to every test image, as in training; 0: none")
+    data.add_argument("--max_images", type=int, default=None,
+                      help="use only the first this many images of each data set (quick checks; default all)")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--score_fn", choices=list(SCORES), default="px",
+                            help="OOD and logp_hist: px = logsumexp f(x), py = max p(y|x), "
+                                 "pxgrad = -||d logsumexp f(x)/dx||")
+    evaluation.add_argument("--batch_size", type=int, default=64, help="SGLD chains per sample_q call")
+    evaluation.add_argument("--n_sample_steps", type=int, default=100,
+                            help="sampling rounds; each round advances --batch_size chains of the buffer")
+    evaluation.add_argument("--fresh_samples", action="store_true",
+                            help="cond_samples: sample a new buffer instead of using the checkpoint's")
+
+    add_model_flags(parser)
+    parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
+    add_sampler_flags(parser, n_steps=0, buffer_size=0)
+    add_system_flags(parser)
+    add_attack_flags(parser)
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Impossible flag combinations, reported before the checkpoint or any data is read."""
+    for flag in ("batch_size", "print_every"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    for flag in ("n_steps", "buffer_size", "n_sample_steps"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} cannot be negative")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError("--max_images must be at least 1 (leave it out to use every image)")
+    if args.eval == "logp_hist" and not args.datasets:
+        raise UserError("logp_hist needs --datasets NAME [NAME ...], e.g. --datasets cifar10 svhn")
+    if args.eval == "uncond_samples" or (args.eval == "cond_samples" and args.fresh_samples):
+        if args.buffer_size < 1 or args.n_steps < 1:
+            raise UserError(f"{args.eval} samples a new buffer: pass --buffer_size N and --n_steps T "
+                            "(the paper: --buffer_size 10000 --n_steps 40)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model and its replay buffer, from a checkpoint.
+
+def resolve_model_flags(args, ckpt):
+    """Model flags not given on the command line: from the checkpoint's stored arguments, then the shapes
+    of its weights (depth, width, classes), then the paper's defaults. Sets args.n_classes too."""
+    stored = ckpt.get("args")
+    stored = {k: stored[k] for k in PAPER_MODEL if k in stored} if isinstance(stored, dict) else {}
+    found = {**PAPER_MODEL, **stored, **(describe_state_dict(ckpt["model_state_dict"]) or {})}
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag) is FROM_CHECKPOINT:
+            setattr(args, flag, found[flag])
+    args.n_classes = found["n_classes"]
+
+
+def replay_buffer_from(ckpt, args, device):
+    """The checkpoint's replay buffer, or a fresh uniform one of --buffer_size when it has none."""
+    images = ckpt.get("replay_buffer")
+    if images is not None and not (torch.is_tensor(images) and tuple(images.shape[1:]) == IMAGE_SHAPE):
+        raise UserError(f"{args.load_path}: its replay_buffer should be a tensor of shape (N, 3, 32, 32)")
+    if images is None or len(images) == 0:
+        return ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device)
+    return ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=images.float())
+
+
+def load_jem(args, device):
+    """(model in eval mode on device, replay buffer) from --load_path; fills in the model flags."""
+    ckpt = load_checkpoint(args.load_path)
+    if not isinstance(ckpt["model_state_dict"], dict):
+        raise UserError(f"{args.load_path}: model_state_dict is not a state dict")
+    resolve_model_flags(args, ckpt)
+    model = build_model(args)
+    load_model_state(model, ckpt["model_state_dict"], args.load_path)
+    model.requires_grad_(False)  # evaluation differentiates with respect to inputs only
+    model = model.to(device).eval()
+    if args.compile:
+        model.f.compile()  # in place, so the module names stay those of the checkpoint
+    return model, replay_buffer_from(ckpt, args, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data.
+
+def dataset_named(args, name, labeled=False):
+    """A data set by any evaluation name; `labeled` checks its labels are classes of the model."""
+    dataset = load_eval_dataset(name, args.data_root, args.sigma, args.celeba_root, interp_of=args.dataset)
+    if len(dataset) == 0:
+        raise UserError(f"data set {name} holds no images")
+    if labeled:
+        labels = targets_of(dataset)
+        if labels.min() < 0 or labels.max() >= args.n_classes:
+            raise UserError(f"{name} has no labels of this model's {args.n_classes} classes (found labels "
+                            f"{labels.min()}..{labels.max()}): --eval {args.eval} needs a labeled --dataset")
+    if args.max_images is not None:
+        dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
+    return dataset
+
+
+def batches(args, dataset, device, desc):
+    """(x, y) on the device, in batches of EVAL_BATCH_SIZE, with a progress bar."""
+    workers = args.n_workers if args.n_workers is not None else default_workers(device)
+    loader = make_loader(dataset, EVAL_BATCH_SIZE, False, device, workers)
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=args.print_to_log):
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores and metrics.
+
+def px_score(model, x):
+    """log p(x) up to a constant: logsumexp f(x) (or the energy head of an --uncond model)."""
+    with torch.no_grad():
+        return model(x)
+
+
+def py_score(model, x):
+    """max_y p(y | x), the classifier's confidence."""
+    with torch.no_grad():
+        return model.classify(x).float().softmax(1).max(1).values
+
+
+def pxgrad_score(model, x):
+    """-||d log p(x) / dx||_2 per example: flat regions of the density are typical of the data."""
+    x = x.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(model(x).sum(), x)
+    return -grad.flatten(1).norm(dim=1)
+
+
+SCORES = {"px": px_score, "py": py_score, "pxgrad": pxgrad_score}
+SCORE_LABELS = {"px": "log p(x) + const", "py": "max p(y|x)", "pxgrad": "-||d log p(x)/dx||"}
+
+
+def score_dataset(args, model, device, dataset, name):
+    """The --score_fn score of every image of a data set, as a CPU float tensor."""
+    score_fn = SCORES[args.score_fn]
+    scores = torch.cat([score_fn(model, x).float() for x, _ in batches(args, dataset, device, name)]).cpu()
+    if not torch.isfinite(scores).all():
+        raise UserError(f"the {args.score_fn} scores of {name} are not all finite: the model's energies overflow "
+                        "(a diverged checkpoint?)")
+    return scores
+
+
+def ood_metrics(in_scores, out_scores):
+    """AUROC, AUPR and FPR at 95% TPR of telling in-distribution (positives, higher scores) from OOD."""
+    labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
+    scores = np.concatenate([np.asarray(in_scores), np.asarray(out_scores)])
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return {
+        "auroc": float(roc_auc_score(labels, scores)),
+        "aupr": float(average_precision_score(labels, scores)),
+        "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95)]),  # the first threshold that keeps 95% in
+    }
+
+
+def expected_calibration_error(confidences, correct, n_bins=ECE_BINS):
+    """ECE over equal-width confidence bins (lo, hi] (Guo et al. 2017), and each bin's numbers.
+
+    ECE = sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|.
+    """
+    confidences, correct = np.asarray(confidences, dtype=float), np.asarray(correct, dtype=float)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.digitize(confidences, edges[1:-1], right=True)  # 0 for (0, 1/n], ..., n-1 for (1-1/n, 1]
+    counts = np.bincount(which, minlength=n_bins)
+    accuracy = np.bincount(which, weights=correct, minlength=n_bins) / np.maximum(counts, 1)
+    confidence = np.bincount(which, weights=confidences, minlength=n_bins) / np.maximum(counts, 1)
+    ece = float(np.sum(counts / len(confidences) * np.abs(accuracy - confidence)))
+    bins = [{"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(counts[b]),
+             "accuracy": float(accuracy[b]) if counts[b] else None,
+             "confidence": float(confidence[b]) if counts[b] else None} for b in range(n_bins)]
+    return ece, bins
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification modes.
+
+def classify_dataset(args, model, device):
+    """Logits and labels of every image of --dataset; with --n_steps > 0 the images first take that many
+    SGLD steps on log p(x), the paper's test-time refinement."""
+    logits, labels = [], []
+    for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device, args.dataset):
+        if args.n_steps > 0:
+            x = sgld(model, x, args.n_steps, args.sgld_lr, args.sgld_std)
+        with torch.no_grad():
+            logits.append(model.classify(x).float())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def test_clf(args, model, replay_buffer, device):
+    """Accuracy and mean cross-entropy; per-example losses, correctness and max p(y|x) go to vals.pt."""
+    logits, labels = classify_dataset(args, model, device)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    corrects = (logits.argmax(1) == labels).float()
+    pys = logits.softmax(1).max(1).values
+    path = os.path.join(args.save_dir, "vals.pt")
+    torch.save({"losses": losses.cpu(), "corrects": corrects.cpu(), "pys": pys.cpu()}, path)
+    return {"dataset": args.dataset, "accuracy": corrects.mean().item(), "loss": losses.mean().item(),
+            "n_images": len(labels), "vals": path}
+
+
+def calibration(args, model, replay_buffer, device):
+    """Expected calibration error of max p(y|x) over 15 bins, and the reliability diagram."""
+    logits, labels = classify_dataset(args, model, device)
+    confidence, predicted = logits.softmax(1).max(1)
+    correct = (predicted == labels).cpu().numpy()
+    ece, bins = expected_calibration_error(confidence.cpu().numpy(), correct)
+    path = os.path.join(args.save_dir, "reliability_diagram.png")
+    save_reliability_diagram(path, [b["lower"] for b in bins], [b["upper"] for b in bins],
+                             [b["accuracy"] for b in bins], ece, title=args.dataset)
+    return {"dataset": args.dataset, "ece": ece, "accuracy": float(correct.mean()), "n_images": len(labels),
+            "n_bins": ECE_BINS, "figure": path, "bins": bins}
+
+
+# --------------------------------------------------------------------------------------------------
+# Density modes.
+
+def ood(args, model, replay_buffer, device):
+    """How well --score_fn tells --dataset (in-distribution) from --ood_dataset."""
+    in_set, out_set = (dataset_named(args, name) for name in (args.dataset, args.ood_dataset))  # fail early
+    in_scores = score_dataset(args, model, device, in_set, args.dataset)
+    out_scores = score_dataset(args, model, device, out_set, args.ood_dataset)
+    return {"score_fn": args.score_fn, "dataset": args.dataset, "ood_dataset": args.ood_dataset,
+            **ood_metrics(in_scores, out_scores), "n_in": len(in_scores), "n_out": len(out_scores),
+            "mean_score_in": in_scores.mean().item(), "mean_score_out": out_scores.mean().item()}
+
+
+def logp_hist(args, model, replay_buffer, device):
+    """Overlaid normalised histograms of --score_fn, one per --datasets entry (PNG and PDF)."""
+    datasets = {name: dataset_named(args, name) for name in args.datasets}  # all found before any is scored
+    scores = {name: score_dataset(args, model, device, dataset, name).numpy() for name, dataset in datasets.items()}
+    figures = save_histograms(os.path.join(args.save_dir, "logp_hist"), scores, SCORE_LABELS[args.score_fn])
+    return {"score_fn": args.score_fn, "figures": figures,
+            "datasets": {name: {"n_images": len(s), "mean": float(s.mean()), "std": float(s.std())}
+                         for name, s in scores.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling modes.
+
+def advance_buffer(args, model, replay_buffer, grid_prefix):
+    """--n_sample_steps rounds of sample_q on --batch_size chains drawn from the buffer, as the paper's code.
+
+    Every --print_every-th round's samples are saved as a grid; returns the grid paths.
+    """
+    grids = []
+    for round_ in tqdm(range(args.n_sample_steps), desc="sampling rounds", disable=args.print_to_log):
+        samples = sample_q(model, replay_buffer, args.batch_size, n_steps=args.n_steps, sgld_lr=args.sgld_lr,
+                           sgld_std=args.sgld_std)
+        if round_ % args.print_every == 0:
+            grids.append(f"{grid_prefix}_{round_:06d}.png")
+            save_grid(grids[-1], samples)
+    return grids
+
+
+def save_buffer(args, images, **extra):
+    path = os.path.join(args.save_dir, f"{args.eval}_buffer.pt")
+    torch.save({"replay_buffer": images.detach().cpu(), **extra}, path)
+    return path
+
+
+def sample_fresh_buffer(args, model, device):
+    """A uniform buffer of --buffer_size advanced --n_sample_steps rounds (grids along the way)."""
+    fresh = ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device)
+    grids = advance_buffer(args, model, fresh, grid_prefix=os.path.join(args.save_dir, "uncond_samples"))
+    return fresh, grids
+
+
+def uncond_samples(args, model, replay_buffer, device):
+    """Unconditional samples from a fresh buffer; the final buffer and a grid of its first 100 images."""
+    fresh, grids = sample_fresh_buffer(args, model, device)
+    final_grid = os.path.join(args.save_dir, "uncond_samples_final.png")
+    save_grid(final_grid, fresh.images[:100])
+    return {"n_samples": len(fresh), "grids": grids, "final_grid": final_grid,
+            "buffer": save_buffer(args, fresh.images)}
+
+
+@torch.no_grad()
+def classify_images(model, images):
+    """Predicted class and its logit f(x)[y] (log p(x, y) + const) for each image."""
+    logits = torch.cat([model.classify(batch).float() for batch in images.split(EVAL_BATCH_SIZE)])
+    best, predicted = logits.max(1)
+    return predicted, best
+
+
+def save_class_grids(args, images, predicted, scores):
+    """Grids of one row per predicted class, PER_ROW images a row, highest log p(x, y) first: grid g holds
+    each class's ranks g*PER_ROW .. (g+1)*PER_ROW-1. Classes short of images get white cells."""
+    ranked = []
+    for c in range(args.n_classes):
+        members = (predicted == c).nonzero().squeeze(1)
+        ranked.append(images[members[scores[members].argsort(descending=True)]].cpu())
+    blank = torch.ones(PER_ROW, *IMAGE_SHAPE)
+    n_grids = min(MAX_CLASS_GRIDS, math.ceil(max(len(members) for members in ranked) / PER_ROW))
+    grids = []
+    for g in range(n_grids):
+        rows = [torch.cat([members[g * PER_ROW:(g + 1) * PER_ROW], blank])[:PER_ROW] for members in ranked]
+        grids.append(os.path.join(args.save_dir, f"cond_samples_{g:03d}.png"))
+        save_grid(grids[-1], torch.cat(rows), nrow=PER_ROW)
+    return grids
+
+
+def cond_samples(args, model, replay_buffer, device):
+    """Classify every buffer image and save grids with one row per predicted class.
+
+    The buffer is the checkpoint's or, with --fresh_samples, a new one sampled as uncond_samples does.
+    """
+    if args.fresh_samples:
+        replay_buffer, _ = sample_fresh_buffer(args, model, device)
+    elif len(replay_buffer) == 0:
+        raise UserError(f"{args.load_path} has no replay buffer: sample one with --fresh_samples --buffer_size N "
+                        "--n_steps T")
+    predicted, scores = classify_images(model, replay_buffer.images)
+    grids = save_class_grids(args, replay_buffer.images, predicted, scores)
+    return {"buffer_source": "fresh" if args.fresh_samples else "checkpoint", "n_samples": len(replay_buffer),
+            "class_counts": torch.bincount(predicted, minlength=args.n_classes).tolist(), "grids": grids,
+            "buffer": save_buffer(args, replay_buffer.images, predicted_class=predicted.cpu(),
+                                  score=scores.cpu())}
+
+
+MODES = {
+    "test_clf": test_clf,
+    "OOD": ood,
+    "logp_hist": logp_hist,
+    "uncond_samples": uncond_samples,
+    "cond_samples": cond_samples,
+    "calibration": calibration,
+    "attack": run_attack,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+
+def summary_line(mode, results):
+    """'mode: key value, ...' over the scalar results (lists and tables stay in the JSON)."""
+    parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+             for k, v in results.items() if isinstance(v, (int, float, str))]
+    return f"{mode}: " + ", ".join(parts)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    prepare_save_dir(args.save_dir)
+    device = select_device(args.device)
+    args.device = str(device)
+    seed_everything(args.seed)
+
+    log = RunLog(args.save_dir, quiet=args.print_to_log, append=True)  # append: the dir may hold a training log
+    model, replay_buffer = load_jem(args, device)
+    log.line(f"{args.eval}: WRN-{args.depth}-{args.width} ({args.n_classes} classes, norm {args.norm}"
+             f"{', uncond' if args.uncond else ''}) from {args.load_path} on {device}")
+    with autocast(device, args.amp):
+        results = MODES[args.eval](args, model, replay_buffer, device)
+    write_json(os.path.join(args.save_dir, f"{args.eval}.json"), {**results, "args": vars(args)})
+    log.record(kind=f"eval_{args.eval}", **results)
+    log.line(summary_line(args.eval, results))
+    log.close()
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,92 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import AddGaussianNoise, load_dataset, make_synthetic, n_classes_of, split_indices, train_transform
+from data import test_transform as eval_transform  # (a name starting with test_ would be collected)
+from utils import UserError
+
+SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset")
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    images, labels = make_synthetic("test")
+    assert images.shape == (1000, 32, 32, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [100] * 10
+    make_synthetic.cache_clear()
+    again, again_labels = make_synthetic("test")
+    assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
+    assert not np.array_equal(make_synthetic("train")[0][:1000], images)
+
+
+def test_transforms_normalise_to_minus_one_one_and_add_noise():
+    image = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
+    clean = eval_transform("cifar10", 0.0)(image)
+    assert clean.shape == (3, 32, 32) and torch.all(clean == 1.0)
+    torch.manual_seed(0)
+    noisy = eval_transform("cifar10", 0.03)(image)
+    assert (noisy - 1.0).std().item() == pytest.approx(0.03, rel=0.1)
+    assert train_transform("cifar10", 0.0)(image).shape == (3, 32, 32)
+    assert "RandomHorizontalFlip" not in repr(train_transform("svhn", 0.0))
+    assert "RandomHorizontalFlip" in repr(train_transform("cifar10", 0.0))
+
+
+def test_noise_transform_pickles():
+    import pickle
+    assert pickle.loads(pickle.dumps(AddGaussianNoise(0.1))).sigma == 0.1
+
+
+def test_split_is_the_papers_seeded_shuffle():
+    labels = np.arange(100) % 10
+    train, labeled, valid = split_indices(labels, 20, -1, 10)
+    order = list(range(100))
+    np.random.seed(1234)
+    np.random.shuffle(order)  # what the paper's code did, with the global generator
+    assert valid.tolist() == order[:20] and train.tolist() == order[20:]
+    assert labeled is train
+
+
+def test_labels_per_class_keeps_that_many_per_class():
+    labels = np.arange(200) % 10
+    train, labeled, valid = split_indices(labels, 50, 3, 10)
+    assert len(labeled) == 30 and np.bincount(labels[labeled]).tolist() == [3] * 10
+    assert set(labeled) <= set(train) and not set(valid) & set(train)
+
+
+def test_too_large_validation_split_is_a_user_error():
+    with pytest.raises(UserError, match="--n_valid"):
+        split_indices(np.zeros(10), 10, -1, 10)
+
+
+def test_image_folder_resized_to_32(tmp_path):
+    for split in ("train", "test"):
+        for name in ("a", "b", "c"):
+            os.makedirs(tmp_path / split / name)
+            Image.new("RGB", (20, 28), (10, 20, 30)).save(tmp_path / split / name / "0.png")
+    assert n_classes_of(str(tmp_path)) == 3
+    x, y = load_dataset(str(tmp_path), None, False, eval_transform(str(tmp_path), 0.0))[2]
+    assert x.shape == (3, 32, 32) and y == 2
+
+
+def test_missing_data_names_the_folder_and_flag(tmp_path, monkeypatch):
+    import data
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(data.torchvision.datasets.utils, "download_url", offline)
+    monkeypatch.setattr(data.torchvision.datasets.utils, "download_and_extract_archive", offline)
+    for name, folder in (("cifar10", "cifar-10-batches-py"), ("svhn", "test_32x32.mat")):
+        with pytest.raises(UserError, match="--data_root") as err:
+            load_dataset(name, str(tmp_path), False, None)
+        assert folder in str(err.value)
+    with pytest.raises(UserError, match="image folder"):
+        load_dataset(str(tmp_path / "nowhere"), None, True, None)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR), reason="shared CIFAR-10 subset not present")
+def test_shared_cifar_subset_loads_as_an_image_folder():
+    assert n_classes_of(SHARED_CIFAR) == 10
+    test_set = load_dataset(SHARED_CIFAR, None, False, eval_transform(SHARED_CIFAR, 0.0))
+    assert len(test_set) == 846 and test_set[0][0].shape == (3, 32, 32)

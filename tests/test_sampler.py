@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from models import JEM
+from sampler import ReplayBuffer, frozen_parameters, sample_q, sgld
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return JEM(depth=10, width=1, n_classes=10)
+
+
+def test_one_sgld_step_is_gradient_ascent_plus_noise(model):
+    model.eval()
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    x = x0.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(model(x).sum(), x)
+    torch.manual_seed(123)
+    noise = torch.randn_like(x0)
+    torch.manual_seed(123)
+    out = sgld(model, x0, n_steps=1, sgld_lr=0.7, sgld_std=0.05)
+    torch.testing.assert_close(out, x0 + 0.7 * grad + 0.05 * noise)
+    assert not out.requires_grad
+
+
+def test_sgld_raises_the_score_and_leaves_the_start_alone(model):
+    model.eval()
+    x0 = torch.rand(8, 3, 32, 32) * 2 - 1
+    start = x0.clone()
+    out = sgld(model, x0, n_steps=10, sgld_lr=1.0, sgld_std=0.0)
+    assert model(out).mean() > model(x0).mean()
+    assert torch.equal(x0, start)
+
+
+def test_uniform_starts_without_a_buffer():
+    buffer = ReplayBuffer(0, 10, 0.05, "cpu")
+    starts, inds = buffer.sample_start(16)
+    assert inds is None and starts.shape == (16, 3, 32, 32)
+    assert starts.min() >= -1 and starts.max() <= 1
+
+
+def test_buffer_starts_in_uniform_noise():
+    buffer = ReplayBuffer(100, 10, 0.05, "cpu")
+    assert buffer.images.shape == (100, 3, 32, 32)
+    assert buffer.images.min() >= -1 and buffer.images.max() <= 1 and buffer.images.std() > 0.5
+
+
+def test_starts_come_from_the_buffer_at_the_returned_indices():
+    images = torch.arange(50.0)[:, None, None, None].expand(50, 3, 32, 32).clone() + 10
+    buffer = ReplayBuffer(0, 10, reinit_freq=0.0, device="cpu", images=images)
+    starts, inds = buffer.sample_start(32)
+    torch.testing.assert_close(starts, images[inds])
+    assert inds.min() >= 0 and inds.max() < 50
+
+
+def test_class_conditional_starts_stay_in_their_segment():
+    images = torch.arange(100.0)[:, None, None, None].expand(100, 3, 32, 32).clone() + 10
+    buffer = ReplayBuffer(0, 10, reinit_freq=0.0, device="cpu", images=images)
+    y = torch.randint(0, 10, (500,))
+    starts, inds = buffer.sample_start(500, y)
+    assert torch.equal(inds // 10, y)  # segment y holds indices 10y .. 10y+9
+    assert len(set(inds.tolist())) > 50
+
+
+def test_reinit_rate_is_the_requested_frequency():
+    images = torch.full((1000, 3, 32, 32), 5.0)  # outside [-1, 1], so fresh noise is recognisable
+    buffer = ReplayBuffer(0, 10, reinit_freq=0.2, device="cpu", images=images)
+    torch.manual_seed(0)
+    starts, _ = buffer.sample_start(20000)
+    fresh = (starts.abs() <= 1).flatten(1).all(1)
+    assert fresh.float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert ((starts[~fresh] == 5.0).all())
+
+
+def test_sample_q_writes_samples_back_and_restores_the_model(model):
+    buffer = ReplayBuffer(20, 10, reinit_freq=0.0, device="cpu")
+    before = buffer.images.clone()
+    model.train()
+    torch.manual_seed(0)
+    samples = sample_q(model, buffer, 6, n_steps=3)
+    assert samples.shape == (6, 3, 32, 32)
+    changed = (buffer.images != before).flatten(1).any(1)
+    assert 1 <= changed.sum() <= 6
+    for row in changed.nonzero().flatten():
+        assert any(torch.equal(buffer.images[row], s) for s in samples)
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # the chain never touches weights
+
+
+def test_conditional_sample_q_writes_into_the_label_segment(model):
+    buffer = ReplayBuffer(40, 10, reinit_freq=0.0, device="cpu")
+    before = buffer.images.clone()
+    y = torch.full((3,), 7)
+    sample_q(model, buffer, 3, y=y, n_steps=2)
+    changed = (buffer.images != before).flatten(1).any(1).nonzero().flatten()
+    assert len(changed) >= 1 and ((changed // 4) == 7).all()
+
+
+def test_frozen_parameters_restores_only_what_was_trainable(model):
+    model.class_output.weight.requires_grad_(False)
+    with frozen_parameters(model):
+        assert not any(p.requires_grad for p in model.parameters())
+    assert not model.class_output.weight.requires_grad
+    assert model.class_output.bias.requires_grad and model.f.conv1.weight.requires_grad
+
+
+def test_repeated_index_keeps_one_whole_chain():
+    buffer = ReplayBuffer(0, 10, 0.0, "cpu", images=torch.zeros(4, 3, 32, 32))
+    inds = torch.tensor([2, 0, 2, 2])
+    samples = torch.stack([torch.full((3, 32, 32), float(v)) for v in (1, 7, 3, 9)])
+    buffer.write(inds, samples)
+    assert torch.equal(buffer.images[2], samples[3])  # the last chain drawn at index 2, intact
+    assert torch.equal(buffer.images[0], samples[1])
+    assert buffer.images[[1, 3]].abs().sum() == 0
