@@ -7,8 +7,10 @@ This project adds `format_version`, `args` (the run's flags), and for resuming `
 `epoch`, `iteration` and `best_valid_acc`. Files from the paper's code (two keys only) load as they are.
 """
 import os
+import random
 import re
 
+import numpy as np
 import torch
 
 from utils import UserError
@@ -16,17 +18,21 @@ from utils import UserError
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path, model, replay_buffer, **extra):
+def write_checkpoint(path, state):
     """Write atomically: a crash mid-write never leaves a truncated file under `path`."""
-    state = {
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, replay_buffer, **extra):
+    """A model and its replay buffer (and any extra keys) in this project's format."""
+    write_checkpoint(path, {
         "format_version": FORMAT_VERSION,
         "model_state_dict": model.state_dict(),
         "replay_buffer": replay_buffer.images.detach().cpu(),
         **extra,
-    }
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    })
 
 
 def load_checkpoint(path):
@@ -67,3 +73,27 @@ def load_model_state(model, state_dict, path):
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise UserError(f"checkpoint {path} does not fit this model: {hint} ({detail})")
+
+
+def rng_states():
+    """Every random-number state a training iteration draws from, to resume a run exactly."""
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def find_resume_checkpoint(path):
+    """`--resume` takes a checkpoint file or a run's save dir (then its last_ckpt.pt)."""
+    candidate = os.path.join(path, "last_ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(candidate):
+        raise UserError(f"--resume {path}: no checkpoint there (a run's save dir holds last_ckpt.pt)")
+    return candidate

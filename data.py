@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from utils import UserError
 
@@ -198,9 +198,43 @@ def split_indices(labels, n_valid, labels_per_class, n_classes):
     return train, labeled, valid
 
 
-def make_loader(dataset, batch_size, train, device, workers):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+def make_loader(dataset, batch_size, train, device, workers, batch_sampler=None):
+    """A DataLoader; with `batch_sampler` (training) it decides the batches and `batch_size` is unused.
+
+    Every loader has its own generator, so starting an epoch never draws from the global torch RNG: the
+    random numbers of a run do not depend on how many loaders were started (which a resumed run changes).
+    """
+    batching = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
+        dict(batch_size=batch_size, shuffle=train, drop_last=train)
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator(), **batching)
+
+
+class ShuffledBatches(Sampler):
+    """Full batches of a seeded shuffle, a new order every pass; replayable from any batch, shardable.
+
+    The order of pass p comes from a generator seeded with (seed, p) alone, so a resumed run can replay
+    pass p from batch b exactly (`start(p, b)`). With world_size > 1 each rank takes every world_size-th
+    image of the order, as torch's DistributedSampler does, so the ranks see disjoint data.
+    """
+
+    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.pass_, self.first_batch = 0, 0
+
+    def start(self, pass_, first_batch=0):
+        self.pass_, self.first_batch = pass_, first_batch
+
+    def __len__(self):
+        return (self.n // self.world_size) // self.batch_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pass_)
+        order = torch.randperm(self.n, generator=generator)
+        mine = order[self.rank:self.n - self.n % self.world_size:self.world_size]
+        for b in range(self.first_batch, len(self)):
+            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
 
 def default_workers(device):
@@ -208,29 +242,45 @@ def default_workers(device):
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def train_loaders(args, device):
-    """Loaders for training: all training images (p(x)), the labeled ones, validation and test."""
+def train_loaders(args, device, rank=0, world_size=1):
+    """Loaders for training: all training images (p(x)), the labeled ones, validation and test.
+
+    The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
+    distributed run taking its own share; validation and test loaders hold every image.
+    """
     train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
     eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
     test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, args.sigma))
     train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
                                           args.n_classes)
-    if len(labeled) < args.batch_size:
-        raise UserError(f"only {len(labeled)} labeled training images for --batch_size {args.batch_size}; "
-                        "use a smaller batch or more --labels_per_class")
+    if len(labeled) < args.batch_size * world_size:
+        raise UserError(f"only {len(labeled)} labeled training images for --batch_size {args.batch_size}"
+                        f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a smaller "
+                        "batch or more --labels_per_class")
     workers = args.n_workers if args.n_workers is not None else default_workers(device)
+
+    def shuffled(indices, stream):
+        batches = ShuffledBatches(len(indices), args.batch_size, args.seed * 2 + stream, rank, world_size)
+        return make_loader(Subset(train_set, indices), None, True, device, workers, batch_sampler=batches)
+
     return {
-        "train": make_loader(Subset(train_set, train), args.batch_size, True, device, workers),
-        "labeled": make_loader(Subset(train_set, labeled), args.batch_size, True, device, workers),
+        "train": shuffled(train, 0),
+        "labeled": shuffled(labeled, 1),
         "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
         "test": make_loader(test_set, 100, False, device, workers),
     }
 
 
-def cycle(loader):
-    """Endless iteration over a loader (reshuffled every pass)."""
+def batches_from(loader, first_batch):
+    """Endless batches of a ShuffledBatches loader, starting at overall batch number `first_batch`.
+
+    The labeled stream takes one batch per iteration, so after k iterations it resumes at batch k.
+    """
+    pass_, offset = divmod(first_batch, len(loader))
     while True:
+        loader.batch_sampler.start(pass_, offset)
         yield from loader
+        pass_, offset = pass_ + 1, 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,6 +48,17 @@ class JEM(nn.Module):
         return self.classify(x).gather(1, y[:, None]).squeeze(1)
 
 
+class Heads(nn.Module):
+    """A JEM's (logits, score) pass as a module's forward, the call DistributedDataParallel wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.heads(x)
+
+
 def build_model(args):
     """The JEM model described by the run's flags (depth, width, norm, dropout_rate, n_classes, uncond)."""
     try:

@@ -89,7 +89,8 @@ def sgld(score_fn, x, n_steps, sgld_lr, sgld_std):
     for _ in range(n_steps):
         grad, = torch.autograd.grad(score_fn(x).sum(), x)
         with torch.no_grad():
-            x.add_(grad, alpha=sgld_lr).add_(torch.randn_like(x), alpha=sgld_std)
+            # The step is summed before it is added, as in the paper, so that samples round alike.
+            x.add_(torch.randn_like(x).mul_(sgld_std).add_(grad, alpha=sgld_lr))
     return x.detach()
 
 

@@ -15,19 +15,26 @@ Each iteration maximises log p(y|x) on a labeled batch and, with SGLD samples x_
 buffer, log p(x) on a data batch (and optionally log p(x, y)); see `jem_loss`.
 """
 import argparse
+import copy
+import glob
+import math
 import os
+import signal
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from data import TORCHVISION_SETS, cycle, n_classes_of, train_loaders
-from models import build_model
+from checkpoint import (FORMAT_VERSION, find_resume_checkpoint, load_checkpoint, load_model_state,
+                        restore_rng_states, rng_states, write_checkpoint)
+from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
+from distributed import any_rank, device_for, gather, gather_objects, init_from_torchrun, shard, shutdown
+from models import Heads, build_model
 from plotting import class_rows, save_grid
 from sampler import ReplayBuffer, sample_q
-from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
+from utils import (RunLog, SilentLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
 
 DIVERGENCE_THRESHOLD = 1e8  # |L| above this means the energies ran away (the paper's runs crashed here)
@@ -66,6 +73,17 @@ def parse_args(argv=None):
     objective.add_argument("--p_x_y_weight", type=float, default=0.0, help="weight of the log p(x, y) term")
     objective.add_argument("--class_cond_p_x_sample", action="store_true",
                            help="draw the p(x) term's samples from p(y)p(x|y) with uniform random y")
+    objective.add_argument("--energy_l2", type=float, default=0.0,
+                           help="add this times mean(E(x_data)^2 + E(x_q)^2), a stabiliser the authors suggest "
+                                "(about 0.1); 0: the paper's objective")
+
+    divergence = parser.add_argument_group("divergence")
+    divergence.add_argument("--on_diverge", choices=["stop", "rollback"], default="stop",
+                            help="when |L| > 1e8 or NaN: stop (as the paper) or roll back to the last checkpoint "
+                                 "with new random numbers")
+    divergence.add_argument("--max_rollbacks", type=int, default=3, help="give up after this many rollbacks")
+    divergence.add_argument("--rollback_lr_scale", type=float, default=1.0,
+                            help="multiply the learning rate by this at each rollback (e.g. 0.5)")
 
     add_model_flags(parser).add_argument("--dropout_rate", type=float, default=0.0)
     add_sampler_flags(parser, n_steps=20, buffer_size=10000)
@@ -73,8 +91,14 @@ def parse_args(argv=None):
     io = parser.add_argument_group("logging and checkpoints")
     io.add_argument("--save_dir", type=str, default="./experiment")
     io.add_argument("--load_path", type=str, default=None,
-                    help="start from this checkpoint's model (and replay buffer); the paper's files work")
+                    help="start a new run from this checkpoint's model (and replay buffer); the paper's files work")
+    io.add_argument("--resume", type=str, default=None,
+                    help="continue a run exactly where it stopped: its save dir or one of its checkpoints")
     io.add_argument("--ckpt_every", type=int, default=10, help="write ckpt_{epoch}.pt every this many epochs")
+    io.add_argument("--ckpt_every_iters", type=int, default=0,
+                    help="also write ckpt_iter_{iteration}.pt (and last_ckpt.pt) every this many iterations; 0: off")
+    io.add_argument("--keep_last", type=int, default=0,
+                    help="keep only this many numbered checkpoints (ckpt_*.pt) on disk; 0: keep all")
     io.add_argument("--eval_every", type=int, default=1, help="validation/test accuracy every this many epochs")
     io.add_argument("--plot_uncond", action="store_true", help=f"save unconditional samples every {PLOT_EVERY} its")
     io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
@@ -84,20 +108,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_args(args):
+def needs_conditional_buffer(args):
+    return args.p_x_y_weight > 0 or args.class_cond_p_x_sample or args.plot_cond
+
+
+def check_args(args, world_size=1):
     """Impossible flag combinations, reported before any data or model is built."""
-    conditional = args.p_x_y_weight > 0 or args.class_cond_p_x_sample or args.plot_cond
-    if args.uncond and conditional:
+    if args.uncond and needs_conditional_buffer(args):
         raise UserError("--uncond cannot sample class-conditionally: drop --class_cond_p_x_sample, "
                         "--p_x_y_weight and --plot_cond, or drop --uncond")
-    if conditional and args.buffer_size % args.n_classes != 0:
-        raise UserError(f"--buffer_size {args.buffer_size} must divide by the {args.n_classes} classes for "
-                        "class-conditional sampling (one buffer segment per class)")
-    for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every"):
+    if args.buffer_size % world_size != 0:
+        raise UserError(f"--buffer_size {args.buffer_size} must divide by the {world_size} processes (each keeps "
+                        "an equal shard)")
+    if needs_conditional_buffer(args) and (args.buffer_size // world_size) % args.n_classes != 0:
+        raise UserError(f"--buffer_size {args.buffer_size} must divide by the {args.n_classes} classes"
+                        f"{f' times {world_size} processes' if world_size > 1 else ''} for class-conditional "
+                        "sampling (one buffer segment per class)")
+    for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every", "max_rollbacks"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if args.n_steps < 0 or args.buffer_size < 0:
-        raise UserError("--n_steps and --buffer_size cannot be negative")
+    if min(args.n_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2) < 0:
+        raise UserError("--n_steps, --buffer_size, --ckpt_every_iters, --keep_last and --energy_l2 cannot be negative")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,21 +140,25 @@ def can_fuse_forward(model):
         all(m.initialized.item() for m in model.modules() if hasattr(m, "initialized"))
 
 
-def forward_heads(model, batches):
-    """(logits, log p(x) score) for each batch, in one concatenated pass where that is exact."""
+def forward_heads(model, batches, heads):
+    """(logits, log p(x) score) for each batch, in one concatenated pass where that is exact.
+
+    `heads` computes them (the model's own `heads`, or its DistributedDataParallel wrapper).
+    """
     if can_fuse_forward(model):
-        logits, scores = model.heads(torch.cat(batches))
+        logits, scores = heads(torch.cat(batches))
         sizes = [len(b) for b in batches]
         return list(zip(logits.split(sizes), scores.split(sizes)))
-    return [model.heads(b) for b in batches]
+    return [heads(b) for b in batches]
 
 
-def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args):
+def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
     """The JEM loss of one iteration and its terms (as tensors, for logging).
 
     L = w_px * -(mean score(x_data) - mean score(x_q))
       + w_pyx * CE(f(x_lab), y_lab)
       + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
+      + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
     """
     sgld = dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std,
                 cuda_graph=getattr(args, "cuda_graph", False))
@@ -138,13 +173,16 @@ def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args):
     if args.p_x_y_weight > 0:
         batches.append(sample_q(model, replay_buffer, len(y_lab), y_lab, **sgld))
 
-    outputs = iter(forward_heads(model, batches))
+    outputs = iter(forward_heads(model, batches, heads or model.heads))
     loss = 0.0
     if args.p_x_weight > 0:
         (_, score_data), (_, score_q) = next(outputs), next(outputs)
         terms["f_data"], terms["f_q"] = score_data.mean(), score_q.mean()
         terms["l_p_x"] = -(terms["f_data"] - terms["f_q"])
         loss = loss + args.p_x_weight * terms["l_p_x"]
+        if args.energy_l2 > 0:
+            terms["l_energy_l2"] = score_data.pow(2).mean() + score_q.pow(2).mean()
+            loss = loss + args.energy_l2 * terms["l_energy_l2"]
     if args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0:
         logits_lab, _ = next(outputs)
         terms["acc"] = (logits_lab.argmax(1) == y_lab).float().mean()
@@ -195,35 +233,53 @@ def make_optimizer(model, args):
     return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
+def scheduled_lr(args, epoch, iteration, lr_scale=1.0):
+    """--lr, times --decay_rate for each of --decay_epochs reached, ramped up over --warmup_iters."""
+    lr = args.lr * lr_scale * args.decay_rate ** sum(epoch >= e for e in args.decay_epochs)
+    if iteration <= args.warmup_iters:
+        lr *= iteration / args.warmup_iters
+    return lr
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def start_from_checkpoint(model, args, device, log):
-    """--load_path: the model's weights and, if the file has one, its replay buffer."""
-    ckpt = load_checkpoint(args.load_path)
-    load_model_state(model, ckpt["model_state_dict"], args.load_path)
-    buffer = ckpt.get("replay_buffer")
-    log.line(f"loaded model from {args.load_path}"
-             + (f" with its replay buffer of {len(buffer)} images" if buffer is not None else ""))
-    if buffer is not None and len(buffer) > 0:
-        return ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=buffer)
-    return None
+def resumed_args(args):
+    """The flags of the run that --resume continues; flags given now that differ from their defaults win.
+
+    The device and the loader processes belong to this machine, not to the run, so they are not taken over.
+    """
+    path = find_resume_checkpoint(args.resume)
+    ckpt = load_checkpoint(path)
+    stored = ckpt.get("args")
+    if not isinstance(stored, dict) or "optimizer_state_dict" not in ckpt:
+        raise UserError(f"{path} holds no resumable training state (a file of the paper's code?); "
+                        "start from its weights with --load_path instead")
+    defaults = vars(parse_args([]))
+    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
+    merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **given, "resume": path}
+    return argparse.Namespace(**merged)
 
 
-def plot_samples(model, replay_buffer, args, epoch, iteration):
-    sgld = dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std)
-    if args.plot_uncond:
-        y = None
-        if args.class_cond_p_x_sample:
-            y = torch.randint(0, args.n_classes, (args.batch_size,), device=replay_buffer.device)
-        x_q = sample_q(model, replay_buffer, args.batch_size, y, **sgld)
-        save_grid(os.path.join(args.save_dir, f"x_q_{epoch}_{iteration:06d}.png"), x_q)
-    if args.plot_cond:
-        y = class_rows(args.n_classes, args.n_classes).to(replay_buffer.device)
-        x_q = sample_q(model, replay_buffer, len(y), y, **sgld)
-        save_grid(os.path.join(args.save_dir, f"x_q_y_{epoch}_{iteration:06d}.png"), x_q, nrow=args.n_classes)
+class StopSignals:
+    """SIGTERM / SIGINT ask the run to stop after the current iteration (a second one stops at once)."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def format_terms(epoch, iteration, terms, lr):
@@ -241,109 +297,268 @@ def format_terms(epoch, iteration, terms, lr):
 
 
 # --------------------------------------------------------------------------------------------------
+# The run.
 
-def main(argv=None):
-    args = parse_args(argv)
-    prepare_save_dir(args.save_dir)
-    args.n_classes = n_classes_of(args.dataset, args.data_root)
-    check_args(args)
-    device = select_device(args.device)
-    args.device = str(device)
-    seed_everything(args.seed)
+class Trainer:
+    """Everything a run holds (model, optimizer, replay buffer, data, position, RNG) and the loop over it.
 
-    log = RunLog(args.save_dir, quiet=args.print_to_log)
-    write_json(os.path.join(args.save_dir, "args.json"), vars(args))
-    loaders = train_loaders(args, device)
-    model = build_model(args).to(device)
-    replay_buffer = None
-    if args.load_path:
-        replay_buffer = start_from_checkpoint(model, args, device, log)
-    if replay_buffer is None:
-        replay_buffer = ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device)
-    if args.compile:
-        model.f.compile()  # in place, so state-dict keys stay those of the paper
-    optimizer = make_optimizer(model, args)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.line(f"WRN-{args.depth}-{args.width} ({n_params:,} parameters) on {device}; "
-             f"{len(loaders['train'].dataset)} training images, {len(loaders['labeled'].dataset)} labeled")
+    `state_dict()` is the whole training state, so a checkpoint resumes exactly and a divergence can be
+    rolled back to the last one.
+    """
 
-    labeled = cycle(loaders["labeled"])
-    iteration, best_valid_acc, lr = 0, 0.0, args.lr
-    for epoch in range(args.n_epochs):
-        if epoch in args.decay_epochs:
-            lr *= args.decay_rate
-            set_lr(optimizer, lr)
-            log.line(f"epoch {epoch}: learning rate decayed to {lr:.2e}")
-        bar = tqdm(loaders["train"], desc=f"epoch {epoch}", leave=False, disable=args.print_to_log)
+    def __init__(self, args, topology, device, log):
+        self.args, self.topology, self.device, self.log = args, topology, device, log
+        self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
+        self.model = to_training_device(build_model(args), device)
+        shard_size = args.buffer_size // topology.world_size
+        self.replay_buffer = ReplayBuffer(shard_size, args.n_classes, args.reinit_freq, device)
+        if args.load_path:
+            self.start_from_weights(args.load_path)
+        if args.compile:
+            self.model.f.compile()  # in place, so state-dict keys stay those of the paper
+        self.heads = self.model.heads
+        if topology.distributed:
+            # DDP averages the gradients of the loss pass; SGLD chains use the bare model (no gradient sync).
+            # Unused parameters: `f.linear` always, one of the two heads depending on --uncond.
+            self.heads = DistributedDataParallel(Heads(self.model), find_unused_parameters=True)
+        self.optimizer = make_optimizer(self.model, args)
+        self.epoch = self.batch_in_epoch = self.iteration = self.rollbacks = 0
+        self.best_valid_acc, self.lr_scale = 0.0, 1.0
+        if args.resume:
+            self.load_state_dict(load_checkpoint(args.resume))
+            log.line(f"resumed {args.resume} at epoch {self.epoch}, iteration {self.iteration}")
+        self.snapshot = self.state_dict()  # what a divergence rolls back to, until the first checkpoint
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def start_from_weights(self, path):
+        """--load_path: the model's weights and, if the file has one, its replay buffer (the paper's files too)."""
+        ckpt = load_checkpoint(path)
+        load_model_state(self.model, ckpt["model_state_dict"], path)
+        images = ckpt.get("replay_buffer")
+        if images is not None and len(images) > 0:
+            self.replay_buffer = self.buffer_from(images)
+        self.log.line(f"loaded model from {path}"
+                      + (f" with its replay buffer of {len(images)} images" if images is not None else ""))
+
+    def buffer_from(self, images):
+        buffer = ReplayBuffer(0, self.args.n_classes, self.args.reinit_freq, self.device,
+                              images=shard(images, self.topology).float())
+        if needs_conditional_buffer(self.args) and not buffer.can_condition():
+            raise UserError(f"the loaded replay buffer shard of {len(buffer)} images does not divide by the "
+                            f"{self.args.n_classes} classes needed for class-conditional sampling")
+        return buffer
+
+    def state_dict(self):
+        """The whole training state, copied to the CPU (every rank must call this: buffers are gathered)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "replay_buffer": gather(self.replay_buffer.images, self.topology).cpu(),
+            "optimizer_state_dict": copy.deepcopy(self.optimizer.state_dict()),
+            "rng_states": gather_objects(rng_states(), self.topology),
+            "args": vars(self.args), "world_size": self.topology.world_size,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "iteration": self.iteration,
+            "best_valid_acc": self.best_valid_acc, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+        }
+
+    def load_state_dict(self, state):
+        load_model_state(self.model, state["model_state_dict"], self.args.resume or "the last good state")
+        self.replay_buffer = self.buffer_from(state["replay_buffer"])
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        for key in ("epoch", "batch_in_epoch", "iteration", "best_valid_acc", "lr_scale", "rollbacks"):
+            setattr(self, key, state[key])
+        if self.batch_in_epoch >= len(self.loaders["train"]):  # saved at the end of an epoch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if state["world_size"] == self.topology.world_size:
+            restore_rng_states(state["rng_states"][self.topology.rank])
+        else:  # other ranks, other chains: continue with fresh, still seeded, random streams
+            seed_everything(self.args.seed + 1000 * self.iteration + self.topology.rank)
+
+    def save(self, name):
+        """Write the training state as `name` in the save dir (rank 0) and keep it as the rollback point."""
+        self.snapshot = self.state_dict()
+        if self.topology.is_main:
+            write_checkpoint(os.path.join(self.args.save_dir, name), self.snapshot)
+            if name.startswith("ckpt_"):
+                self.drop_old_checkpoints()
+
+    def drop_old_checkpoints(self):
+        """--keep_last N: only the N newest numbered checkpoints (ckpt_*.pt) stay on disk."""
+        if self.args.keep_last < 1:
+            return
+        numbered = sorted(glob.glob(os.path.join(self.args.save_dir, "ckpt_*.pt")), key=os.path.getmtime)
+        for path in numbered[:-self.args.keep_last]:
+            os.remove(path)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def fit(self):
+        with StopSignals() as signals:
+            while self.epoch < self.args.n_epochs:
+                outcome = self.train_epoch(signals)
+                if outcome == "finished":
+                    self.end_epoch()  # writes last_ckpt.pt
+                elif outcome == "stopped":
+                    self.save("last_ckpt.pt")
+                stop = outcome == "stopped" or any_rank(float(signals.received is not None), self.topology,
+                                                        self.device)
+                if stop:
+                    self.log.line(f"{signals.received or 'a signal'}: stopped after iteration {self.iteration - 1};"
+                                  f" continue with --resume {self.args.save_dir}")
+                    return
+        self.log.line(f"done: {self.iteration} iterations, best validation accuracy {self.best_valid_acc:.4f}")
+
+    def train_epoch(self, signals):
+        """Iterations to the end of the epoch: 'finished', 'stopped' (a signal) or 'rolled back'."""
+        args, device = self.args, self.device
+        loader = self.loaders["train"]
+        loader.batch_sampler.start(self.epoch, self.batch_in_epoch)
+        labeled = batches_from(self.loaders["labeled"], self.iteration)
+        bar = tqdm(loader, desc=f"epoch {self.epoch}", initial=self.batch_in_epoch, total=len(loader),
+                   leave=False, disable=args.print_to_log or not self.topology.is_main)
         tick = time.time()
         for x_data, _ in bar:
-            if iteration <= args.warmup_iters:
-                set_lr(optimizer, lr * iteration / args.warmup_iters)
+            lr = scheduled_lr(args, self.epoch, self.iteration, self.lr_scale)
+            set_lr(self.optimizer, lr)
             x_data = x_data.to(device, non_blocking=True)
             x_lab, y_lab = (t.to(device, non_blocking=True) for t in next(labeled))
             with autocast(device, args.amp):
-                loss, terms = jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args)
+                loss, terms = jem_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, args, self.heads)
             loss_value = loss.item()
-            if not abs(loss_value) <= DIVERGENCE_THRESHOLD:  # also catches NaN
-                stop_diverged(model, replay_buffer, args, epoch, iteration, loss_value, log)
-            optimizer.zero_grad(set_to_none=True)
+            diverged = not abs(loss_value) <= DIVERGENCE_THRESHOLD  # also NaN
+            # One agreement per iteration: 2 = a rank diverged, 1 = a rank was asked to stop.
+            verdict = any_rank(2.0 if diverged else 1.0 if signals.received else 0.0, self.topology, device)
+            if verdict == 2:
+                self.recover_from_divergence(loss_value)
+                return "rolled back"
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
 
-            terms = {k: v.item() for k, v in terms.items()}
-            bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{terms.get('acc', float('nan')):.3f}")
-            if iteration % args.print_every == 0:
-                seconds = (time.time() - tick) / (1 if iteration == 0 else args.print_every)
-                tick = time.time()
-                current_lr = optimizer.param_groups[0]["lr"]
-                log.line(format_terms(epoch, iteration, terms, current_lr), console_writer=tqdm.write)
-                log.record(kind="train", epoch=epoch, iteration=iteration, lr=current_lr, loss=loss_value,
-                           seconds_per_iteration=seconds, **terms)
-            if (args.plot_uncond or args.plot_cond) and iteration % PLOT_EVERY == 0:
-                plot_samples(model, replay_buffer, args, epoch, iteration)
-            iteration += 1
+            it = self.iteration
+            self.iteration, self.batch_in_epoch = it + 1, self.batch_in_epoch + 1
+            if self.topology.is_main:
+                terms = {k: v.item() for k, v in terms.items()}
+                bar.set_postfix(loss=f"{loss_value:.4f}", acc=f"{terms.get('acc', float('nan')):.3f}")
+                if it % args.print_every == 0:
+                    seconds = (time.time() - tick) / (1 if it == 0 else args.print_every)
+                    tick = time.time()
+                    self.log.line(format_terms(self.epoch, it, terms, lr), console_writer=tqdm.write)
+                    self.log.record(kind="train", epoch=self.epoch, iteration=it, lr=lr, loss=loss_value,
+                                    seconds_per_iteration=seconds, **terms)
+                if (args.plot_uncond or args.plot_cond) and it % PLOT_EVERY == 0:
+                    plot_samples(self.model, self.replay_buffer, args, self.epoch, it)
+            if args.ckpt_every_iters and self.iteration % args.ckpt_every_iters == 0:
+                self.save(f"ckpt_iter_{self.iteration}.pt")
+                self.save("last_ckpt.pt")
+            if verdict == 1 and self.batch_in_epoch < len(loader):  # at the end, the epoch finishes first
+                bar.close()
+                return "stopped"
         bar.close()
+        return "finished"
 
-        if epoch % args.eval_every == 0 and (args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0):
-            best_valid_acc = evaluate_and_keep_best(model, replay_buffer, loaders, args, epoch, iteration,
-                                                    best_valid_acc, log, device)
-        extra = dict(args=vars(args), epoch=epoch, iteration=iteration, best_valid_acc=best_valid_acc,
-                     optimizer_state_dict=optimizer.state_dict())
-        if epoch % args.ckpt_every == 0:
-            save_checkpoint(os.path.join(args.save_dir, f"ckpt_{epoch}.pt"), model, replay_buffer, **extra)
-        save_checkpoint(os.path.join(args.save_dir, "last_ckpt.pt"), model, replay_buffer, **extra)
-    log.line(f"done: {iteration} iterations, best validation accuracy {best_valid_acc:.4f}")
-    log.close()
+    def end_epoch(self):
+        args = self.args
+        if self.epoch % args.eval_every == 0 and (args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0):
+            valid_acc = self.evaluate() if self.topology.is_main else -math.inf
+            valid_acc = any_rank(valid_acc, self.topology, self.device)  # rank 0's decides for all
+            if valid_acc > self.best_valid_acc:
+                self.best_valid_acc = valid_acc
+                self.save("best_valid_ckpt.pt")
+        if self.epoch % args.ckpt_every == 0:
+            self.save(f"ckpt_{self.epoch}.pt")
+        self.save("last_ckpt.pt")
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def evaluate(self):
+        """Validation and test accuracy, logged; returns the validation accuracy (-inf without a split)."""
+        results = {split: evaluate_classifier(self.model, self.loaders[split], self.device)
+                   for split in ("valid", "test")}
+        record = dict(kind="eval", epoch=self.epoch, iteration=self.iteration)
+        message = [f"epoch {self.epoch}"]
+        for split, result in results.items():
+            if result is not None:
+                record[f"{split}_acc"], record[f"{split}_loss"] = result
+                message.append(f"{split} acc {result[0]:.4f} loss {result[1]:.4f}")
+        if results["valid"] is not None and results["valid"][0] > self.best_valid_acc:
+            message.append("new best")
+        self.log.line(" | ".join(message), console_writer=tqdm.write)
+        self.log.record(**record)
+        return results["valid"][0] if results["valid"] is not None else -math.inf
+
+    def recover_from_divergence(self, loss_value):
+        """--on_diverge rollback: back to the last good state with new random numbers; else stop."""
+        args = self.args
+        where = f"epoch {self.epoch} iteration {self.iteration} (loss {loss_value:.3g})"
+        self.log.record(kind="diverged", epoch=self.epoch, iteration=self.iteration, loss=loss_value)
+        if args.on_diverge == "stop":
+            self.save("last_good_before_divergence.pt")
+            path = os.path.join(args.save_dir, "last_good_before_divergence.pt")
+            message = (f"training diverged at {where}; the weights before this update are in {path}: restart "
+                       f"from them with --load_path {path} and a new --seed, or lower --lr / raise --n_steps, "
+                       "or use --on_diverge rollback")
+            self.log.line(message)
+            raise UserError(message)
+        if self.rollbacks >= args.max_rollbacks:
+            message = (f"training diverged at {where} after {self.rollbacks} rollbacks (--max_rollbacks); "
+                       f"lower --lr, raise --n_steps or add --energy_l2 0.1, then --resume {args.save_dir}")
+            self.log.line(message)
+            raise UserError(message)
+        rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * args.rollback_lr_scale
+        self.load_state_dict(self.snapshot)
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        seed_everything(args.seed + 7919 * rollbacks + self.topology.rank)  # new chains, not the same again
+        self.log.line(f"training diverged at {where}; rollback {rollbacks}/{args.max_rollbacks} to epoch "
+                      f"{self.epoch} iteration {self.iteration}, learning rate scale {lr_scale:g}")
 
 
-def evaluate_and_keep_best(model, replay_buffer, loaders, args, epoch, iteration, best_valid_acc, log, device):
-    valid, test = (evaluate_classifier(model, loaders[split], device) for split in ("valid", "test"))
-    record = dict(kind="eval", epoch=epoch, iteration=iteration)
-    message = [f"epoch {epoch}"]
-    for name, result in (("valid", valid), ("test", test)):
-        if result is not None:
-            record[f"{name}_acc"], record[f"{name}_loss"] = result
-            message.append(f"{name} acc {result[0]:.4f} loss {result[1]:.4f}")
-    if valid is not None and valid[0] > best_valid_acc:
-        best_valid_acc = valid[0]
-        message.append("new best")
-        save_checkpoint(os.path.join(args.save_dir, "best_valid_ckpt.pt"), model, replay_buffer,
-                        args=vars(args), epoch=epoch, iteration=iteration, best_valid_acc=best_valid_acc)
-    log.line(" | ".join(message), console_writer=tqdm.write)
-    log.record(**record)
-    return best_valid_acc
+def plot_samples(model, replay_buffer, args, epoch, iteration):
+    sgld = dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std)
+    if args.plot_uncond:
+        y = None
+        if args.class_cond_p_x_sample:
+            y = torch.randint(0, args.n_classes, (args.batch_size,), device=replay_buffer.device)
+        x_q = sample_q(model, replay_buffer, args.batch_size, y, **sgld)
+        save_grid(os.path.join(args.save_dir, f"x_q_{epoch}_{iteration:06d}.png"), x_q)
+    if args.plot_cond:
+        y = class_rows(args.n_classes, args.n_classes).to(replay_buffer.device)
+        x_q = sample_q(model, replay_buffer, len(y), y, **sgld)
+        save_grid(os.path.join(args.save_dir, f"x_q_y_{epoch}_{iteration:06d}.png"), x_q, nrow=args.n_classes)
 
 
-def stop_diverged(model, replay_buffer, args, epoch, iteration, loss_value, log):
-    """Keep the pre-divergence weights in their own file (no checkpoint is overwritten), then stop."""
-    path = os.path.join(args.save_dir, "last_good_before_divergence.pt")
-    save_checkpoint(path, model, replay_buffer, args=vars(args), epoch=epoch, iteration=iteration)
-    message = (f"training diverged at epoch {epoch} iteration {iteration} (loss {loss_value:.3g}); the weights "
-               f"before this update are in {path}: restart from them with --load_path {path} and a new --seed, "
-               "or lower --lr / raise --n_steps")
-    log.line(message)
-    log.record(kind="diverged", epoch=epoch, iteration=iteration, loss=loss_value)
-    raise UserError(message)
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.resume:
+        if args.load_path:
+            raise UserError("--resume continues a run (weights, optimizer, buffer, position); --load_path starts a "
+                            "new one from weights: use one of them")
+        args = resumed_args(args)
+    topology = init_from_torchrun(args.device)
+    try:
+        if topology.is_main:
+            prepare_save_dir(args.save_dir)
+        args.n_classes = n_classes_of(args.dataset, args.data_root)
+        check_args(args, topology.world_size)
+        device = device_for(topology, select_device(args.device))
+        args.device = str(device)
+        seed_everything(args.seed + topology.rank)
+        log = RunLog(args.save_dir, quiet=args.print_to_log, append=bool(args.resume)) if topology.is_main \
+            else SilentLog()
+        if topology.is_main:
+            write_json(os.path.join(args.save_dir, "args.json"), vars(args))
+        trainer = Trainer(args, topology, device, log)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        log.line(f"WRN-{args.depth}-{args.width} ({n_params:,} parameters) on {device}"
+                 f"{f' x {topology.world_size} processes' if topology.distributed else ''}; "
+                 f"{len(trainer.loaders['train'].dataset)} training images, "
+                 f"{len(trainer.loaders['labeled'].dataset)} labeled")
+        trainer.fit()
+        log.close()
+    finally:
+        shutdown(topology)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,19 @@ class RunLog:
         self.metrics.close()
 
 
+class SilentLog:
+    """The log of ranks other than 0 in a distributed run: rank 0 alone writes."""
+
+    def line(self, message, console_writer=print):
+        pass
+
+    def record(self, **fields):
+        pass
+
+    def close(self):
+        pass
+
+
 # --------------------------------------------------------------------------------------------------
 # Flags that training and evaluation share (same names and meaning; the paper's defaults differ).
 

@@ -1,0 +1,419 @@
+"""Adversarial robustness of JEM: PGD attacks on a classifier that first refines its input with SGLD.
+
+The paper's third experiment (SPEC §6, last bullet). Run it through the evaluation script:
+
+    python eval_wrn_ebm.py --load_path M.pt --eval attack --dataset cifar_test --distance Linf \
+        --eps 0 1 2 4 8 16 --n_steps_pgd_attack 40 --n_steps_refine 10 --n_dup_chains 5 --save_dir runs/refine10
+
+and draw several such runs (say --n_steps_refine 0, 1 and 10) on one plot with this file's helper:
+
+    python attack.py runs/refine0 runs/refine1 runs/refine10 --out robustness.png
+
+The defended classifier (`RefinedClassifier`) maps the attacker's pixels in [0, 1] to the model's [-1, 1],
+adds N(0, sigma^2) noise, copies every image into n_dup_chains chains, moves each chain n_steps_refine
+SGLD steps up log p(x) and averages the chains' logits. The refinement is differentiable, so the attack's
+gradient flows through it (the paper's attack did the same). With sigma 0, no refinement and one chain
+it is the plain classifier.
+
+Units of --eps: for Linf, 1/255 of the [0, 1] pixel range (8 means 8/255); for L2, the L2 norm of the
+perturbation of the whole image in [0, 1] pixel space (0.5 is the usual CIFAR-10 budget).
+
+PGD (Madry et al., 2018): start at a uniformly random point of the eps-ball (--random_start), then
+n_steps_pgd_attack steps up the cross-entropy of the defended classifier, each of size
+pgd_step_factor * eps / n_steps_pgd_attack (2.5, Madry's rule: enough to cross the ball and back), along
+sign(gradient) for Linf or gradient / ||gradient||_2 for L2, each followed by projection onto the eps-ball
+and the [0, 1] box. The last iterate is the adversarial example. Only each image's gradient direction
+matters, so the gradient is computed up to a positive factor that keeps it from underflowing to zero when
+the classifier is very confident (`cross_entropy_logit_gradient`).
+
+Robust accuracy at eps counts an image as robust when the defended classifier is right on it clean and on
+the attacks at every budget up to eps: an attack that succeeded inside a smaller ball is also inside the
+larger one. The curve therefore never rises with eps, even though the defence is random.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on headless servers
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from data import EVAL_SETS, eval_image_folder, load_dataset, make_loader, targets_of
+from sampler import frozen_parameters
+from utils import UserError, run_cli
+
+EPS_UNITS = {  # --eps value -> perturbation size in [0, 1] pixel space
+    "Linf": 1 / 255,
+    "L2": 1.0,
+}
+EPS_UNIT_NAMES = {
+    "Linf": "1/255 of the [0, 1] pixel range",
+    "L2": "L2 norm of the whole-image perturbation in [0, 1] pixel space",
+}
+AXIS_LABELS = {"Linf": "ε (L∞, in 1/255)", "L2": "ε (L2 norm, pixels in [0, 1])"}
+DEFAULT_EPS = {"Linf": [0, 1, 2, 4, 8, 16], "L2": [0, 0.25, 0.5, 1, 2]}
+
+
+def add_attack_flags(parser):
+    """The flags of `--eval attack`; the data set, sigma, sgld_lr/std, batch size and seed are shared."""
+    group = parser.add_argument_group("adversarial attack (--eval attack)")
+    group.add_argument("--distance", choices=sorted(EPS_UNITS), default="Linf", help="the attack's norm")
+    group.add_argument("--eps", type=float, nargs="+", default=None,
+                       help="attack budgets: for Linf in units of 1/255 of the [0, 1] pixel range (default "
+                            f"{' '.join(map(str, DEFAULT_EPS['Linf']))}); for L2 the L2 norm of the perturbation "
+                            f"in [0, 1] pixel space (default {' '.join(map(str, DEFAULT_EPS['L2']))})")
+    group.add_argument("--n_steps_pgd_attack", type=int, default=40, help="PGD steps per attack (default %(default)s)")
+    group.add_argument("--pgd_step_factor", type=float, default=2.5,
+                       help="PGD step size = FACTOR * eps / n_steps_pgd_attack (2.5 as in Madry et al.)")
+    group.add_argument("--random_start", action=argparse.BooleanOptionalAction, default=True,
+                       help="start PGD at a uniformly random point of the eps-ball (default on)")
+    group.add_argument("--n_steps_refine", type=int, default=0,
+                       help="SGLD steps on log p(x) the defended classifier takes before classifying "
+                            "(the paper: 0, 1 or 10; default %(default)s); uses --sgld_lr and --sgld_std")
+    group.add_argument("--n_dup_chains", type=int, default=5,
+                       help="noisy copies of each input refined separately; their logits are averaged "
+                            "(default %(default)s)")
+    group.add_argument("--n_eval", type=int, default=500,
+                       help="test images attacked, a fixed random subset drawn with --seed (default %(default)s)")
+    group.add_argument("--max_chains_per_pass", type=int, default=64,
+                       help="most chains (image copies) refined in one pass through the network; lower it "
+                            "if memory runs out; the result does not change (default %(default)s)")
+    return group
+
+
+# --------------------------------------------------------------------------------------------------
+# The defended classifier.
+
+def derived_generator(rng, device):
+    """A generator on `device` seeded from `rng`, so every random draw of a run follows from --seed."""
+    return torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=rng)))
+
+
+class RefinedClassifier:
+    """The paper's defence: average the logits of n_dup_chains noisy copies, each refined by SGLD.
+
+    A chain is z_0 = 2x - 1 + sigma * N(0, I), then z_{t+1} = z_t + sgld_lr * d log p(z_t)/dz_t +
+    sgld_std * N(0, I) for n_steps_refine steps, with log p = model(z) (logsumexp of the logits, or the
+    energy head of an --uncond model); its logits are model.classify(z_T). The model should be in eval mode
+    with frozen parameters (run_attack sees to both).
+
+    At most max_chains_per_pass chains go through the network at once. Every chain's noise comes from a
+    generator seeded from `rng`, so a pass can be replayed exactly (see `group_scaled_loss_gradient`).
+    """
+
+    def __init__(self, model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std, max_chains_per_pass, rng):
+        self.model = model
+        self.sigma = sigma
+        self.n_steps_refine = n_steps_refine
+        self.n_dup_chains = n_dup_chains
+        self.sgld_lr = sgld_lr
+        self.sgld_std = sgld_std
+        self.max_chains_per_pass = max_chains_per_pass
+        self.rng = rng
+
+    def chain_logits(self, x, n_chains, generator, differentiable):
+        """Logits (N, n_chains, K) of n_chains refined copies of each image of x (pixels in [0, 1]).
+
+        differentiable=True keeps the graph through the refinement (create_graph), so that the logits
+        can be differentiated with respect to x; otherwise every step is detached and memory stays flat.
+        """
+        def noise(like):
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+        chains = x.repeat_interleave(n_chains, dim=0) * 2 - 1  # the model reads pixels in [-1, 1]
+        chains = chains + self.sigma * noise(chains)
+        with torch.enable_grad():  # the SGLD steps need d log p / dz even when nothing else does
+            for _ in range(self.n_steps_refine):
+                if not differentiable:
+                    chains = chains.detach().requires_grad_(True)
+                score_grad, = torch.autograd.grad(self.model(chains).sum(), chains, create_graph=differentiable)
+                chains = chains + self.sgld_lr * score_grad + self.sgld_std * noise(chains)
+        if not differentiable:
+            chains = chains.detach()
+        with torch.set_grad_enabled(differentiable):
+            return self.model.classify(chains).view(len(x), n_chains, -1)
+
+    def image_groups(self, n_images):
+        """Slices of the batch whose chains fit in one pass (single images when one image's do not)."""
+        per_group = max(1, self.max_chains_per_pass // self.n_dup_chains)
+        return [slice(start, start + per_group) for start in range(0, n_images, per_group)]
+
+    def chain_blocks(self):
+        """How one image's chains are split over passes: all in one unless n_dup_chains is too large."""
+        per_block = min(self.n_dup_chains, self.max_chains_per_pass)
+        full, rest = divmod(self.n_dup_chains, per_block)
+        return [per_block] * full + ([rest] if rest else [])
+
+    def group_mean_logits(self, x, seed, differentiable):
+        """Chain-averaged logits of one image group; block i draws its noise from seed + i."""
+        total = 0
+        for i, n_chains in enumerate(self.chain_blocks()):
+            generator = torch.Generator(x.device).manual_seed(seed + i)
+            total = total + self.chain_logits(x, n_chains, generator, differentiable).sum(1)
+        return total / self.n_dup_chains
+
+    def new_seed(self):
+        return int(torch.randint(2 ** 62, (1,), generator=self.rng))
+
+    @torch.no_grad()
+    def logits(self, x):
+        """Chain-averaged logits (N, K) for pixels x in [0, 1] (fresh noise on every call)."""
+        return torch.cat([self.group_mean_logits(x[group], self.new_seed(), differentiable=False)
+                          for group in self.image_groups(len(x))])
+
+    def predict(self, x):
+        return self.logits(x).argmax(1)
+
+    def scaled_loss_gradient(self, x, y):
+        """d/dx of the cross-entropy of the chain-averaged logits, through the refinement, times a positive
+        factor per image (see `cross_entropy_logit_gradient`); PGD uses only each image's direction."""
+        grad = torch.empty_like(x)
+        for group in self.image_groups(len(x)):
+            grad[group] = self.group_scaled_loss_gradient(x[group], y[group], self.new_seed())
+        return grad
+
+    def group_scaled_loss_gradient(self, x, y, seed):
+        x = x.detach().requires_grad_(True)
+        if len(self.chain_blocks()) == 1:
+            mean_logits = self.group_mean_logits(x, seed, differentiable=True)
+            logit_grad = cross_entropy_logit_gradient(mean_logits.detach(), y)
+            return torch.autograd.grad(mean_logits, x, grad_outputs=logit_grad)[0]
+        # The image's chains need several passes, and the loss is not a sum over chains: first find the loss
+        # gradient with respect to the averaged logits, then push it back through each block of chains in
+        # turn, replaying the block's noise from its seed.
+        logit_grad = cross_entropy_logit_gradient(self.group_mean_logits(x, seed, differentiable=False), y)
+        grad = torch.zeros_like(x)
+        for i, n_chains in enumerate(self.chain_blocks()):
+            generator = torch.Generator(x.device).manual_seed(seed + i)
+            block_logits = self.chain_logits(x, n_chains, generator, differentiable=True).sum(1)
+            grad += torch.autograd.grad(block_logits, x, grad_outputs=logit_grad / self.n_dup_chains)[0]
+        return grad
+
+
+def cross_entropy_logit_gradient(logits, y):
+    """d CE(logits, y) / d logits, divided per row by its largest wrong-class entry.
+
+    The plain gradient, softmax - one_hot, rounds to exactly zero once the classifier is confident enough
+    (a logit margin of about 100 in float32), which would stall PGD on the very images it has to move.
+    Divided by the runner-up's probability it becomes exp(l_k - max_{j != y} l_j) for k != y and minus their
+    sum for y: the same direction, never zero.
+    """
+    wrong_logits = logits.scatter(1, y[:, None], float("-inf"))
+    wrong = (wrong_logits - wrong_logits.amax(1, keepdim=True)).exp()
+    return wrong - F.one_hot(y, logits.shape[1]).to(logits.dtype) * wrong.sum(1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Projected gradient descent.
+
+def random_point_in_ball(x, eps, distance, generator):
+    """Perturbations drawn uniformly from the eps-ball (one per image of x)."""
+    if distance == "Linf":
+        return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    # Uniform in volume: radius eps * U^(1/D), which for images is almost always close to eps.
+    u = torch.rand(len(x), generator=generator, device=x.device, dtype=x.dtype)
+    return direction * (eps * u ** (1 / x[0].numel())).view(-1, 1, 1, 1)
+
+
+def project(x, x_adv, eps, distance):
+    """The nearest point of the eps-ball around x (then clipped into [0, 1], which never leaves the ball:
+    clipping only moves a pixel towards x's own pixel, itself in [0, 1])."""
+    delta = x_adv - x
+    if distance == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta * (eps / norms).clamp(max=1)
+    return (x + delta).clamp(0, 1)
+
+
+def steepest_ascent_direction(grad, distance):
+    """The unit step (in the attack's norm) that raises the loss most to first order."""
+    if distance == "Linf":
+        return grad.sign()
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def pgd_attack(classifier, x, y, eps, distance, n_steps, step_factor=2.5, random_start=True, generator=None):
+    """Adversarial examples for `classifier` within `eps` of x (in [0, 1] pixel space) and inside [0, 1].
+
+    Step size step_factor * eps / n_steps; see the module docstring for the rule.
+    """
+    if eps == 0:
+        return x.clone()
+    step_size = step_factor * eps / max(n_steps, 1)
+    x_adv = x
+    if random_start:
+        x_adv = project(x, x + random_point_in_ball(x, eps, distance, generator), eps, distance)
+    for _ in range(n_steps):
+        grad = classifier.scaled_loss_gradient(x_adv, y)
+        x_adv = project(x, x_adv + step_size * steepest_ascent_direction(grad, distance), eps, distance)
+    return x_adv
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation mode.
+
+def check_attack_args(args):
+    if any(eps < 0 for eps in args.eps or []):
+        raise UserError("--eps values cannot be negative")
+    for flag in ("n_steps_pgd_attack", "n_steps_refine"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} cannot be negative")
+    for flag in ("n_dup_chains", "n_eval", "max_chains_per_pass", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if args.compile and args.n_steps_refine > 0:
+        raise UserError("the attack differentiates through the SGLD refinement, which torch.compile cannot "
+                        "(no double backward): drop --compile or use --n_steps_refine 0")
+
+
+def attack_loader(args, n_classes, device):
+    """n_eval images of the --dataset test split (a seeded random subset), pixels in [0, 1] without noise:
+    what the attacker perturbs. The defended classifier adds the noise itself."""
+    if args.dataset in EVAL_SETS:
+        name, train = EVAL_SETS[args.dataset]
+        dataset = load_dataset(name, args.data_root, train, T.ToTensor())
+    else:
+        dataset = eval_image_folder(args.dataset, T.Compose([T.Resize((32, 32)), T.ToTensor()]))
+    labels = targets_of(dataset)
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= n_classes:
+        raise UserError(f"--eval attack needs images labeled with the model's {n_classes} classes; --dataset "
+                        f"{args.dataset} has none or others (use a test split or a folder of class folders)")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+    subset = Subset(dataset, order[:args.n_eval].tolist())
+    return make_loader(subset, args.batch_size, train=False, device=device, workers=0)
+
+
+def robust_correctness(classifier, x, y, eps_list, args, generator, bar):
+    """Rows: right on the clean image, then per eps (ascending) right after every attack up to eps.
+
+    Images already fooled are not attacked again: they count as fooled at every larger budget.
+    """
+    still_right = classifier.predict(x) == y
+    correct = [still_right.clone()]
+    for eps in eps_list:
+        targets = still_right.nonzero().squeeze(1)
+        if eps > 0 and len(targets):
+            bar.set_postfix(eps=eps)
+            x_adv = pgd_attack(classifier, x[targets], y[targets], eps * EPS_UNITS[args.distance], args.distance,
+                               args.n_steps_pgd_attack, args.pgd_step_factor, args.random_start, generator)
+            still_right[targets] = classifier.predict(x_adv) == y[targets]
+        if eps > 0:
+            bar.update(len(y))
+        correct.append(still_right.clone())
+    return torch.stack(correct)
+
+
+def run_attack(args, model, replay_buffer, device):
+    """`--eval attack`: clean and robust accuracy of the defended classifier per eps; saves attack.png.
+
+    The replay buffer is not used (the attack starts from test images). Returns the dict that
+    eval_wrn_ebm.py writes to attack.json.
+    """
+    check_attack_args(args)
+    eps_list = sorted(set(args.eps or DEFAULT_EPS[args.distance]))
+    rng = torch.Generator().manual_seed(args.seed)
+    classifier = RefinedClassifier(model, args.sigma, args.n_steps_refine, args.n_dup_chains, args.sgld_lr,
+                                   args.sgld_std, args.max_chains_per_pass, rng)
+    loader = attack_loader(args, model.n_classes, device)
+    n_images = len(loader.dataset)
+    bar = tqdm(total=n_images * sum(eps > 0 for eps in eps_list), unit="img", desc=f"PGD {args.distance}",
+               disable=args.print_to_log)
+    n_correct = torch.zeros(1 + len(eps_list), dtype=torch.long)
+    with frozen_parameters(model):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            n_correct += robust_correctness(classifier, x, y, eps_list, args, derived_generator(rng, device),
+                                            bar).sum(1).cpu()
+    bar.close()
+
+    accuracy = (n_correct.double() / n_images).tolist()
+    result = {
+        "distance": args.distance,
+        "eps": eps_list,
+        "eps_unit": EPS_UNIT_NAMES[args.distance],
+        "clean_accuracy": accuracy[0],
+        "robust_accuracy": accuracy[1:],
+        "n_images": n_images,
+        "settings": {name: getattr(args, name) for name in (
+            "dataset", "n_steps_pgd_attack", "pgd_step_factor", "random_start", "n_steps_refine", "n_dup_chains",
+            "sigma", "sgld_lr", "sgld_std", "seed")},
+    }
+    os.makedirs(args.save_dir, exist_ok=True)
+    plot_path = os.path.join(args.save_dir, "attack.png")
+    plot_robustness([(run_label(result), result)], plot_path)
+    result["plot"] = plot_path
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots, and the helper that overlays several runs.
+
+def run_label(result):
+    settings = result["settings"]
+    chains = settings["n_dup_chains"]
+    return f"{settings['n_steps_refine']} SGLD steps, {chains} chain{'s' if chains > 1 else ''}"
+
+
+def plot_robustness(runs, path):
+    """Robust accuracy against eps for (label, result) pairs, all of one --distance, as one PNG."""
+    distances = {result["distance"] for _, result in runs}
+    if len(distances) > 1:
+        raise UserError(f"these runs attack in different norms ({', '.join(sorted(distances))}); "
+                        "overlay runs of one --distance at a time")
+    fig = Figure(figsize=(5, 3.5), layout="tight")
+    ax = fig.subplots()
+    for label, result in runs:
+        ax.plot(result["eps"], result["robust_accuracy"], marker="o", label=label)
+    ax.set_xlabel(AXIS_LABELS[distances.pop()])
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=150)
+
+
+def read_attack_result(path):
+    """The attack result in an attack.json (or in the attack.json of a save dir).
+
+    The result's keys may sit at the top level or one level down (under the key the evaluation script
+    files it under), next to the run's arguments.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "attack.json")
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read attack result {path} ({e}); pass attack.json files or their save dirs")
+    candidates = [saved, *saved.values()] if isinstance(saved, dict) else []
+    for candidate in candidates:
+        if isinstance(candidate, dict) and "robust_accuracy" in candidate and "settings" in candidate:
+            return candidate
+    raise UserError(f"{path} holds no attack result; pass the attack.json that --eval attack writes")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Draw the robust accuracy of several `eval_wrn_ebm.py --eval attack` runs on one plot.")
+    parser.add_argument("runs", nargs="+", help="attack.json files, or the save dirs that hold them")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="one legend label per run (default: its refinement steps and chains)")
+    parser.add_argument("--out", default="attack_overlay.png", help="the PNG to write")
+    args = parser.parse_args(argv)
+    results = [read_attack_result(path) for path in args.runs]
+    if args.labels is not None and len(args.labels) != len(results):
+        raise UserError(f"{len(args.labels)} --labels for {len(results)} runs; give one label per run")
+    labels = args.labels or [run_label(result) for result in results]
+    plot_robustness(list(zip(labels, results)), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,165 @@
+"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval_wrn_ebm
+import train_wrn_ebm
+from checkpoint import load_checkpoint
+from utils import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_valid", "20", "--depth", "10", "--width", "1", "--batch_size", "16", "--n_steps", "2",
+        "--buffer_size", "100", "--n_epochs", "2", "--print_every", "1", "--print_to_log", "--lr", "1e-3",
+        "--n_workers", "0", "--device", "cpu", "--plot_cond"]
+
+
+@pytest.fixture
+def tiny(small_image_folder):
+    """A 2-epoch run of 6 iterations an epoch on 100 training images."""
+    return ["--dataset", small_image_folder] + TINY
+
+
+def records(save_dir):
+    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def interrupt_at(monkeypatch, calls_before_signal):
+    """Make the training loss send this process SIGTERM during its n-th call."""
+    real_loss, calls = train_wrn_ebm.jem_loss, []
+
+    def loss_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == calls_before_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_wrn_ebm, "jem_loss", loss_then_signal)
+
+
+def assert_same_state(a, b):
+    for key in a["model_state_dict"]:
+        assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
+    assert torch.equal(a["replay_buffer"], b["replay_buffer"])
+    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert (a["epoch"], a["iteration"], a["best_valid_acc"]) == (b["epoch"], b["iteration"], b["best_valid_acc"])
+
+
+@pytest.mark.parametrize("stop_at", [3, 8])  # inside epoch 0, inside epoch 1
+def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch, stop_at):
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path / "straight")])
+
+    interrupt_at(monkeypatch, stop_at)
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path / "split")])  # returns cleanly after the signal
+    stopped = load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt"))
+    assert stopped["iteration"] == stop_at  # the iteration in flight was finished, then saved
+    assert "SIGTERM: stopped" in (tmp_path / "split" / "log.txt").read_text()
+    monkeypatch.undo()
+    train_wrn_ebm.main(["--resume", str(tmp_path / "split")])
+
+    assert_same_state(load_checkpoint(str(tmp_path / "straight" / "last_ckpt.pt")),
+                      load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt")))
+    straight = [r for r in records(tmp_path / "straight") if r["kind"] == "train"]
+    split = [r for r in records(tmp_path / "split") if r["kind"] == "train"]
+    assert [r["iteration"] for r in split] == list(range(12))  # appended, no gap, no repeat
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+
+
+def test_resume_refuses_a_file_without_training_state(tiny, tmp_path, capsys):
+    torch.save({"model_state_dict": {}, "replay_buffer": torch.zeros(0)}, tmp_path / "paper.pt")
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, ["--resume", str(tmp_path / "paper.pt")])
+    assert "--load_path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, ["--resume", str(tmp_path / "nothing_here")])
+    assert "no checkpoint there" in capsys.readouterr().err
+
+
+def test_iteration_checkpoints_and_keep_last(tiny, tmp_path):
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--ckpt_every_iters", "4", "--keep_last", "2",
+                               "--ckpt_every", "1"])
+    numbered = sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt_"))
+    assert numbered == ["ckpt_1.pt", "ckpt_iter_12.pt"]  # written: iter 4, 8, epoch 0, iter 12, epoch 1
+    assert load_checkpoint(str(tmp_path / "ckpt_iter_12.pt"))["iteration"] == 12
+    assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
+
+
+def diverge_at(monkeypatch, iterations):
+    """Blow the loss up (x1e9) at the given 1-based call numbers of jem_loss."""
+    real_loss, calls = train_wrn_ebm.jem_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value, terms = real_loss(*args, **kwargs)
+        return (value * 1e9 if len(calls) in iterations else value), terms
+
+    monkeypatch.setattr(train_wrn_ebm, "jem_loss", loss)
+
+
+def test_rollback_recovers_from_an_injected_divergence(tiny, tmp_path, monkeypatch):
+    diverge_at(monkeypatch, {9})  # iteration 8, in epoch 1: rolls back to the end of epoch 0
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--on_diverge", "rollback",
+                               "--rollback_lr_scale", "0.5"])
+    rows = records(tmp_path)
+    assert [r["iteration"] for r in rows if r["kind"] == "diverged"] == [8]
+    replayed = [r for r in rows[rows.index(next(r for r in rows if r["kind"] == "diverged")):]
+                if r["kind"] == "train"]
+    assert [r["iteration"] for r in replayed] == [6, 7, 8, 9, 10, 11]
+    assert all(r["lr"] == pytest.approx(5e-4) for r in replayed)
+    assert "rollback 1/3" in (tmp_path / "log.txt").read_text()
+    final = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
+    assert final["iteration"] == 12 and final["rollbacks"] == 1
+
+
+def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch, capsys):
+    diverge_at(monkeypatch, set(range(4, 100)))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--on_diverge", "rollback",
+                                            "--max_rollbacks", "2"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "after 2 rollbacks" in err and len(err.splitlines()) == 1
+    assert len([r for r in records(tmp_path) if r["kind"] == "diverged"]) == 3
+
+
+def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
+    real_loss = train_wrn_ebm.jem_loss
+    monkeypatch.setattr(train_wrn_ebm, "jem_loss",
+                        lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real_loss(*a, **k)))
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
+    assert "diverged" in capsys.readouterr().err
+
+
+def test_energy_l2_adds_the_squared_energies(tiny, tmp_path):
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--energy_l2", "0.1", "--n_epochs", "1"])
+    row = [r for r in records(tmp_path) if r["kind"] == "train"][0]
+    assert row["l_energy_l2"] >= row["f_data"] ** 2  # mean of squares >= square of mean
+    assert row["loss"] == pytest.approx(row["l_p_x"] + row["l_p_y_given_x"] + 0.1 * row["l_energy_l2"], rel=1e-5)
+
+
+def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path), "--batch_size", "8"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
+    assert ckpt["world_size"] == 2 and ckpt["replay_buffer"].shape == (100, 3, 32, 32)
+    assert len(ckpt["rng_states"]) == 2
+    assert ckpt["iteration"] == 2 * 6  # 100 images / 2 ranks / batch 8 = 6 iterations an epoch
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("epoch 0 it 0 ") == 1  # rank 0 alone logs
+    result = eval_wrn_ebm.main(["--load_path", str(tmp_path / "last_ckpt.pt"), "--eval", "test_clf",
+                                "--dataset", tiny[1], "--device", "cpu", "--save_dir", str(tmp_path / "eval"),
+                                "--print_to_log"])
+    assert 0 <= result["accuracy"] <= 1
+    # a single process resumes it, re-sharding the two buffer shards into one
+    train_wrn_ebm.main(["--resume", str(tmp_path), "--n_epochs", "3", "--batch_size", "16", "--device", "cpu"])
+    assert load_checkpoint(str(tmp_path / "last_ckpt.pt"))["epoch"] == 2
