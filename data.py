@@ -158,6 +158,11 @@ def _image_folder(path, split, transform=None):
     if not os.path.isdir(folder):
         raise UserError(f"--dataset {path} is neither a known data set (cifar10, cifar100, svhn, synthetic) "
                         f"nor an image folder with a {split}/ sub-folder of class folders")
+    return class_folders(folder, transform)
+
+
+def class_folders(folder, transform):
+    """torchvision's ImageFolder (one sub-folder per class), or one line saying why it cannot be read."""
     try:
         return torchvision.datasets.ImageFolder(folder, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
@@ -357,10 +362,7 @@ def eval_image_folder(path, transform):
         if len(dataset) == 0:
             raise UserError(f"image folder {folder} holds no images and no class folders")
         return dataset
-    try:
-        return torchvision.datasets.ImageFolder(folder, transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"cannot read image folder {folder}: {e}")
+    return class_folders(folder, transform)
 
 
 def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test"):

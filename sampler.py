@@ -100,8 +100,8 @@ class CapturedChain:
     A replay launches all n_steps forward and input-gradient passes without Python, which is what
     bounds small networks on a GPU. The graph reads the parameters where they live, so in-place
     optimizer updates are seen; it is only valid while they stay there (no `.to()`, no
-    `load_state_dict(assign=True)` afterwards). Replays draw fresh SGLD noise, but not the same
-    numbers as the eager chain would from the same seed.
+    `load_state_dict(assign=True)` afterwards). The generator's state is put back after warm-up and
+    capture, so replays draw the SGLD noise that the eager chain would have drawn.
     """
 
     WARMUP_CHAINS = 2  # cuDNN autotuning, lazy initialisation and torch.compile happen before capture
@@ -113,6 +113,7 @@ class CapturedChain:
         def chain():
             return sgld(lambda x: model(x, self.y), self.starts, n_steps, sgld_lr, sgld_std)
 
+        rng_state = torch.cuda.get_rng_state(starts.device)
         side_stream = torch.cuda.Stream(starts.device)
         side_stream.wait_stream(torch.cuda.current_stream(starts.device))
         with torch.cuda.stream(side_stream):
@@ -122,6 +123,7 @@ class CapturedChain:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.samples = chain()
+        torch.cuda.set_rng_state(rng_state, starts.device)
 
     def __call__(self, starts, y):
         self.starts.copy_(starts)

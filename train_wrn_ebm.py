@@ -247,7 +247,8 @@ def set_lr(optimizer, lr):
 
 
 def resumed_args(args):
-    """The flags of the run that --resume continues; flags given now that differ from their defaults win.
+    """(flags, training state) of the run that --resume continues; flags given now that differ from their
+    defaults win over the stored ones.
 
     The device and the loader processes belong to this machine, not to the run, so they are not taken over.
     """
@@ -261,7 +262,7 @@ def resumed_args(args):
     given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
     stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
     merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **given, "resume": path}
-    return argparse.Namespace(**merged)
+    return argparse.Namespace(**merged), ckpt
 
 
 class StopSignals:
@@ -306,7 +307,7 @@ class Trainer:
     rolled back to the last one.
     """
 
-    def __init__(self, args, topology, device, log):
+    def __init__(self, args, topology, device, log, resume_state=None):
         self.args, self.topology, self.device, self.log = args, topology, device, log
         self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
         self.model = to_training_device(build_model(args), device)
@@ -324,8 +325,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, args)
         self.epoch = self.batch_in_epoch = self.iteration = self.rollbacks = 0
         self.best_valid_acc, self.lr_scale = 0.0, 1.0
-        if args.resume:
-            self.load_state_dict(load_checkpoint(args.resume))
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
             log.line(f"resumed {args.resume} at epoch {self.epoch}, iteration {self.iteration}")
         self.snapshot = self.state_dict()  # what a divergence rolls back to, until the first checkpoint
 
@@ -530,12 +531,12 @@ def plot_samples(model, replay_buffer, args, epoch, iteration):
 # --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, resume_state = parse_args(argv), None
     if args.resume:
         if args.load_path:
             raise UserError("--resume continues a run (weights, optimizer, buffer, position); --load_path starts a "
                             "new one from weights: use one of them")
-        args = resumed_args(args)
+        args, resume_state = resumed_args(args)
     topology = init_from_torchrun(args.device)
     try:
         if topology.is_main:
@@ -549,7 +550,7 @@ def main(argv=None):
             else SilentLog()
         if topology.is_main:
             write_json(os.path.join(args.save_dir, "args.json"), vars(args))
-        trainer = Trainer(args, topology, device, log)
+        trainer = Trainer(args, topology, device, log, resume_state)
         n_params = sum(p.numel() for p in trainer.model.parameters())
         log.line(f"WRN-{args.depth}-{args.width} ({n_params:,} parameters) on {device}"
                  f"{f' x {topology.world_size} processes' if topology.distributed else ''}; "

@@ -1,0 +1,398 @@
+"""How fast is one JEM training iteration? The project's step against the paper's, in one run.
+
+    python bench.py                                   # the configs that suit the device
+    python bench.py --configs wrn-16-2 --iters 5      # the CPU goal: at least 1.5x the paper's step
+    python bench.py --configs wrn-28-10 --amp --compile --cuda_graph --json bench.json   # on a GPU
+
+For each named configuration it builds one randomly initialised model and gives identical copies to
+
+  paper    the paper's iteration, re-implemented in `PaperIteration` below: replay buffer on the CPU,
+           starts moved to the device every iteration, parameters requiring gradients and
+           `retain_graph=True` during SGLD, three separate forward passes for the loss;
+  project  the project's iteration as train_wrn_ebm.py runs it (`jem_loss`, then backward and Adam);
+  fast     the project's iteration with the opt-in GPU flags given (--amp, --compile, --cuda_graph),
+           only when one is given.
+
+First it checks, from one seed, that the project's default step computes the paper's loss,
+gradients and updated replay buffer (to float32 rounding; it stops if not), and reports how far the
+fast flags move them. Then it times the sides alternately, iteration by iteration, so that a
+machine shared with other work slows both alike, and prints per configuration and side:
+
+  s/iter      median wall-clock seconds of one training iteration (SGLD chain, loss, backward, step)
+  SGLD img/s  images through the sampler per second: batch_size * n_steps / (s/iter)
+  peak MiB    on a GPU, torch.cuda.max_memory_allocated over the second iteration of a process running
+              only that side (the first also holds cuDNN's trial workspaces); on a CPU, the peak resident
+              set size (VmHWM) of such a process over two iterations, Python and torch's ~0.7 GiB included
+  speed-up    the paper's s/iter divided by this side's
+"""
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models import JEM
+from sampler import ReplayBuffer
+from train_wrn_ebm import jem_loss, make_optimizer, parse_args as parse_train_args, to_training_device
+from utils import autocast, select_device
+
+
+@dataclass(frozen=True)
+class Config:
+    depth: int
+    width: int
+    batch_size: int
+    n_steps: int
+
+
+CONFIGS = {
+    "wrn-10-1": Config(depth=10, width=1, batch_size=32, n_steps=5),
+    "wrn-16-2": Config(depth=16, width=2, batch_size=32, n_steps=10),
+    "wrn-28-2": Config(depth=28, width=2, batch_size=64, n_steps=20),
+    "wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20),  # the paper's
+}
+DEFAULT_CONFIGS = {"cpu": ["wrn-10-1", "wrn-16-2"], "cuda": list(CONFIGS)}
+BUFFER_SIZE = 10000  # the paper's; the paper's side moves its starts and samples across each iteration
+N_CLASSES = 10
+REINIT_FREQ, SGLD_LR, SGLD_STD = 0.05, 1.0, 0.01  # the paper's
+FAST_FLAGS = ("amp", "compile", "cuda_graph")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                        help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--amp", action="store_true", help="add a side with bf16 autocast (GPU)")
+    parser.add_argument("--compile", action="store_true", help="add a side with torch.compile of the network")
+    parser.add_argument("--cuda_graph", action="store_true", help="add a side replaying the SGLD chain as a CUDA graph")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    return parser.parse_args()
+
+
+# --------------------------------------------------------------------------------------------------
+# The inputs: one model, one replay buffer, one batch, all from the seed.
+
+def make_inputs(config, device, seed):
+    """(model on the CPU, buffer images on the CPU, (x_data, x_lab, y_lab) on the device)."""
+    torch.manual_seed(seed)
+    model = JEM(config.depth, config.width, n_classes=N_CLASSES)
+    generator = torch.Generator().manual_seed(seed)
+    buffer_images = torch.rand(BUFFER_SIZE, 3, 32, 32, generator=generator) * 2 - 1
+    n = config.batch_size
+    x_data = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
+    x_lab = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
+    y_lab = torch.randint(0, N_CLASSES, (n,), generator=generator)
+    return model, buffer_images, tuple(t.to(device) for t in (x_data, x_lab, y_lab))
+
+
+# --------------------------------------------------------------------------------------------------
+# The two ways of running an iteration.
+
+class PaperIteration:
+    """The paper's train_wrn_ebm.py iteration (p(x) and p(y|x) terms, Adam), written afresh.
+
+    Random numbers are drawn in the project's order (buffer indices, reinit mask, noise starts, then
+    SGLD noise every step) so that both sides see the same numbers from one seed. The paper draws the
+    start's randomness on the CPU, where its buffer lives; `rng_device` moves those draws to the
+    training device, which only the equality check on a GPU uses (the project draws them there).
+    """
+
+    def __init__(self, model, buffer_images, config, device, rng_device="cpu"):
+        self.model = model.to(device)
+        self.replay_buffer = buffer_images.clone().cpu()
+        self.config, self.device, self.rng_device = config, device, rng_device
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, betas=(0.9, 0.999))
+
+    def sample_start(self, n):
+        inds = torch.randint(0, len(self.replay_buffer), (n,), device=self.rng_device).cpu()
+        choose_random = (torch.rand(n, device=self.rng_device) < REINIT_FREQ).float().cpu()[:, None, None, None]
+        random_samples = torch.empty(n, 3, 32, 32, device=self.rng_device).uniform_(-1, 1).cpu()
+        starts = choose_random * random_samples + (1 - choose_random) * self.replay_buffer[inds]
+        return starts.to(self.device), inds
+
+    def sample_q(self):
+        self.model.eval()
+        starts, inds = self.sample_start(self.config.batch_size)
+        x = starts.requires_grad_(True)
+        for _ in range(self.config.n_steps):
+            grad = torch.autograd.grad(self.model(x).sum(), [x], retain_graph=True)[0]
+            with torch.no_grad():  # the paper writes `x.data += ...`
+                x += SGLD_LR * grad + SGLD_STD * torch.randn_like(x)
+        self.model.train()
+        samples = x.detach()
+        self.replay_buffer[inds] = samples.cpu()
+        return samples
+
+    def step(self, x_data, x_lab, y_lab):
+        x_q = self.sample_q()
+        l_p_x = -(self.model(x_data).mean() - self.model(x_q).mean())
+        l_p_y_given_x = F.cross_entropy(self.model.classify(x_lab), y_lab)
+        loss = l_p_x + l_p_y_given_x
+        if loss.abs().item() > 1e8:  # the paper's divergence check, a device sync
+            raise RuntimeError("the paper's step diverged")
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def buffer_images(self):
+        return self.replay_buffer
+
+
+class ProjectIteration:
+    """The project's iteration, as train_wrn_ebm's loop (`Trainer.train_epoch`) runs it, with the given flags."""
+
+    def __init__(self, model, buffer_images, config, device, flags=()):
+        argv = ["--depth", str(config.depth), "--width", str(config.width), "--batch_size",
+                str(config.batch_size), "--n_steps", str(config.n_steps), "--buffer_size", str(BUFFER_SIZE),
+                "--reinit_freq", str(REINIT_FREQ), "--sgld_lr", str(SGLD_LR), "--sgld_std", str(SGLD_STD)]
+        self.args = parse_train_args(argv + [f"--{flag}" for flag in flags])
+        self.args.n_classes = N_CLASSES
+        self.device = device
+        self.model = to_training_device(model, device)
+        if self.args.compile:
+            self.model.f.compile()
+        self.replay_buffer = ReplayBuffer(0, N_CLASSES, REINIT_FREQ, device, images=buffer_images.clone())
+        self.optimizer = make_optimizer(self.model, self.args)
+
+    def step(self, x_data, x_lab, y_lab):
+        with autocast(self.device, self.args.amp):
+            loss, _ = jem_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, self.args)
+        loss.item()  # the loop's divergence check, a device sync
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def buffer_images(self):
+        return self.replay_buffer.images
+
+
+def make_side(name, model, buffer_images, config, device, opts):
+    if name == "paper":
+        return PaperIteration(model, buffer_images, config, device)
+    flags = [flag for flag in FAST_FLAGS if getattr(opts, flag)] if name == "fast" else []
+    return ProjectIteration(model, buffer_images, config, device, flags)
+
+
+def side_names(opts):
+    return ["paper", "project"] + (["fast"] if any(getattr(opts, flag) for flag in FAST_FLAGS) else [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Same math: one step of each side from the same seed.
+
+def one_step(side, batch, buffer_before, seed):
+    """The loss, the change to the replay buffer and every gradient of one step from the seed."""
+    torch.manual_seed(seed)
+    loss = side.step(*batch)
+    grads = {name: p.grad.detach().clone() for name, p in side.model.named_parameters() if p.grad is not None}
+    return {"loss": loss.float(), "buffer": side.buffer_images().detach().cpu() - buffer_before, **grads}
+
+
+def relative_errors(reference, other):
+    """||other - reference|| / ||reference|| for each tensor (the norm ratio is the float32 rounding scale)."""
+    if reference.keys() != other.keys():
+        raise SystemExit(f"gradients of different parameters: {sorted(reference.keys() ^ other.keys())}")
+    errors = {}
+    for name, ref in reference.items():
+        ref, val = ref.double().cpu(), other[name].double().cpu()
+        errors[name] = ((val - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return errors
+
+
+@contextmanager
+def exact_float32():
+    """No TF32 in convolutions and matrix products while the check runs (its error would hide real ones)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def check_same_step(config, device, opts):
+    """Relative errors of the project's step (and of the fast one) against the paper's.
+
+    Stops the benchmark unless the project's default step gives the paper's loss, gradients and buffer
+    update to float32 rounding (torch.testing.assert_close's float32 tolerances, element by element).
+    The norm-wise relative errors it reports reach 1e-4 for some gradients: the p(x) gradient is a
+    difference of two near-equal terms, which magnifies rounding; the paper's own step moves as much
+    when only its memory layout changes.
+    """
+    model, buffer_images, batch = make_inputs(config, device, opts.seed)
+    with exact_float32():
+        paper = one_step(PaperIteration(copy.deepcopy(model), buffer_images, config, device, rng_device=device),
+                         batch, buffer_images, opts.seed)
+        project = one_step(ProjectIteration(copy.deepcopy(model), buffer_images, config, device), batch,
+                           buffer_images, opts.seed)
+    for name in paper:
+        try:
+            torch.testing.assert_close(project[name], paper[name])
+        except AssertionError as e:
+            raise SystemExit(f"the project's step differs from the paper's on {config} in {name}: {e}")
+    errors = {"project": summarize(relative_errors(paper, project))}
+    if "fast" in side_names(opts):
+        fast = one_step(make_side("fast", copy.deepcopy(model), buffer_images, config, device, opts), batch,
+                        buffer_images, opts.seed)
+        errors["fast"] = summarize(relative_errors(paper, fast))
+    return errors
+
+
+def summarize(errors):
+    """The loss's error, the buffer's, and the worst gradient's."""
+    grads = {k: v for k, v in errors.items() if k not in ("loss", "buffer")}
+    worst = max(grads, key=grads.get)
+    return {"loss": errors["loss"], "buffer": errors["buffer"], "worst_grad": errors[worst],
+            "worst_grad_name": worst, "max": max(errors.values())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Time and memory.
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternately(sides, batch, iters, warmup, device):
+    """Seconds per iteration of each side, timed in turns (the order flips every round)."""
+    for _ in range(warmup):
+        for side in sides.values():
+            side.step(*batch)
+    seconds = {name: [] for name in sides}
+    for i in range(iters):
+        for name in (list(sides) if i % 2 == 0 else reversed(sides)):
+            synchronize(device)
+            start = time.perf_counter()
+            sides[name].step(*batch)
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def peak_memory_of_side(name, config, device_name, opts):
+    """Peak memory (bytes) of this process running only `name` (meant for a fresh process).
+
+    On a GPU the peak of the second iteration: the first also holds cuDNN's trial workspaces.
+    """
+    device = select_device(device_name)
+    model, buffer_images, batch = make_inputs(config, device, opts.seed)
+    side = make_side(name, model, buffer_images, config, device, opts)
+    side.step(*batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        side.step(*batch)
+        return torch.cuda.max_memory_allocated(device)
+    side.step(*batch)
+    return peak_resident_bytes()
+
+
+def peak_resident_bytes():
+    """This process's peak resident set size. Linux's VmHWM, unlike ru_maxrss, starts afresh at exec
+    (ru_maxrss would report the parent's size, which a spawned child inherits)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def peak_memory(names, config, device, opts):
+    """Each side's peak memory, each measured in a fresh process of its own (a peak is never reset)."""
+    peaks = {}
+    for name in names:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            peaks[name] = pool.submit(peak_memory_of_side, name, config, str(device), opts).result()
+    return peaks
+
+
+# --------------------------------------------------------------------------------------------------
+
+def describe_device(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()}-core CPU ({cpu_model()}), {torch.get_num_threads()} threads"
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def bench_config(name, device, opts):
+    config = CONFIGS[name]
+    errors = check_same_step(config, device, opts)
+    model, buffer_images, batch = make_inputs(config, device, opts.seed)
+    names = side_names(opts)
+    sides = {side: make_side(side, copy.deepcopy(model), buffer_images, config, device, opts) for side in names}
+    seconds = time_alternately(sides, batch, opts.iters, opts.warmup, device)
+    del sides
+    memory = peak_memory(names, config, device, opts)
+    paper_median = statistics.median(seconds["paper"])
+    results = {}
+    for side in names:
+        median = statistics.median(seconds[side])
+        results[side] = {"seconds_per_iter": median, "sgld_images_per_s": config.batch_size * config.n_steps / median,
+                         "peak_memory_mib": memory[side] / 2 ** 20, "speedup": paper_median / median,
+                         "seconds": seconds[side]}
+    return {"config": name, **asdict(config), "sides": results, "check": errors}
+
+
+def print_header(device, opts):
+    flags = " ".join(f"--{flag}" for flag in FAST_FLAGS if getattr(opts, flag)) or "none"
+    print(f"device: {describe_device(device)} | torch {torch.__version__} | fast flags: {flags} | "
+          f"{opts.iters} timed iterations per side after {opts.warmup} warm-up, alternating")
+    print(f"{'config':<10} {'batch':>5} {'steps':>5}  {'side':<8} {'s/iter':>8} {'SGLD img/s':>10} "
+          f"{'peak MiB':>9} {'speed-up':>8}")
+
+
+def print_result(result):
+    first = True
+    for side, r in result["sides"].items():
+        lead = f"{result['config']:<10} {result['batch_size']:>5} {result['n_steps']:>5}" if first else " " * 22
+        print(f"{lead}  {side:<8} {r['seconds_per_iter']:>8.3f} {r['sgld_images_per_s']:>10.1f} "
+              f"{r['peak_memory_mib']:>9.0f} {r['speedup']:>7.2f}x")
+        first = False
+    for side, e in result["check"].items():
+        print(f"{'':<22}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer {e['buffer']:.1e}, "
+              f"worst gradient {e['worst_grad']:.1e} ({e['worst_grad_name']})")
+
+
+def main():
+    opts = parse_args()
+    device = select_device(opts.device)
+    names = opts.configs or DEFAULT_CONFIGS[device.type]
+    print_header(device, opts)
+    results = []
+    for name in names:
+        results.append(bench_config(name, device, opts))
+        print_result(results[-1])
+    if opts.json:
+        report = {"device": describe_device(device), "torch": torch.__version__, "options": vars(opts),
+                  "results": results}
+        with open(opts.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
