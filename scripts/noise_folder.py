@@ -1,0 +1,29 @@
+"""Write a folder of uniform-noise 32x32 RGB PNGs (every pixel independent, uniform over 0..255), an
+out-of-distribution set that needs no data:
+
+    python scripts/noise_folder.py runs/ood/noise --n_images 1000 --seed 0
+
+The folder reads as `--ood_dataset runs/ood/noise` of eval_wrn_ebm.py (loose images, unlabeled).
+"""
+import argparse
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="a folder of uniform-noise 32x32 RGB PNGs")
+    parser.add_argument("out", help="folder to write (created)")
+    parser.add_argument("--n_images", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.RandomState(args.seed)
+    for i in range(args.n_images):
+        Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(args.out, f"{i:05d}.png"))
+    print(f"wrote {args.n_images} noise images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
