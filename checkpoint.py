@@ -25,14 +25,10 @@ def write_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, model, replay_buffer, **extra):
-    """A model and its replay buffer (and any extra keys) in this project's format."""
-    write_checkpoint(path, {
-        "format_version": FORMAT_VERSION,
-        "model_state_dict": model.state_dict(),
-        "replay_buffer": replay_buffer.images.detach().cpu(),
-        **extra,
-    })
+def checkpoint_state(model_state_dict, buffer_images, **extra):
+    """A checkpoint dict in this project's format: the paper's two keys, the format version, extras."""
+    return {"format_version": FORMAT_VERSION, "model_state_dict": model_state_dict,
+            "replay_buffer": buffer_images.detach().cpu(), **extra}
 
 
 def load_checkpoint(path):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import (FORMAT_VERSION, find_resume_checkpoint, load_checkpoint, load_model_state,
+from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
                         restore_rng_states, rng_states, write_checkpoint)
 from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
 from distributed import any_rank, device_for, gather, gather_objects, init_from_torchrun, shard, shutdown
@@ -152,6 +152,11 @@ def forward_heads(model, batches, heads):
     return [heads(b) for b in batches]
 
 
+def sgld_settings(args):
+    """The chain flags as sample_q takes them."""
+    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std)
+
+
 def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
     """The JEM loss of one iteration and its terms (as tensors, for logging).
 
@@ -160,8 +165,7 @@ def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
       + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
       + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
     """
-    sgld = dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std,
-                cuda_graph=getattr(args, "cuda_graph", False))
+    sgld = dict(sgld_settings(args), cuda_graph=getattr(args, "cuda_graph", False))
     batches, terms = [], {}
     if args.p_x_weight > 0:
         y_q = None
@@ -352,16 +356,14 @@ class Trainer:
 
     def state_dict(self):
         """The whole training state, copied to the CPU (every rank must call this: buffers are gathered)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "model_state_dict": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "replay_buffer": gather(self.replay_buffer.images, self.topology).cpu(),
-            "optimizer_state_dict": copy.deepcopy(self.optimizer.state_dict()),
-            "rng_states": gather_objects(rng_states(), self.topology),
-            "args": vars(self.args), "world_size": self.topology.world_size,
-            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "iteration": self.iteration,
-            "best_valid_acc": self.best_valid_acc, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
-        }
+        return checkpoint_state(
+            {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            gather(self.replay_buffer.images, self.topology),
+            optimizer_state_dict=copy.deepcopy(self.optimizer.state_dict()),
+            rng_states=gather_objects(rng_states(), self.topology),
+            args=vars(self.args), world_size=self.topology.world_size,
+            epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, iteration=self.iteration,
+            best_valid_acc=self.best_valid_acc, lr_scale=self.lr_scale, rollbacks=self.rollbacks)
 
     def load_state_dict(self, state):
         load_model_state(self.model, state["model_state_dict"], self.args.resume or "the last good state")
@@ -515,7 +517,7 @@ class Trainer:
 
 
 def plot_samples(model, replay_buffer, args, epoch, iteration):
-    sgld = dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std)
+    sgld = sgld_settings(args)
     if args.plot_uncond:
         y = None
         if args.class_cond_p_x_sample:

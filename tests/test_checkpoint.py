@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from checkpoint import describe_state_dict, load_checkpoint, load_model_state, save_checkpoint
+from checkpoint import checkpoint_state, describe_state_dict, load_checkpoint, load_model_state, write_checkpoint
 from models import JEM
 from sampler import ReplayBuffer
 from utils import UserError
@@ -12,7 +12,7 @@ def test_round_trip_keeps_weights_buffer_and_extras(tmp_path):
     model = JEM(depth=10, width=1)
     buffer = ReplayBuffer(30, 10, 0.05, "cpu")
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model, buffer, epoch=3, args={"depth": 10})
+    write_checkpoint(path, checkpoint_state(model.state_dict(), buffer.images, epoch=3, args={"depth": 10}))
     assert not (tmp_path / "ckpt.pt.tmp").exists()
     ckpt = load_checkpoint(str(path))
     assert ckpt["format_version"] == 1 and ckpt["epoch"] == 3 and ckpt["args"] == {"depth": 10}
