@@ -36,12 +36,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on headless servers
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from data import EVAL_SETS, eval_image_folder, load_dataset, make_loader, targets_of
+from data import load_eval_dataset, make_loader, targets_of
 from sampler import frozen_parameters
 from utils import UserError, run_cli
 
@@ -276,11 +275,7 @@ def check_attack_args(args):
 def attack_loader(args, n_classes, device):
     """n_eval images of the --dataset test split (a seeded random subset), pixels in [0, 1] without noise:
     what the attacker perturbs. The defended classifier adds the noise itself."""
-    if args.dataset in EVAL_SETS:
-        name, train = EVAL_SETS[args.dataset]
-        dataset = load_dataset(name, args.data_root, train, T.ToTensor())
-    else:
-        dataset = eval_image_folder(args.dataset, T.Compose([T.Resize((32, 32)), T.ToTensor()]))
+    dataset = load_eval_dataset(args.dataset, args.data_root, 0.0, args.celeba_root, normalize=False)
     labels = targets_of(dataset)
     if len(labels) == 0 or labels.min() < 0 or labels.max() >= n_classes:
         raise UserError(f"--eval attack needs images labeled with the model's {n_classes} classes; --dataset "

@@ -52,9 +52,10 @@ def train_transform(dataset, sigma):
                      + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)])
 
 
-def test_transform(dataset, sigma):
-    return T.Compose(_resize_for(dataset)
-                     + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)])
+def test_transform(dataset, sigma, normalize=True):
+    """Pixels to [-1, 1] plus noise `sigma`; normalize=False stops at [0, 1] (what an attacker perturbs)."""
+    to_model = [T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)] if normalize else []
+    return T.Compose(_resize_for(dataset) + [T.ToTensor()] + to_model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,23 +366,25 @@ def eval_image_folder(path, transform):
     return class_folders(folder, transform)
 
 
-def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test"):
+def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test", normalize=True):
     """A test-time data set by any name evaluation accepts, with the test transform (noise `sigma`).
 
     Names: the keys of EVAL_SETS; `cifar_interp` (mixes of two images of the set named `interp_of`);
     `celeba` (the image folder `celeba_root`, resized to 32x32); else the path of an image folder.
+    normalize=False gives pixels in [0, 1] (see test_transform).
     """
     if name == "cifar_interp":
         if interp_of == "cifar_interp":
             raise UserError("cifar_interp mixes images of the in-distribution set (--dataset), which cannot "
                             "be cifar_interp itself")
-        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, 0.0, celeba_root), sigma)
+        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, 0.0, celeba_root, normalize=normalize),
+                                 sigma)
     if name in EVAL_SETS:
         base, train = EVAL_SETS[name]
-        return load_dataset(base, data_root, train, test_transform(base, sigma))
+        return load_dataset(base, data_root, train, test_transform(base, sigma, normalize))
     if name == "celeba":
         if celeba_root is None:
             raise UserError("celeba needs --celeba_root: a folder of CelebA images (loose, or in sub-folders); "
                             "they are resized to 32x32")
         name = celeba_root
-    return eval_image_folder(name, test_transform(name, sigma))
+    return eval_image_folder(name, test_transform(name, sigma, normalize))

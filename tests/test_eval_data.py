@@ -16,6 +16,14 @@ def test_synthetic_and_the_paper_names_map_to_test_splits():
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and 0 <= y < 10
 
 
+def test_unnormalized_sets_serve_the_same_images_in_pixel_space(tiny_image_folder):
+    for name in ("synthetic", tiny_image_folder):
+        pixels, label = load_eval_dataset(name, None, 0.5, normalize=False)[3]  # no noise either
+        model_input, same_label = load_eval_dataset(name, None, 0.0)[3]
+        assert 0 <= pixels.min() and pixels.max() <= 1 and label == same_label
+        torch.testing.assert_close(pixels * 2 - 1, model_input)
+
+
 def test_cifar_interp_averages_two_different_images_of_the_in_distribution_set():
     base = load_eval_dataset("synthetic", None, 0.0)
     interp = load_eval_dataset("cifar_interp", None, 0.0, interp_of="synthetic")
