@@ -3,6 +3,7 @@
     python bench.py                                   # the configs that suit the device
     python bench.py --configs wrn-16-2 --iters 5      # the CPU goal: at least 1.5x the paper's step
     python bench.py --configs wrn-28-10 --amp --compile --cuda_graph --json bench.json   # on a GPU
+    python bench.py --configs wrn-16-2 --profile      # how much of the time convolutions take
 
 For each named configuration it builds one randomly initialised model and gives identical copies to
 
@@ -24,6 +25,12 @@ machine shared with other work slows both alike, and prints per configuration an
               only that side (the first also holds cuDNN's trial workspaces); on a CPU, the peak resident
               set size (VmHWM) of such a process over two iterations, Python and torch's ~0.7 GiB included
   speed-up    the paper's s/iter divided by this side's
+
+With --profile it then runs three more iterations of the paper's and the project's side in turns,
+timing each convolution (forward and backward) on its own, and prints the median seconds spent in
+convolutions per iteration and their share of it. Both sides run the same convolutions, so the
+paper's seconds per iteration divided by the project's convolution seconds is the largest speed-up
+a step with the same arithmetic and the same convolution kernels could reach on this device.
 """
 import argparse
 import copy
@@ -41,6 +48,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import JEM
 from sampler import ReplayBuffer
@@ -79,6 +87,8 @@ def parse_args():
     parser.add_argument("--amp", action="store_true", help="add a side with bf16 autocast (GPU)")
     parser.add_argument("--compile", action="store_true", help="add a side with torch.compile of the network")
     parser.add_argument("--cuda_graph", action="store_true", help="add a side replaying the SGLD chain as a CUDA graph")
+    parser.add_argument("--profile", action="store_true",
+                        help="also measure the time in convolutions and the speed-up ceiling it sets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     return parser.parse_args()
@@ -323,6 +333,51 @@ def peak_memory(names, config, device, opts):
     return peaks
 
 
+class ConvolutionTimer(TorchDispatchMode):
+    """Counts the convolutions, forward and backward, run while it is active and adds up their seconds.
+
+    Every convolution reaches the dispatcher as one of these two operators, below autograd. The device
+    is synchronised around each one, so on a GPU the seconds are the kernels' own.
+    """
+
+    OPERATORS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.seconds, self.calls = device, 0.0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.OPERATORS:
+            return func(*args, **(kwargs or {}))
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def convolution_profile(sides, batch, device, rounds=3):
+    """Median seconds per iteration in convolutions and in all, of the paper's and the project's step
+    (timed in turns, under ConvolutionTimer), and the speed-up ceiling they set (see the top)."""
+    names = ("paper", "project")
+    conv, total, calls = {name: [] for name in names}, {name: [] for name in names}, {}
+    for _ in range(rounds):
+        for name in names:
+            start = time.perf_counter()
+            with ConvolutionTimer(device) as timer:
+                sides[name].step(*batch)
+            synchronize(device)
+            total[name].append(time.perf_counter() - start)
+            conv[name].append(timer.seconds)
+            calls[name] = timer.calls
+    conv = {name: statistics.median(seconds) for name, seconds in conv.items()}
+    total = {name: statistics.median(seconds) for name, seconds in total.items()}
+    return {"convolution_seconds": conv, "convolution_share": {name: conv[name] / total[name] for name in names},
+            "convolution_calls": calls, "speedup_ceiling": total["paper"] / conv["project"]}
+
+
 # --------------------------------------------------------------------------------------------------
 
 def describe_device(device):
@@ -346,16 +401,17 @@ def bench_config(name, device, opts):
     names = side_names(opts)
     sides = {side: make_side(side, copy.deepcopy(model), buffer_images, config, device, opts) for side in names}
     seconds = time_alternately(sides, batch, opts.iters, opts.warmup, device)
+    medians = {side: statistics.median(seconds[side]) for side in names}
+    profiled = convolution_profile(sides, batch, device) if opts.profile else None
     del sides
     memory = peak_memory(names, config, device, opts)
-    paper_median = statistics.median(seconds["paper"])
     results = {}
     for side in names:
-        median = statistics.median(seconds[side])
+        median = medians[side]
         results[side] = {"seconds_per_iter": median, "sgld_images_per_s": config.batch_size * config.n_steps / median,
-                         "peak_memory_mib": memory[side] / 2 ** 20, "speedup": paper_median / median,
+                         "peak_memory_mib": memory[side] / 2 ** 20, "speedup": medians["paper"] / median,
                          "seconds": seconds[side]}
-    return {"config": name, **asdict(config), "sides": results, "check": errors}
+    return {"config": name, **asdict(config), "sides": results, "check": errors, "profile": profiled}
 
 
 def print_header(device, opts):
@@ -376,6 +432,11 @@ def print_result(result):
     for side, e in result["check"].items():
         print(f"{'':<22}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer {e['buffer']:.1e}, "
               f"worst gradient {e['worst_grad']:.1e} ({e['worst_grad_name']})")
+    if result["profile"]:
+        conv, share = result["profile"]["convolution_seconds"], result["profile"]["convolution_share"]
+        print(f"{'':<22}  convolutions: paper {conv['paper']:.3f} s ({share['paper']:.0%} of its s/iter), project "
+              f"{conv['project']:.3f} s ({share['project']:.0%}); same convolutions cap the speed-up at "
+              f"{result['profile']['speedup_ceiling']:.2f}x")
 
 
 def main():

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from bench import Config, PaperIteration, ProjectIteration
+from bench import Config, ConvolutionTimer, PaperIteration, ProjectIteration, convolution_profile
 from models import JEM
 from sampler import ReplayBuffer, frozen_parameters, sample_q
 
@@ -55,6 +55,34 @@ def test_the_comparison_notices_a_different_chain(inputs):
     project = one_step(ProjectIteration(copy.deepcopy(model), buffer_images, longer, CPU), batch)
     with pytest.raises(AssertionError):
         assert_same_step(paper, project)
+
+
+def test_convolution_timer_counts_every_convolution_forward_and_backward(inputs):
+    model, _, batch = inputs
+    n_convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    with ConvolutionTimer(CPU) as forward_only:
+        scores = model(batch[0])
+    with ConvolutionTimer(CPU) as backward:
+        scores.sum().backward()
+    assert forward_only.calls == backward.calls == n_convolutions
+    assert forward_only.seconds > 0 and backward.seconds > 0
+    with ConvolutionTimer(CPU) as no_convolutions:
+        model.class_output(torch.randn(4, model.f.last_dim)).sum().backward()
+    assert no_convolutions.calls == 0 and no_convolutions.seconds == 0
+
+
+def test_profile_sees_the_same_convolution_work_on_both_sides(inputs):
+    """The paper runs its three loss passes apart, the project fuses them: different calls, same work."""
+    model, buffer_images, batch = inputs
+    sides = {"paper": PaperIteration(copy.deepcopy(model), buffer_images, CONFIG, CPU),
+             "project": ProjectIteration(copy.deepcopy(model), buffer_images, CONFIG, CPU)}
+    profile = convolution_profile(sides, batch, CPU, rounds=1)
+    n_convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    chain = CONFIG.n_steps * 2 * n_convolutions  # forward and input gradient per SGLD step
+    assert profile["convolution_calls"] == {"paper": chain + 3 * 2 * n_convolutions,
+                                            "project": chain + 2 * n_convolutions}
+    assert all(0 < share < 1 for share in profile["convolution_share"].values())
+    assert profile["speedup_ceiling"] > 0
 
 
 def test_frozen_parameters_are_restored_when_the_chain_fails(inputs):
