@@ -40,7 +40,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from data import load_eval_dataset, make_loader, targets_of
+from data import check_labeled, load_eval_dataset, make_loader
 from sampler import frozen_parameters
 from utils import UserError, run_cli
 
@@ -276,10 +276,7 @@ def attack_loader(args, n_classes, device):
     """n_eval images of the --dataset test split (a seeded random subset), pixels in [0, 1] without noise:
     what the attacker perturbs. The defended classifier adds the noise itself."""
     dataset = load_eval_dataset(args.dataset, args.data_root, 0.0, args.celeba_root, normalize=False)
-    labels = targets_of(dataset)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= n_classes:
-        raise UserError(f"--eval attack needs images labeled with the model's {n_classes} classes; --dataset "
-                        f"{args.dataset} has none or others (use a test split or a folder of class folders)")
+    check_labeled(dataset, n_classes, args.dataset, "--eval attack")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
     subset = Subset(dataset, order[:args.n_eval].tolist())
     return make_loader(subset, args.batch_size, train=False, device=device, workers=0)

@@ -185,6 +185,15 @@ def targets_of(dataset):
     return np.asarray(dataset.labels if targets is None else targets)
 
 
+def check_labeled(dataset, n_classes, name, needed_by):
+    """A UserError unless every image of `dataset` carries one of the model's n_classes labels."""
+    labels = targets_of(dataset)
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= n_classes:
+        found = f"labels {labels.min()}..{labels.max()}" if len(labels) else "no images"
+        raise UserError(f"{name} has no labels of this model's {n_classes} classes (found {found}): {needed_by} "
+                        "needs a labeled --dataset (a test split or a folder of class folders)")
+
+
 def split_indices(labels, n_valid, labels_per_class, n_classes):
     """The paper's split: (train, labeled, valid) indices into the training set.
 

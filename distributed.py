@@ -90,11 +90,6 @@ def any_rank(flag_value, topology, device):
     return value.item()
 
 
-def barrier(topology):
-    if topology.distributed:
-        dist.barrier()
-
-
 def shutdown(topology):
     if topology.distributed:
         dist.destroy_process_group()

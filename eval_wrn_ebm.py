@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from attack import add_attack_flags, run_attack
 from checkpoint import describe_state_dict, load_checkpoint, load_model_state
-from data import EVAL_NAMES, default_workers, load_eval_dataset, make_loader, targets_of
+from data import EVAL_NAMES, check_labeled, default_workers, load_eval_dataset, make_loader
 from models import build_model
 from plotting import save_grid, save_histograms, save_reliability_diagram
 from sampler import IMAGE_SHAPE, ReplayBuffer, sample_q, sgld
@@ -161,10 +161,7 @@ def dataset_named(args, name, labeled=False):
     if len(dataset) == 0:
         raise UserError(f"data set {name} holds no images")
     if labeled:
-        labels = targets_of(dataset)
-        if labels.min() < 0 or labels.max() >= args.n_classes:
-            raise UserError(f"{name} has no labels of this model's {args.n_classes} classes (found labels "
-                            f"{labels.min()}..{labels.max()}): --eval {args.eval} needs a labeled --dataset")
+        check_labeled(dataset, args.n_classes, name, f"--eval {args.eval}")
     if args.max_images is not None:
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     return dataset
