@@ -86,9 +86,14 @@ def add_attack_flags(parser):
 # --------------------------------------------------------------------------------------------------
 # The defended classifier.
 
+def draw_seed(rng):
+    """A seed drawn from `rng`, so that every random draw of a run follows from --seed."""
+    return int(torch.randint(2 ** 62, (1,), generator=rng))
+
+
 def derived_generator(rng, device):
-    """A generator on `device` seeded from `rng`, so every random draw of a run follows from --seed."""
-    return torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=rng)))
+    """A generator on `device` seeded from `rng`."""
+    return torch.Generator(device).manual_seed(draw_seed(rng))
 
 
 class RefinedClassifier:
@@ -154,13 +159,10 @@ class RefinedClassifier:
             total = total + self.chain_logits(x, n_chains, generator, differentiable).sum(1)
         return total / self.n_dup_chains
 
-    def new_seed(self):
-        return int(torch.randint(2 ** 62, (1,), generator=self.rng))
-
     @torch.no_grad()
     def logits(self, x):
         """Chain-averaged logits (N, K) for pixels x in [0, 1] (fresh noise on every call)."""
-        return torch.cat([self.group_mean_logits(x[group], self.new_seed(), differentiable=False)
+        return torch.cat([self.group_mean_logits(x[group], draw_seed(self.rng), differentiable=False)
                           for group in self.image_groups(len(x))])
 
     def predict(self, x):
@@ -171,7 +173,7 @@ class RefinedClassifier:
         factor per image (see `cross_entropy_logit_gradient`); PGD uses only each image's direction."""
         grad = torch.empty_like(x)
         for group in self.image_groups(len(x)):
-            grad[group] = self.group_scaled_loss_gradient(x[group], y[group], self.new_seed())
+            grad[group] = self.group_scaled_loss_gradient(x[group], y[group], draw_seed(self.rng))
         return grad
 
     def group_scaled_loss_gradient(self, x, y, seed):
