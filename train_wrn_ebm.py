@@ -165,7 +165,7 @@ def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
       + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
       + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
     """
-    sgld = dict(sgld_settings(args), cuda_graph=getattr(args, "cuda_graph", False))
+    sgld = dict(sgld_settings(args), cuda_graph=args.cuda_graph)
     batches, terms = [], {}
     if args.p_x_weight > 0:
         y_q = None
