@@ -5,8 +5,14 @@ A checkpoint is a dict. The paper's code wrote and read exactly two keys, which 
     replay_buffer      FloatTensor (buffer_size, 3, 32, 32), on the CPU
 This project adds `format_version`, `args` (the run's flags), and for resuming `optimizer_state_dict`,
 `epoch`, `iteration` and `best_valid_acc`. Files from the paper's code (two keys only) load as they are.
+
+Checkpoints are data, not code: they hold only tensors and plain Python values, so they load with
+`torch.load(path, weights_only=True)` (torch's default since 2.6), which cannot run code hidden in a file.
+Format 1 held numpy's RNG state as a pickled array; such files are refused with a line that says how to
+convert one you trust (`scripts/convert_checkpoint.py`).
 """
 import os
+import pickle
 import random
 import re
 
@@ -15,7 +21,8 @@ import torch
 
 from utils import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: held pickled numpy objects; 2: tensors and plain Python values only
+CONVERTER = "scripts/convert_checkpoint.py"
 
 
 def write_checkpoint(path, state):
@@ -27,8 +34,9 @@ def write_checkpoint(path, state):
 
 def checkpoint_state(model_state_dict, buffer_images, **extra):
     """A checkpoint dict in this project's format: the paper's two keys, the format version, extras."""
+    # copy=True: on a CPU `.cpu()` would share storage with the live buffer, which later chains overwrite.
     return {"format_version": FORMAT_VERSION, "model_state_dict": model_state_dict,
-            "replay_buffer": buffer_images.detach().cpu(), **extra}
+            "replay_buffer": buffer_images.detach().to("cpu", copy=True), **extra}
 
 
 def load_checkpoint(path):
@@ -36,8 +44,13 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at --load_path {path}")
     try:
-        # weights_only=False: project checkpoints hold the run's args (plain Python values) too.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError: {e})")
+        raise UserError(f"{path} holds Python objects besides tensors and plain values (a checkpoint of an "
+                        "earlier version of this project?), and unpickling them could run code; if you trust "
+                        f"the file, rewrite it once in the safe format: python {CONVERTER} {path} NEW.pt")
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
@@ -57,31 +70,62 @@ def describe_state_dict(state_dict):
     return {"depth": 6 * len(blocks) + 4, "width": width, "n_classes": n_classes}
 
 
+def network_name(description):
+    return f"a WRN-{description['depth']}-{description['width']} with {description['n_classes']} classes"
+
+
+def state_dict_mismatch(expected, found):
+    """How a state dict differs from the expected one, in a few words: counts and the first key of each kind."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and getattr(found[k], "shape", None) != expected[k].shape]
+    return ", ".join(f"{len(keys)} {what} (first: {keys[0]})" for keys, what in (
+        (missing, "keys missing from the file"), (extra, "keys this model lacks"), (reshaped, "of another shape"))
+        if keys)
+
+
 def load_model_state(model, state_dict, path):
-    """Strict load; a checkpoint of another architecture gets one line that says what to pass."""
+    """Strict load; a checkpoint of another architecture gets one short line that says what to pass."""
     try:
         model.load_state_dict(state_dict)
-    except RuntimeError as e:
+    except RuntimeError:
+        expected = model.state_dict()
         found = describe_state_dict(state_dict)
-        hint = (f"it holds a WRN-{found['depth']}-{found['width']} with {found['n_classes']} classes; pass "
-                f"--depth {found['depth']} --width {found['width']} and the --norm it was trained with"
-                if found else "its keys are not those of a JEM Wide-ResNet")
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise UserError(f"checkpoint {path} does not fit this model: {hint} ({detail})")
+        holds = (f"holds {network_name(found)}" if found else
+                 f"holds {len(state_dict)} tensors that are not a JEM Wide-ResNet's")
+        hint = (f"; pass --depth {found['depth']} --width {found['width']} and the --norm it was trained with"
+                if found else "")
+        raise UserError(f"checkpoint {path} {holds}, this model is {network_name(describe_state_dict(expected))} "
+                        f"({state_dict_mismatch(expected, state_dict)}){hint}")
 
 
 def rng_states():
-    """Every random-number state a training iteration draws from, to resume a run exactly."""
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random-number state a training iteration draws from, to resume a run exactly.
+
+    Tensors and plain values only (Python's own state is a tuple of ints already).
+    """
+    states = {"torch": torch.get_rng_state(), "numpy": plain_numpy_state(np.random.get_state()),
+              "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
+def plain_numpy_state(state):
+    """numpy's legacy RNG state (name, uint32 key array, position, has_gauss, cached_gaussian) as plain values."""
+    name, key, position, has_gauss, cached_gaussian = state
+    return {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def numpy_state(plain):
+    return (plain["bit_generator"], plain["key"].numpy().astype(np.uint32), plain["pos"], plain["has_gauss"],
+            plain["cached_gaussian"])
+
+
 def restore_rng_states(states):
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(numpy_state(states["numpy"]))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -93,3 +137,21 @@ def find_resume_checkpoint(path):
     if not os.path.isfile(candidate):
         raise UserError(f"--resume {path}: no checkpoint there (a run's save dir holds last_ckpt.pt)")
     return candidate
+
+
+def convert_trusted_checkpoint(old_path, new_path):
+    """Rewrite a checkpoint of format 1 (pickled numpy RNG state) in the current, safe format.
+
+    Reading the old file unpickles it fully, which can run code hidden in it: only for files you trust.
+    """
+    if not os.path.isfile(old_path):
+        raise UserError(f"no checkpoint at {old_path}")
+    ckpt = torch.load(old_path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
+        raise UserError(f"{old_path} is not a JEM checkpoint (no 'model_state_dict'); nothing to convert")
+    ckpt["format_version"] = FORMAT_VERSION
+    if "rng_states" in ckpt:  # one dict per process of the run that wrote it
+        ckpt["rng_states"] = [{**states, "numpy": plain_numpy_state(states["numpy"])}
+                              if isinstance(states["numpy"], tuple) else states for states in ckpt["rng_states"]]
+    write_checkpoint(new_path, ckpt)
+    return load_checkpoint(new_path)  # proves that the new file loads without unpickling code
