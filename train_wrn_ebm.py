@@ -240,7 +240,7 @@ def make_optimizer(model, args):
 def scheduled_lr(args, epoch, iteration, lr_scale=1.0):
     """--lr, times --decay_rate for each of --decay_epochs reached, ramped up over --warmup_iters."""
     lr = args.lr * lr_scale * args.decay_rate ** sum(epoch >= e for e in args.decay_epochs)
-    if iteration <= args.warmup_iters:
+    if iteration <= args.warmup_iters and args.warmup_iters > 0:  # 0 or -1: no warm-up
         lr *= iteration / args.warmup_iters
     return lr
 
@@ -369,8 +369,9 @@ class Trainer:
         load_model_state(self.model, state["model_state_dict"], self.args.resume or "the last good state")
         self.replay_buffer = self.buffer_from(state["replay_buffer"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
-        for key in ("epoch", "batch_in_epoch", "iteration", "best_valid_acc", "lr_scale", "rollbacks"):
+        for key in ("epoch", "iteration", "best_valid_acc", "lr_scale", "rollbacks"):
             setattr(self, key, state[key])
+        self.batch_in_epoch = batches_done_in_epoch(state, self.args.batch_size, self.topology.world_size)
         if self.batch_in_epoch >= len(self.loaders["train"]):  # saved at the end of an epoch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if state["world_size"] == self.topology.world_size:
@@ -509,11 +510,25 @@ class Trainer:
             self.log.line(message)
             raise UserError(message)
         rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * args.rollback_lr_scale
-        self.load_state_dict(self.snapshot)
+        # A copy: the loaded tensors may share storage with the live buffer and optimizer, which the
+        # next iterations change in place, and a later rollback needs the snapshot as it was.
+        self.load_state_dict(copy.deepcopy(self.snapshot))
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         seed_everything(args.seed + 7919 * rollbacks + self.topology.rank)  # new chains, not the same again
         self.log.line(f"training diverged at {where}; rollback {rollbacks}/{args.max_rollbacks} to epoch "
                       f"{self.epoch} iteration {self.iteration}, learning rate scale {lr_scale:g}")
+
+
+def batches_done_in_epoch(state, batch_size, world_size):
+    """A saved position inside its epoch, in per-process batches of this run.
+
+    The position is saved in batches of the run that wrote it: with another process count or batch size
+    it is converted through the images seen. Every process count reads the same seeded order of the
+    epoch (see data.ShuffledBatches), so the first images seen are the same images; a partial batch is
+    trained again rather than skipped.
+    """
+    images_seen = state["batch_in_epoch"] * state["args"]["batch_size"] * state["world_size"]
+    return images_seen // (batch_size * world_size)
 
 
 def plot_samples(model, replay_buffer, args, epoch, iteration):

@@ -1,4 +1,5 @@
 """Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun."""
+import copy
 import json
 import os
 import signal
@@ -118,6 +119,31 @@ def test_rollback_recovers_from_an_injected_divergence(tiny, tmp_path, monkeypat
     assert final["iteration"] == 12 and final["rollbacks"] == 1
 
 
+def test_each_rollback_restores_the_last_checkpoint_byte_for_byte(tiny, tmp_path, monkeypatch):
+    """Buffer, weights and optimizer after a rollback are those of the checkpoint written last, also after a
+    second rollback to the same checkpoint (on a CPU, where copies to the CPU are no copies)."""
+    diverge_at(monkeypatch, {9, 11})  # iterations 8 and then 7 (replayed): both roll back to the end of epoch 0
+    restored = []
+    recover = train_wrn_ebm.Trainer.recover_from_divergence
+
+    def recover_and_record(self, loss_value):
+        recover(self, loss_value)
+        restored.append(copy.deepcopy(self.state_dict()))
+
+    monkeypatch.setattr(train_wrn_ebm.Trainer, "recover_from_divergence", recover_and_record)
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--on_diverge", "rollback", "--ckpt_every", "1"])
+    last_good = load_checkpoint(str(tmp_path / "ckpt_0.pt"))
+    assert len(restored) == 2
+    for state in restored:
+        assert state["iteration"] == last_good["iteration"] == 6
+        assert state["replay_buffer"].numpy().tobytes() == last_good["replay_buffer"].numpy().tobytes()
+        for key, weights in last_good["model_state_dict"].items():
+            assert torch.equal(state["model_state_dict"][key], weights), key
+        for saved, now in zip(last_good["optimizer_state_dict"]["state"].values(),
+                              state["optimizer_state_dict"]["state"].values()):
+            assert all(torch.equal(saved[k], now[k]) for k in saved)
+
+
 def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch, capsys):
     diverge_at(monkeypatch, set(range(4, 100)))
     with pytest.raises(SystemExit) as stop:
@@ -146,7 +172,8 @@ def test_energy_l2_adds_the_squared_energies(tiny, tmp_path):
 
 def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path), "--batch_size", "8"]
+               "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path), "--batch_size", "8",
+                                             "--ckpt_every_iters", "3"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -160,6 +187,14 @@ def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_pa
                                 "--dataset", tiny[1], "--device", "cpu", "--save_dir", str(tmp_path / "eval"),
                                 "--print_to_log"])
     assert 0 <= result["accuracy"] <= 1
-    # a single process resumes it, re-sharding the two buffer shards into one
-    train_wrn_ebm.main(["--resume", str(tmp_path), "--n_epochs", "3", "--batch_size", "16", "--device", "cpu"])
-    assert load_checkpoint(str(tmp_path / "last_ckpt.pt"))["epoch"] == 2
+    # A single process resumes it, re-sharding the two buffer shards into one. Its position inside the epoch
+    # is counted in images: 3 batches of 8 on each of 2 processes are 6 batches of 8 on one.
+    train_wrn_ebm.main(["--resume", str(tmp_path / "ckpt_iter_3.pt"), "--save_dir", str(tmp_path / "one"),
+                        "--n_epochs", "1", "--device", "cpu"])
+    assert "at epoch 0, iteration 3" in (tmp_path / "one" / "log.txt").read_text()
+    rows = [r for r in records(tmp_path / "one") if r["kind"] == "train"]
+    assert [r["iteration"] for r in rows] == [3, 4, 5, 6, 7, 8]  # the 6 batches of 8 left of 12, no more
+    # resumed at the end of epoch 1 (6 batches of 8 per process), one process goes on with epoch 2
+    train_wrn_ebm.main(["--resume", str(tmp_path), "--n_epochs", "3", "--device", "cpu"])
+    final = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
+    assert final["epoch"] == 2 and final["iteration"] == 12 + 12 and final["world_size"] == 1

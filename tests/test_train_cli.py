@@ -86,6 +86,12 @@ def test_warmup_and_decay_set_the_learning_rate(tiny, tmp_path):
     assert lrs[6] == pytest.approx(5e-4)  # epoch 1 starts at iteration 6
 
 
+@pytest.mark.parametrize("warmup_iters", ["0", "-1"])
+def test_no_warmup_trains_at_the_full_learning_rate_from_the_first_iteration(warmup_iters):
+    args = train_wrn_ebm.parse_args(["--warmup_iters", warmup_iters, "--lr", "0.1"])
+    assert [train_wrn_ebm.scheduled_lr(args, 0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
+
+
 def test_clf_only_trains_only_the_classifier_head(tiny, tmp_path):
     first = train(tiny, tmp_path / "a")
     before = load_checkpoint(str(first / "last_ckpt.pt"))["model_state_dict"]
