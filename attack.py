@@ -11,12 +11,21 @@ and draw several such runs (say --n_steps_refine 0, 1 and 10) on one plot with t
 
 The defended classifier (`RefinedClassifier`) maps the attacker's pixels in [0, 1] to the model's [-1, 1],
 adds N(0, sigma^2) noise, copies every image into n_dup_chains chains, moves each chain n_steps_refine
-SGLD steps up log p(x) and averages the chains' logits. The refinement is differentiable, so the attack's
-gradient flows through it (the paper's attack did the same). With sigma 0, no refinement and one chain
-it is the plain classifier.
+SGLD steps up log p(x) and averages the chains' logits. With sigma 0, no refinement and one chain it is
+the plain classifier.
+
+The attacker's gradient through the refinement (--attack_grad):
+    exact              (default) differentiates through every SGLD step (second order): the true gradient
+                       of the defended classifier's loss, the strongest first-order attack on it.
+    straight_through   the classifier's gradient at the refined point, passed back to the input as if the
+                       refinement were the identity (a BPDA-style estimate). This is what the paper's attack
+                       code computed: it moved its chains through `.data`, which autograd does not see.
+The exact gradient makes the attack stronger, so robust accuracies with it can be lower than the paper's;
+straight_through reproduces the paper's setting and is cheaper (no second-order pass).
 
 Units of --eps: for Linf, 1/255 of the [0, 1] pixel range (8 means 8/255); for L2, the L2 norm of the
-perturbation of the whole image in [0, 1] pixel space (0.5 is the usual CIFAR-10 budget).
+perturbation of the whole image in [0, 1] pixel space (0.5 is the usual CIFAR-10 budget). The paper's
+foolbox L2 budgets are root-mean-square distances per pixel: multiply them by sqrt(3 * 32 * 32) = 55.4.
 
 PGD (Madry et al., 2018): start at a uniformly random point of the eps-ball (--random_start), then
 n_steps_pgd_attack steps up the cross-entropy of the defended classifier, each of size
@@ -54,6 +63,7 @@ EPS_UNIT_NAMES = {
 }
 AXIS_LABELS = {"Linf": "ε (L∞, in 1/255)", "L2": "ε (L2 norm, pixels in [0, 1])"}
 DEFAULT_EPS = {"Linf": [0, 1, 2, 4, 8, 16], "L2": [0, 0.25, 0.5, 1, 2]}
+ATTACK_GRADIENTS = ("exact", "straight_through")  # see the module docstring
 
 
 def add_attack_flags(parser):
@@ -75,6 +85,10 @@ def add_attack_flags(parser):
     group.add_argument("--n_dup_chains", type=int, default=5,
                        help="noisy copies of each input refined separately; their logits are averaged "
                             "(default %(default)s)")
+    group.add_argument("--attack_grad", choices=ATTACK_GRADIENTS, default="exact",
+                       help="the attacker's gradient through the refinement: exact (second order) or "
+                            "straight_through (the classifier's gradient at the refined point, as the paper's "
+                            "attack code; cheaper) (default %(default)s)")
     group.add_argument("--n_eval", type=int, default=500,
                        help="test images attacked, a fixed random subset drawn with --seed (default %(default)s)")
     group.add_argument("--max_chains_per_pass", type=int, default=64,
@@ -102,13 +116,15 @@ class RefinedClassifier:
     A chain is z_0 = 2x - 1 + sigma * N(0, I), then z_{t+1} = z_t + sgld_lr * d log p(z_t)/dz_t +
     sgld_std * N(0, I) for n_steps_refine steps, with log p = model(z) (logsumexp of the logits, or the
     energy head of an --uncond model); its logits are model.classify(z_T). The model should be in eval mode
-    with frozen parameters (run_attack sees to both).
+    with frozen parameters (run_attack sees to both). `gradient` is how the attack differentiates through
+    the refinement: "exact" or "straight_through" (see the module docstring).
 
     At most max_chains_per_pass chains go through the network at once. Every chain's noise comes from a
     generator seeded from `rng`, so a pass can be replayed exactly (see `group_scaled_loss_gradient`).
     """
 
-    def __init__(self, model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std, max_chains_per_pass, rng):
+    def __init__(self, model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std, max_chains_per_pass, rng,
+                 gradient="exact"):
         self.model = model
         self.sigma = sigma
         self.n_steps_refine = n_steps_refine
@@ -117,23 +133,25 @@ class RefinedClassifier:
         self.sgld_std = sgld_std
         self.max_chains_per_pass = max_chains_per_pass
         self.rng = rng
+        self.gradient = gradient
 
     def chain_logits(self, x, n_chains, generator, differentiable):
         """Logits (N, n_chains, K) of n_chains refined copies of each image of x (pixels in [0, 1]).
 
-        differentiable=True keeps the graph through the refinement (create_graph), so that the logits
-        can be differentiated with respect to x; otherwise every step is detached and memory stays flat.
+        differentiable=True keeps a graph from the logits back to x: through every SGLD step (create_graph)
+        for the exact gradient, or around them for the straight-through one, where each step is added as a
+        constant (what the paper's `.data +=` did). Otherwise nothing is kept and memory stays flat.
         """
         def noise(like):
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
         chains = x.repeat_interleave(n_chains, dim=0) * 2 - 1  # the model reads pixels in [-1, 1]
         chains = chains + self.sigma * noise(chains)
+        through_steps = differentiable and self.gradient == "exact"
         with torch.enable_grad():  # the SGLD steps need d log p / dz even when nothing else does
             for _ in range(self.n_steps_refine):
-                if not differentiable:
-                    chains = chains.detach().requires_grad_(True)
-                score_grad, = torch.autograd.grad(self.model(chains).sum(), chains, create_graph=differentiable)
+                z = chains if through_steps else chains.detach().requires_grad_(True)
+                score_grad, = torch.autograd.grad(self.model(z).sum(), z, create_graph=through_steps)
                 chains = chains + self.sgld_lr * score_grad + self.sgld_std * noise(chains)
         if not differentiable:
             chains = chains.detach()
@@ -169,8 +187,9 @@ class RefinedClassifier:
         return self.logits(x).argmax(1)
 
     def scaled_loss_gradient(self, x, y):
-        """d/dx of the cross-entropy of the chain-averaged logits, through the refinement, times a positive
-        factor per image (see `cross_entropy_logit_gradient`); PGD uses only each image's direction."""
+        """d/dx of the cross-entropy of the chain-averaged logits, through the refinement as `gradient` says,
+        times a positive factor per image (see `cross_entropy_logit_gradient`); PGD uses only each image's
+        direction."""
         grad = torch.empty_like(x)
         for group in self.image_groups(len(x)):
             grad[group] = self.group_scaled_loss_gradient(x[group], y[group], draw_seed(self.rng))
@@ -269,9 +288,10 @@ def check_attack_args(args):
     for flag in ("n_dup_chains", "n_eval", "max_chains_per_pass", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if args.compile and args.n_steps_refine > 0:
-        raise UserError("the attack differentiates through the SGLD refinement, which torch.compile cannot "
-                        "(no double backward): drop --compile or use --n_steps_refine 0")
+    if args.compile and args.n_steps_refine > 0 and args.attack_grad == "exact":
+        raise UserError("the exact attack gradient differentiates through the SGLD refinement, which "
+                        "torch.compile cannot (no double backward): drop --compile, use --attack_grad "
+                        "straight_through or --n_steps_refine 0")
 
 
 def attack_loader(args, n_classes, device):
@@ -314,7 +334,7 @@ def run_attack(args, model, replay_buffer, device):
     eps_list = sorted(set(args.eps or DEFAULT_EPS[args.distance]))
     rng = torch.Generator().manual_seed(args.seed)
     classifier = RefinedClassifier(model, args.sigma, args.n_steps_refine, args.n_dup_chains, args.sgld_lr,
-                                   args.sgld_std, args.max_chains_per_pass, rng)
+                                   args.sgld_std, args.max_chains_per_pass, rng, args.attack_grad)
     loader = attack_loader(args, model.n_classes, device)
     n_images = len(loader.dataset)
     bar = tqdm(total=n_images * sum(eps > 0 for eps in eps_list), unit="img", desc=f"PGD {args.distance}",
@@ -337,7 +357,7 @@ def run_attack(args, model, replay_buffer, device):
         "n_images": n_images,
         "settings": {name: getattr(args, name) for name in (
             "dataset", "n_steps_pgd_attack", "pgd_step_factor", "random_start", "n_steps_refine", "n_dup_chains",
-            "sigma", "sgld_lr", "sgld_std", "seed")},
+            "attack_grad", "sigma", "sgld_lr", "sgld_std", "seed")},
     }
     os.makedirs(args.save_dir, exist_ok=True)
     plot_path = os.path.join(args.save_dir, "attack.png")
@@ -352,7 +372,8 @@ def run_attack(args, model, replay_buffer, device):
 def run_label(result):
     settings = result["settings"]
     chains = settings["n_dup_chains"]
-    return f"{settings['n_steps_refine']} SGLD steps, {chains} chain{'s' if chains > 1 else ''}"
+    straight_through = ", straight-through gradient" if settings.get("attack_grad") == "straight_through" else ""
+    return f"{settings['n_steps_refine']} SGLD steps, {chains} chain{'s' if chains > 1 else ''}{straight_through}"
 
 
 def plot_robustness(runs, path):

@@ -22,9 +22,9 @@ def eval_args(*argv):
 
 
 def classifier_for(model, n_steps_refine=0, n_dup_chains=1, sigma=0.0, sgld_lr=1.0, sgld_std=0.0,
-                   max_chains_per_pass=64, seed=0):
+                   max_chains_per_pass=64, seed=0, gradient="exact"):
     return RefinedClassifier(model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std, max_chains_per_pass,
-                             torch.Generator().manual_seed(seed))
+                             torch.Generator().manual_seed(seed), gradient)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,40 @@ def test_refinement_passes_the_attack_gradient_exactly(model64):
     # the refinement's Jacobian, this one, would fail the check above.
     plain = classifier_for(model64).scaled_loss_gradient(x, y)
     assert F.cosine_similarity(grad.flatten(), plain.flatten(), dim=0) < 0.9999
+
+
+@pytest.mark.parametrize("n_images, n_dup_chains, max_chains_per_pass", [(2, 1, 64), (1, 3, 2)])  # 1 pass, 2
+def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model64, n_images, n_dup_chains,
+                                                                           max_chains_per_pass):
+    """The paper's estimate: refine, take the loss gradient at the refined chains, pass it back as if the
+    refinement were the identity (times 2, the map from [0, 1] pixels to the model's [-1, 1])."""
+    x = torch.rand(n_images, 3, 32, 32, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.tensor([3, 5][:n_images])
+    settings = dict(n_steps_refine=2, n_dup_chains=n_dup_chains, sigma=0.1, sgld_lr=3.0, sgld_std=0.05,
+                    max_chains_per_pass=max_chains_per_pass, seed=4)
+    straight = classifier_for(model64, gradient="straight_through", **settings).scaled_loss_gradient(x, y)
+    exact = classifier_for(model64, **settings).scaled_loss_gradient(x, y)
+
+    by_hand = classifier_for(model64, **settings)  # replays the same chains: the same seeds, drawn alike
+    seed = attack.draw_seed(by_hand.rng)
+    refined = []
+    for i, n_chains in enumerate(by_hand.chain_blocks()):
+        generator = torch.Generator().manual_seed(seed + i)
+        chains = x.repeat_interleave(n_chains, dim=0) * 2 - 1
+        chains = chains + 0.1 * torch.randn(chains.shape, generator=generator, dtype=x.dtype)
+        for _ in range(2):
+            z = chains.detach().requires_grad_(True)
+            score_grad, = torch.autograd.grad(model64(z).sum(), z)
+            chains = chains + 3.0 * score_grad + 0.05 * torch.randn(chains.shape, generator=generator, dtype=x.dtype)
+        refined.append(chains.view(len(x), n_chains, 3, 32, 32))
+    z_refined = torch.cat(refined, 1).requires_grad_(True)
+    mean_logits = model64.classify(z_refined.flatten(0, 1)).view(len(x), n_dup_chains, -1).mean(1)
+    logit_grad = attack.cross_entropy_logit_gradient(mean_logits.detach(), y)
+    at_refined, = torch.autograd.grad(mean_logits, z_refined, grad_outputs=logit_grad)
+    torch.testing.assert_close(straight, 2 * at_refined.sum(1))
+    # The exact gradient goes through the refinement's Jacobian too: a few percent off here, far beyond
+    # float64 rounding (the match above holds to 1e-7).
+    assert (exact - straight).norm() > 0.01 * straight.norm()
 
 
 def test_noisy_refinement_gives_a_nonzero_input_gradient(model):
@@ -212,6 +246,7 @@ def test_an_undefended_classifier_falls_to_near_zero_at_large_linf_eps(linf_run)
 def test_the_run_is_described_and_plotted(linf_run):
     assert linf_run["n_images"] == N_IMAGES and linf_run["distance"] == "Linf"
     assert linf_run["settings"]["n_steps_refine"] == 0 and linf_run["settings"]["n_dup_chains"] == 1
+    assert linf_run["settings"]["attack_grad"] == "exact"  # the default
     json.dumps(linf_run)  # eval_wrn_ebm.py writes it as attack.json
     with open(linf_run["plot"], "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
