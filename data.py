@@ -41,9 +41,15 @@ class AddGaussianNoise:
         return f"AddGaussianNoise(sigma={self.sigma})"
 
 
-def _resize_for(dataset):
-    """Image folders may hold any size; everything else is 32x32 already."""
-    return [T.Resize((32, 32))] if is_image_folder(dataset) else []
+def _resize_for(dataset, keep_aspect=False):
+    """Image folders may hold any size; everything else is 32x32 already.
+
+    keep_aspect: the shorter side to 32 and the aspect ratio kept, as the paper's code read CelebA (the
+    network's average pooling takes the top 8x8 of a taller feature map).
+    """
+    if not is_image_folder(dataset):
+        return []
+    return [T.Resize(32)] if keep_aspect else [T.Resize((32, 32))]
 
 
 def train_transform(dataset, sigma):
@@ -52,10 +58,10 @@ def train_transform(dataset, sigma):
                      + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)])
 
 
-def test_transform(dataset, sigma, normalize=True):
+def test_transform(dataset, sigma, normalize=True, keep_aspect=False):
     """Pixels to [-1, 1] plus noise `sigma`; normalize=False stops at [0, 1] (what an attacker perturbs)."""
     to_model = [T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)] if normalize else []
-    return T.Compose(_resize_for(dataset) + [T.ToTensor()] + to_model)
+    return T.Compose(_resize_for(dataset, keep_aspect) + [T.ToTensor()] + to_model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,8 +345,9 @@ class ImageFiles(Dataset):
 class InterpolatedPairs(Dataset):
     """The paper's CIFAR10-interp OOD set: the average of two different images of `base`, plus noise.
 
-    `base` must serve clean images (sigma 0); the noise is added after mixing, as for any test image.
-    Image i is mixed with a fixed partner: a seeded random cycle through the set, so never itself.
+    As in the paper's code, `base` serves test images that carry the sigma noise already and the mix gets
+    sigma noise once more (in all, noise of std sigma * sqrt(3/2)). Image i is mixed with a fixed partner:
+    a seeded random cycle through the set, so never itself.
     """
 
     def __init__(self, base, sigma, seed=INTERP_SEED):
@@ -379,14 +386,14 @@ def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar
     """A test-time data set by any name evaluation accepts, with the test transform (noise `sigma`).
 
     Names: the keys of EVAL_SETS; `cifar_interp` (mixes of two images of the set named `interp_of`);
-    `celeba` (the image folder `celeba_root`, resized to 32x32); else the path of an image folder.
+    `celeba` (the image folder `celeba_root`, the shorter side resized to 32); else the path of an image folder.
     normalize=False gives pixels in [0, 1] (see test_transform).
     """
     if name == "cifar_interp":
         if interp_of == "cifar_interp":
             raise UserError("cifar_interp mixes images of the in-distribution set (--dataset), which cannot "
                             "be cifar_interp itself")
-        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, 0.0, celeba_root, normalize=normalize),
+        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, sigma, celeba_root, normalize=normalize),
                                  sigma)
     if name in EVAL_SETS:
         base, train = EVAL_SETS[name]
@@ -394,6 +401,6 @@ def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar
     if name == "celeba":
         if celeba_root is None:
             raise UserError("celeba needs --celeba_root: a folder of CelebA images (loose, or in sub-folders); "
-                            "they are resized to 32x32")
-        name = celeba_root
+                            "their shorter side is resized to 32")
+        return eval_image_folder(celeba_root, test_transform(celeba_root, sigma, normalize, keep_aspect=True))
     return eval_image_folder(name, test_transform(name, sigma, normalize))

@@ -70,7 +70,8 @@ def parse_args(argv=None):
     data.add_argument("--datasets", nargs="+", type=str, default=[], help="logp_hist: one histogram per set")
     data.add_argument("--data_root", type=str, default="../data", help="where torchvision data sets live")
     data.add_argument("--celeba_root", type=str, default=None,
-                      help="image folder read for the data set named celeba (resized to 32x32)")
+                      help="image folder read for the data set named celeba (shorter side resized to 32, "
+                           "aspect kept, as the paper)")
     data.add_argument("--sigma", type=float, default=3e-2,
                       help="std of the Gaussian noise added to every test image, as in training; 0: none")
     data.add_argument("--max_images", type=int, default=None,
@@ -107,9 +108,9 @@ def check_args(args):
     if args.eval == "logp_hist" and not args.datasets:
         raise UserError("logp_hist needs --datasets NAME [NAME ...], e.g. --datasets cifar10 svhn")
     if args.eval == "uncond_samples" or (args.eval == "cond_samples" and args.fresh_samples):
-        if args.buffer_size < 1 or args.n_steps < 1:
-            raise UserError(f"{args.eval} samples a new buffer: pass --buffer_size N and --n_steps T "
-                            "(the paper: --buffer_size 10000 --n_steps 40)")
+        if args.n_steps < 1:
+            raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size N, or "
+                            "--buffer_size 0 for chains from fresh noise (the paper: --buffer_size 10000 --n_steps 40)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +200,14 @@ def pxgrad_score(model, x):
 
 SCORES = {"px": px_score, "py": py_score, "pxgrad": pxgrad_score}
 SCORE_LABELS = {"px": "log p(x) + const", "py": "max p(y|x)", "pxgrad": "-||d log p(x)/dx||"}
+
+HISTOGRAM_LABELS = {**SCORE_LABELS, "pxgrad": "-log ||d log p(x)/dx||"}
+
+
+def histogram_values(score_fn, scores):
+    """What logp_hist plots: the score, but for pxgrad -log ||grad||, as the paper's histogram did (its OOD
+    score, like ours, is -||grad||)."""
+    return -np.log(-scores) if score_fn == "pxgrad" else scores
 
 
 def score_dataset(args, model, device, dataset, name):
@@ -299,10 +308,11 @@ def logp_hist(args, model, replay_buffer, device):
     """Overlaid normalised histograms of --score_fn, one per --datasets entry (PNG and PDF)."""
     datasets = {name: dataset_named(args, name) for name in args.datasets}  # all found before any is scored
     scores = {name: score_dataset(args, model, device, dataset, name).numpy() for name, dataset in datasets.items()}
-    figures = save_histograms(os.path.join(args.save_dir, "logp_hist"), scores, SCORE_LABELS[args.score_fn])
+    plotted = {name: histogram_values(args.score_fn, s) for name, s in scores.items()}
+    figures = save_histograms(os.path.join(args.save_dir, "logp_hist"), plotted, HISTOGRAM_LABELS[args.score_fn])
     return {"score_fn": args.score_fn, "figures": figures,
             "datasets": {name: {"n_images": len(s), "mean": float(s.mean()), "std": float(s.std())}
-                         for name, s in scores.items()}}
+                         for name, s in plotted.items()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,16 +321,19 @@ def logp_hist(args, model, replay_buffer, device):
 def advance_buffer(args, model, replay_buffer, grid_prefix):
     """--n_sample_steps rounds of sample_q on --batch_size chains drawn from the buffer, as the paper's code.
 
-    Every --print_every-th round's samples are saved as a grid; returns the grid paths.
+    Every --print_every-th round's samples are saved as a grid. Returns the grid paths and, when the buffer
+    is empty (--buffer_size 0: every round's chains start from fresh noise), every round's samples.
     """
-    grids = []
+    grids, short_run = [], []
     for round_ in tqdm(range(args.n_sample_steps), desc="sampling rounds", disable=args.print_to_log):
         samples = sample_q(model, replay_buffer, args.batch_size, n_steps=args.n_steps, sgld_lr=args.sgld_lr,
                            sgld_std=args.sgld_std)
+        if len(replay_buffer) == 0:
+            short_run.append(samples.cpu())
         if round_ % args.print_every == 0:
             grids.append(f"{grid_prefix}_{round_:06d}.png")
             save_grid(grids[-1], samples)
-    return grids
+    return grids, short_run
 
 
 def save_buffer(args, images, **extra):
@@ -330,9 +343,14 @@ def save_buffer(args, images, **extra):
 
 
 def sample_fresh_buffer(args, model, device):
-    """A uniform buffer of --buffer_size advanced --n_sample_steps rounds (grids along the way)."""
+    """A uniform buffer of --buffer_size advanced --n_sample_steps rounds (grids along the way).
+
+    With --buffer_size 0 the samples of every round (--n_sample_steps x --batch_size images) stand in for it.
+    """
     fresh = ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device)
-    grids = advance_buffer(args, model, fresh, grid_prefix=os.path.join(args.save_dir, "uncond_samples"))
+    grids, short_run = advance_buffer(args, model, fresh, grid_prefix=os.path.join(args.save_dir, "uncond_samples"))
+    if short_run:
+        fresh = ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=torch.cat(short_run))
     return fresh, grids
 
 

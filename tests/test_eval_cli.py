@@ -47,14 +47,14 @@ def test_test_clf_matches_a_direct_forward_pass_and_takes_the_model_from_the_che
     assert (args["depth"], args["width"], args["n_classes"]) == (10, 1, 10)  # not the paper's 28/10 defaults
 
     model = JEM(depth=10, width=1)
-    model.load_state_dict(torch.load(tiny_checkpoint, weights_only=False)["model_state_dict"])
+    model.load_state_dict(torch.load(tiny_checkpoint, weights_only=True)["model_state_dict"])
     dataset = load_eval_dataset("synthetic", None, 0.0)
     x = torch.stack([dataset[i][0] for i in range(N_IMAGES)])
     y = torch.tensor([dataset[i][1] for i in range(N_IMAGES)])
     with torch.no_grad():
         losses = F.cross_entropy(model.eval().classify(x), y, reduction="none")
 
-    vals = torch.load(tmp_path / "vals.pt")
+    vals = torch.load(tmp_path / "vals.pt", weights_only=True)
     assert set(vals) == {"losses", "corrects", "pys"} and len(vals["losses"]) == N_IMAGES
     torch.testing.assert_close(vals["losses"], losses, rtol=1e-4, atol=1e-5)
     assert result["n_images"] == N_IMAGES
@@ -68,9 +68,9 @@ def test_test_clf_sgld_refinement_moves_the_inputs_deterministically_under_the_s
     runs = []
     for name in ("a", "b"):
         run_eval(tiny_checkpoint, tmp_path / name, *flags)
-        runs.append(torch.load(tmp_path / name / "vals.pt")["losses"])
+        runs.append(torch.load(tmp_path / name / "vals.pt", weights_only=True)["losses"])
     run_eval(tiny_checkpoint, tmp_path / "plain", "--eval", "test_clf", "--dataset", "synthetic", "--seed", "3")
-    plain = torch.load(tmp_path / "plain" / "vals.pt")["losses"]
+    plain = torch.load(tmp_path / "plain" / "vals.pt", weights_only=True)["losses"]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], plain)
 
@@ -79,7 +79,7 @@ def test_calibration_agrees_with_test_clf_and_draws_the_reliability_diagram(tiny
     flags = ["--dataset", "synthetic", "--sigma", "0"]
     clf = run_eval(tiny_checkpoint, tmp_path, "--eval", "test_clf", *flags)
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "calibration", *flags)
-    vals = torch.load(tmp_path / "vals.pt")
+    vals = torch.load(tmp_path / "vals.pt", weights_only=True)
     ece, _ = eval_wrn_ebm.expected_calibration_error(vals["pys"].numpy(), vals["corrects"].numpy())
     assert result["accuracy"] == pytest.approx(clf["accuracy"])
     assert result["ece"] == pytest.approx(ece)
@@ -116,6 +116,29 @@ def test_logp_hist_saves_png_and_pdf(tiny_checkpoint, tmp_path):
     assert set(result["datasets"]) == {"synthetic", "cifar_interp"}
 
 
+def test_logp_hist_of_pxgrad_plots_minus_log_the_gradient_norm_as_the_paper(tiny_checkpoint, tmp_path):
+    result = run_eval(tiny_checkpoint, tmp_path, "--eval", "logp_hist", "--dataset", "synthetic",
+                      "--datasets", "synthetic", "--score_fn", "pxgrad", "--sigma", "0")
+    model = JEM(depth=10, width=1).eval()
+    model.load_state_dict(torch.load(tiny_checkpoint, weights_only=True)["model_state_dict"])
+    dataset = load_eval_dataset("synthetic", None, 0.0)
+    x = torch.stack([dataset[i][0] for i in range(N_IMAGES)]).requires_grad_(True)
+    grad, = torch.autograd.grad(model(x).sum(), x)
+    expected = -grad.flatten(1).norm(dim=1).log()
+    assert result["datasets"]["synthetic"]["mean"] == pytest.approx(expected.mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", [["uncond_samples"], ["cond_samples", "--fresh_samples"]])
+def test_sampling_modes_take_buffer_size_0_as_fresh_short_run_chains_every_round(tiny_checkpoint, tmp_path,
+                                                                                  monkeypatch, mode):
+    calls = count_chains(monkeypatch)
+    result = run_eval(tiny_checkpoint, tmp_path, "--eval", *mode, "--buffer_size", "0", "--n_steps", "1",
+                      "--n_sample_steps", "3", "--batch_size", "4")
+    assert calls == [(4, None)] * 3
+    assert result["n_samples"] == 12  # every round's chains, kept
+    assert torch.load(result["buffer"], weights_only=True)["replay_buffer"].shape == (12, 3, 32, 32)
+
+
 def test_uncond_samples_advances_one_batch_of_chains_a_round(tiny_checkpoint, tmp_path, monkeypatch):
     calls = count_chains(monkeypatch)
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20",
@@ -124,7 +147,7 @@ def test_uncond_samples_advances_one_batch_of_chains_a_round(tiny_checkpoint, tm
     assert [os.path.basename(p) for p in result["grids"]] == ["uncond_samples_000000.png",
                                                               "uncond_samples_000002.png"]
     assert os.path.isfile(result["final_grid"])
-    assert torch.load(result["buffer"])["replay_buffer"].shape == (20, 3, 32, 32)
+    assert torch.load(result["buffer"], weights_only=True)["replay_buffer"].shape == (20, 3, 32, 32)
 
 
 def grid_rows(path):
@@ -138,7 +161,7 @@ def test_cond_samples_from_the_checkpoint_buffer_draws_one_row_per_class(tiny_ch
     assert sum(result["class_counts"]) == 100
     assert len(result["grids"]) == -(-max(result["class_counts"]) // 10)
     assert Image.open(result["grids"][0]).size == (342, 342) and grid_rows(result["grids"][0]) == 10
-    saved = torch.load(result["buffer"])
+    saved = torch.load(result["buffer"], weights_only=True)
     assert torch.bincount(saved["predicted_class"], minlength=10).tolist() == result["class_counts"]
 
 

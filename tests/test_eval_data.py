@@ -37,11 +37,13 @@ def test_cifar_interp_averages_two_different_images_of_the_in_distribution_set()
     assert list(again.partner) == partners  # the pairing is fixed, whatever the global seed
 
 
-def test_cifar_interp_adds_the_test_noise_after_mixing():
-    base = load_eval_dataset("synthetic", None, 0.0)
-    noisy = InterpolatedPairs(base, 0.5)
-    clean = InterpolatedPairs(base, 0.0)
-    assert (noisy[0][0] - clean[0][0]).std() == pytest.approx(0.5, rel=0.1)
+def test_cifar_interp_mixes_noisy_test_images_and_adds_the_noise_again_as_the_paper():
+    """The paper mixes two test images that carry the sigma noise, then adds sigma noise: in all, noise of
+    std sigma * sqrt(1/4 + 1/4 + 1) (0.5 here: 0.61, where noise added once after mixing would be 0.5)."""
+    noisy = load_eval_dataset("cifar_interp", None, 0.5, interp_of="synthetic")
+    clean = load_eval_dataset("cifar_interp", None, 0.0, interp_of="synthetic")
+    noise = torch.stack([noisy[i][0] - clean[i][0] for i in range(4)])
+    assert noise.std() == pytest.approx(0.5 * 1.5 ** 0.5, rel=0.03)
 
 
 def test_image_folder_with_test_split_flat_class_tree_and_loose_images(tiny_image_folder, tmp_path):
@@ -49,10 +51,14 @@ def test_image_folder_with_test_split_flat_class_tree_and_loose_images(tiny_imag
     assert len(with_split) == 20 and sorted(set(with_split.targets)) == list(range(10))
     flat = load_eval_dataset(os.path.join(tiny_image_folder, "train"), None, 0.0)
     assert len(flat) == 40
-    Image.new("RGB", (178, 218)).save(tmp_path / "000001.jpg")
+    Image.new("RGB", (178, 218)).save(tmp_path / "000001.jpg")  # CelebA's aligned size, width x height
     loose = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path))
     x, y = loose[0]
-    assert x.shape == (3, 32, 32) and y == NO_LABEL  # resized, and unlabeled
+    assert x.shape == (3, 39, 32) and y == NO_LABEL  # the shorter side to 32, the aspect kept; unlabeled
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (178, 218)).save(other / "000001.jpg")
+    assert load_eval_dataset(str(other), None, 0.0)[0][0].shape == (3, 32, 32)  # other folders: 32x32
 
 
 @pytest.mark.parametrize("name, kwargs, message", [
