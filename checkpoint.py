@@ -79,7 +79,7 @@ def state_dict_mismatch(expected, found):
     missing = [k for k in expected if k not in found]
     extra = [k for k in found if k not in expected]
     reshaped = [k for k in expected if k in found and getattr(found[k], "shape", None) != expected[k].shape]
-    return ", ".join(f"{len(keys)} {what} (first: {keys[0]})" for keys, what in (
+    return "; ".join(f"{len(keys)} {what}, first {keys[0]}" for keys, what in (
         (missing, "keys missing from the file"), (extra, "keys this model lacks"), (reshaped, "of another shape"))
         if keys)
 
@@ -91,12 +91,18 @@ def load_model_state(model, state_dict, path):
     except RuntimeError:
         expected = model.state_dict()
         found = describe_state_dict(state_dict)
-        holds = (f"holds {network_name(found)}" if found else
-                 f"holds {len(state_dict)} tensors that are not a JEM Wide-ResNet's")
-        hint = (f"; pass --depth {found['depth']} --width {found['width']} and the --norm it was trained with"
-                if found else "")
-        raise UserError(f"checkpoint {path} {holds}, this model is {network_name(describe_state_dict(expected))} "
-                        f"({state_dict_mismatch(expected, state_dict)}){hint}")
+        holds = (f"it holds {network_name(found)}" if found else
+                 f"it holds {len(state_dict)} tensors that are not a JEM Wide-ResNet's")
+        has_norm = any(".bn1." in k for k in state_dict)
+        if found is None:
+            hint = ""
+        elif found == describe_state_dict(expected):
+            hint = "; pass the --norm it was trained with" if has_norm else "; it has no norm layers: pass --norm none"
+        else:
+            hint = f"; pass --depth {found['depth']} --width {found['width']} and the --norm it was trained with"
+        raise UserError(f"checkpoint {path} does not fit this model: {holds}, this model is "
+                        f"{network_name(describe_state_dict(expected))} ({state_dict_mismatch(expected, state_dict)})"
+                        f"{hint}")
 
 
 def rng_states():
