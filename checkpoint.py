@@ -152,7 +152,10 @@ def convert_trusted_checkpoint(old_path, new_path):
     """
     if not os.path.isfile(old_path):
         raise UserError(f"no checkpoint at {old_path}")
-    ckpt = torch.load(old_path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(old_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"{old_path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise UserError(f"{old_path} is not a JEM checkpoint (no 'model_state_dict'); nothing to convert")
     ckpt["format_version"] = FORMAT_VERSION

@@ -1,5 +1,7 @@
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from checkpoint import (FORMAT_VERSION, checkpoint_state, describe_state_dict, l
 from models import JEM
 from sampler import ReplayBuffer
 from utils import UserError, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_round_trip_keeps_weights_buffer_and_extras(tmp_path):
@@ -120,10 +124,11 @@ def test_a_format_1_checkpoint_is_refused_in_one_line_that_names_the_converter(t
 
 
 def test_a_converted_format_1_checkpoint_keeps_its_state_and_resumes(tiny_checkpoint, tmp_path):
-    from scripts import convert_checkpoint
     old, new = tmp_path / "old.pt", tmp_path / "new.pt"
     written = format_1_checkpoint(tiny_checkpoint, old)
-    convert_checkpoint.main([str(old), str(new)])
+    done = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", str(old), str(new)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     converted = torch.load(new, weights_only=True)
     assert converted["format_version"] == FORMAT_VERSION
     for key in ("epoch", "iteration", "batch_in_epoch", "args", "world_size"):
