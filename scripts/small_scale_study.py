@@ -1,25 +1,28 @@
-"""JEM against the plain classifier on real images, on a CPU, in one command.
+"""The paper's JEM, JEM++, SADA-JEM and the plain classifier on real images, on a CPU, in one command.
 
-Trains the same small Wide-ResNet twice on the same data with the same budget (epochs, iterations, batch,
-optimizer, seed): JEM (--p_x_weight 1) and the plain classifier (--p_x_weight 0), then runs the project's
-own evaluations on both and gathers their JSON outputs into one markdown table:
+Trains the same small Wide-ResNet once per recipe on the same data, each for the same wall-clock budget
+(--minutes; the run is stopped with SIGTERM, which makes train_wrn_ebm.py save and exit), then runs the
+project's own evaluations on every model and gathers their JSON outputs into one markdown table:
 
     .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/study
 
-Everything goes through the project's command lines (train_wrn_ebm.py, eval_wrn_ebm.py, attack.py) as
-subprocesses; this file only builds their arguments, runs the two models side by side (one CPU thread
-each) and reads what they wrote. It writes
-- OUT/jem/, OUT/clf/: the training runs (checkpoints, logs) and OUT/<model>/eval/<mode>/ the evaluations;
+The recipes (RECIPES below): `jem`, the paper's objective with short SGLD chains (Adam); `jempp` and
+`sadajem`, train_wrn_ebm.py's --recipe presets for JEM++ and SADA-JEM; `clf`, the same network trained as a
+plain classifier (--p_x_weight 0). Everything goes through the project's command lines (train_wrn_ebm.py,
+eval_wrn_ebm.py, attack.py) as subprocesses; this file only builds their arguments, runs --parallel models
+at a time (one CPU thread each) and reads what they wrote. It writes
+- OUT/<model>/: the training runs (checkpoints, logs) and OUT/<model>/eval/<mode>/ the evaluations;
 - OUT/ood/: the offline out-of-distribution sets (MNIST test digits, uniform noise) as image folders;
 - OUT/results.md (also printed) and OUT/results.json: the table, the wall times and the commands;
 - --figs_dir (default figs/): small copies of the figures the evaluations drew.
 
-A training run that is already complete in OUT is not repeated (it is resumed, which ends at once), so
-the command can be re-run to redo the evaluations alone.
+A training run that used its budget (OUT/<model>/budget.json) is not repeated, and one that was cut short
+is resumed for the rest of its budget, so the command can be re-run to redo the evaluations alone.
 """
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,39 +32,61 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
-MODELS = {"jem": 1.0, "clf": 0.0}  # name: --p_x_weight
 OOD_SETS = ("cifar_interp", "mnist", "noise")
 SCORES = ("px", "py", "pxgrad")
 MNIST_RAW = os.path.join(REPO, "..", "shared", "data", "mnist", "MNIST", "raw")
 
 
+def recipe_flags(args, name):
+    """train_wrn_ebm.py flags of one recipe; the network, data, batch and warm-up are the study's, shared."""
+    sgld_jem = ["--n_steps", str(args.n_steps), "--sgld_lr", "1", "--sgld_std", "0.01", "--energy_l2",
+                str(args.energy_l2), "--optimizer", "adam", "--lr", str(args.lr)]
+    return {
+        "jem": ["--p_x_weight", "1", *sgld_jem],
+        "jempp": ["--recipe", "jempp"],  # PYLD chains, informative start, batch norm, SGD (JEM++'s defaults)
+        "sadajem": ["--recipe", "sadajem"],  # SAM, informative start, noise-free K=5 chains, batch norm
+        "clf": ["--p_x_weight", "0", "--optimizer", "adam", "--lr", str(args.lr)],
+    }[name]
+
+
+RECIPES = {  # name: label in the table
+    "jem": "JEM (paper's objective, Adam)",
+    "jempp": "JEM++ (--recipe jempp)",
+    "sadajem": "SADA-JEM (--recipe sadajem)",
+    "clf": "classifier (p_x_weight 0)",
+}
+SAMPLERS = ("jem", "jempp", "sadajem")  # the energy models, which have a replay buffer worth showing
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="JEM vs the plain classifier: train both, evaluate both, "
-                                                 "one table")
+    parser = argparse.ArgumentParser(description="JEM, JEM++, SADA-JEM and the plain classifier: train each for the "
+                                                 "same wall-clock budget, evaluate each, one table")
     parser.add_argument("--data", required=True,
                         help="image folder with train/<class>/ and test/<class>/ (e.g. ../shared/data/cifar10_subset)")
     parser.add_argument("--out", default="runs/study", help="where runs, evaluations and the table go")
     parser.add_argument("--figs_dir", default=os.path.join(REPO, "figs"), help="where the small figures are copied")
     parser.add_argument("--seed", type=int, default=1, help="seed of training and of every evaluation")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+    parser.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES),
                         help="run only these (the table shows every model found in --out)")
+    parser.add_argument("--parallel", type=int, default=2, help="models trained and evaluated at a time, one "
+                                                                "CPU thread each")
     parser.add_argument("--mnist_raw", default=MNIST_RAW,
                         help="folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz); "
                              "missing: MNIST is left out of the OOD sets")
     parser.add_argument("--n_ood_images", type=int, default=1000, help="images of each OOD folder (MNIST, noise)")
-    # --- the budget, the same for both models
+    # --- the budget and the network, the same for every model
+    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget of each model")
     parser.add_argument("--depth", type=int, default=10, help="Wide-ResNet depth (6n+4)")
     parser.add_argument("--width", type=int, default=1, help="Wide-ResNet widen factor")
-    parser.add_argument("--n_epochs", type=int, default=15)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup_iters", type=int, default=100)
     parser.add_argument("--n_valid", type=int, default=500, help="training images held out for validation")
-    # --- JEM's sampler (ignored by the classifier, which draws no samples)
-    parser.add_argument("--n_steps", type=int, default=5, help="SGLD steps per training iteration (paper: 20)")
     parser.add_argument("--buffer_size", type=int, default=2000, help="replay buffer (paper: 10000)")
+    # --- the paper's JEM row (Adam, short SGLD chains); the other recipes take their authors' settings
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate for jem and clf")
+    parser.add_argument("--n_steps", type=int, default=5, help="jem: SGLD steps per training iteration (paper: 20)")
     parser.add_argument("--energy_l2", type=float, default=0.1,
-                        help="the authors' energy stabiliser (acts on JEM only; 0: the paper's objective)")
+                        help="jem: the authors' energy stabiliser (0: the paper's objective)")
     # --- evaluation sizes
     parser.add_argument("--attack_n_eval", type=int, default=100)
     parser.add_argument("--attack_pgd_steps", type=int, default=10)
@@ -75,36 +100,66 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------
 # Running the project's command lines.
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run(cmd, log_path, cwd=None):
     """Run one command with one CPU thread, its output to log_path; the wall time in seconds.
 
-    One thread each: the two models run side by side on a 2-core machine, and SGLD's small batches gain
+    One thread each: --parallel models run side by side on a 2-core machine, and SGLD's small batches gain
     little from a second thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.time()
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, cwd=cwd, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RuntimeError(f"failed (exit {done.returncode}): {shlex.join(cmd)}; see {log_path}")
     return time.time() - start
 
 
+def run_for(cmd, seconds, log_path):
+    """Run a training command for at most `seconds`, then SIGTERM it (it saves last_ckpt.pt and exits)."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}  # for {seconds:.0f} s\n")
+        log.flush()
+        process = subprocess.Popen(cmd, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"failed (exit {process.returncode}): {shlex.join(cmd)}; see {log_path}")
+
+
 def train_command(args, name):
-    save_dir = os.path.join(args.out, name)
-    if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):  # complete or stopped: go on from there
-        return [PYTHON, os.path.join(REPO, "train_wrn_ebm.py"), "--resume", save_dir, "--n_epochs", str(args.n_epochs),
-                "--print_to_log"]
-    return [PYTHON, os.path.join(REPO, "train_wrn_ebm.py"), "--dataset", args.data, "--n_valid", str(args.n_valid),
+    """The training command of one recipe, from the start."""
+    # n_epochs is a ceiling that the budget stops long before; the stop itself writes last_ckpt.pt
+    return [os.path.join(REPO, "train_wrn_ebm.py"), "--dataset", args.data, "--n_valid", str(args.n_valid),
             "--depth", str(args.depth), "--width", str(args.width), "--batch_size", str(args.batch_size),
-            "--n_epochs", str(args.n_epochs), "--optimizer", "adam", "--lr", str(args.lr),
-            "--warmup_iters", str(args.warmup_iters), "--p_x_weight", str(MODELS[name]),
-            "--p_y_given_x_weight", "1", "--p_x_y_weight", "0", "--n_steps", str(args.n_steps),
-            "--buffer_size", str(args.buffer_size), "--reinit_freq", "0.05", "--sgld_lr", "1", "--sgld_std", "0.01",
-            "--energy_l2", str(args.energy_l2), "--on_diverge", "rollback", "--rollback_lr_scale", "0.5",
-            "--seed", str(args.seed), "--device", "cpu", "--print_every", "50", "--print_to_log",
-            "--ckpt_every", str(args.n_epochs), "--plot_uncond", "--save_dir", save_dir]
+            "--n_epochs", "1000", "--warmup_iters", str(args.warmup_iters), "--p_y_given_x_weight", "1",
+            "--p_x_y_weight", "0", "--buffer_size", str(args.buffer_size), "--reinit_freq", "0.05",
+            *recipe_flags(args, name), "--on_diverge", "rollback", "--rollback_lr_scale", "0.5", "--seed",
+            str(args.seed), "--device", "cpu", "--print_every", "50", "--print_to_log", "--ckpt_every", "1000",
+            "--plot_uncond", "--save_dir", os.path.join(args.out, name)]
+
+
+def train_within_budget(args, name, log):
+    """Train until the model has had --minutes of wall-clock training in all (resuming a run cut short);
+    a spent budget (OUT/name/budget.json) is not redone. Returns the training command."""
+    save_dir = os.path.join(args.out, name)
+    marker, cmd = os.path.join(save_dir, "budget.json"), train_command(args, name)
+    if not os.path.exists(marker):
+        used = 0.0
+        if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):
+            used = training_summary(args, name)["seconds"]
+            run_for([PYTHON, cmd[0], "--resume", save_dir, "--print_to_log"], max(args.minutes * 60 - used, 1), log)
+        else:
+            run_for([PYTHON, *cmd], args.minutes * 60, log)
+        with open(marker, "w") as f:
+            json.dump({"minutes": args.minutes}, f)
+    return shlex.join(["python", *cmd])
 
 
 def eval_commands(args, name, ood_folders):
@@ -132,13 +187,13 @@ def eval_commands(args, name, ood_folders):
     commands.append(ev("uncond_samples", "uncond_samples", "--buffer_size", str(args.sample_buffer),
                        "--n_steps", str(args.sample_steps), "--n_sample_steps", str(args.sample_rounds),
                        "--print_every", str(args.sample_rounds), "--reinit_freq", "0.05"))
-    if MODELS[name] > 0:  # the classifier's buffer is never sampled, so only JEM has one worth showing
+    if name in SAMPLERS:  # the classifier's buffer is never sampled, so only the energy models have one worth showing
         commands.append(ev("cond_samples", "cond_samples"))
     eps = [f"{e:g}" for e in args.attack_eps]
     attack = ["--dataset", args.data, "--distance", "Linf", "--eps", *eps,
               "--n_steps_pgd_attack", str(args.attack_pgd_steps), "--n_eval", str(args.attack_n_eval)]
     commands.append(ev("attack_refine0", "attack", *attack, "--n_steps_refine", "0", "--n_dup_chains", "1"))
-    if MODELS[name] > 0:  # the paper's defence: SGLD refinement on log p(x), 5 chains, for the EBM
+    if name in SAMPLERS:  # the paper's defence: SGLD refinement on log p(x), 5 chains, for the energy models
         commands.append(ev("attack_refine1", "attack", *attack, "--n_steps_refine", "1", "--n_dup_chains", "5"))
     return commands
 
@@ -172,14 +227,14 @@ def make_ood_folders(args):
 def run_model(args, name, ood_folders, times, commands_run):
     """Train one model, then run its evaluations one after another; wall times into `times`."""
     log = os.path.join(args.out, f"{name}.driver.log")
-    cmd = train_command(args, name)
-    commands_run.append(shlex.join(cmd))
-    times[f"{name}/train"] = run(cmd, log)
+    os.makedirs(os.path.join(args.out, name), exist_ok=True)
+    start = time.time()
+    commands_run.append(train_within_budget(args, name, log))
+    times[f"{name}/train"] = time.time() - start
     for label, cmd, cwd in eval_commands(args, name, ood_folders):
         commands_run.append((f"(cd {cwd} && " if cwd else "") + shlex.join(cmd) + (")" if cwd else ""))
         times[f"{name}/{label}"] = run(cmd, log, cwd=cwd)
         print(f"{name}: {label} done in {times[f'{name}/{label}']:.0f}s", flush=True)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +250,7 @@ def result(args, name, label, mode):
 
 
 def training_summary(args, name):
-    """Iterations, epochs, final valid/test accuracy and wall seconds of a training run, from its files."""
+    """Iterations, epochs completed, last validation accuracy and wall seconds of a training run, from its files."""
     records = [json.loads(line) for line in open(os.path.join(args.out, name, "metrics.jsonl"))]
     evals = [r for r in records if r.get("kind") == "eval"]
     # log lines start with "[  123.4s]", the seconds since that process started; a resumed run starts again
@@ -209,8 +264,12 @@ def training_summary(args, name):
             seconds += last
         last = stamp
     seconds += last
-    rollbacks = sum("rollback" in line.lower() for line in open(os.path.join(args.out, name, "log.txt")))
-    return {"iterations": evals[-1]["iteration"] if evals else None, "epochs": len(evals),
+    lines = open(os.path.join(args.out, name, "log.txt")).read().splitlines()
+    rollbacks = sum("rollback" in line.lower() for line in lines)
+    # a run stopped by the budget ends mid-epoch: its log says after which iteration
+    stops = [int(m.group(1)) + 1 for line in lines if (m := re.search(r"stopped after iteration (\d+)", line))]
+    iterations = max(stops) if stops else evals[-1]["iteration"] if evals else None
+    return {"iterations": iterations, "epochs": len(evals),
             "valid_acc": evals[-1]["valid_acc"] if evals else None, "seconds": seconds, "rollback_lines": rollbacks}
 
 
@@ -219,8 +278,8 @@ def fmt(value, digits=3):
 
 
 def build_table(args, ood_folders):
-    """The markdown table, both models side by side, and the numbers behind it."""
-    names = [n for n in MODELS if os.path.exists(os.path.join(args.out, n, "metrics.jsonl"))]
+    """The markdown table, the models side by side, and the numbers behind it."""
+    names = [n for n in RECIPES if os.path.exists(os.path.join(args.out, n, "metrics.jsonl"))]
     rows, numbers = [], {n: {} for n in names}
 
     def row(what, key, getter, paper=""):
@@ -238,13 +297,15 @@ def build_table(args, ood_folders):
         lambda n: training_summary(args, n)["iterations"], "200 epochs")
     row("training wall time, minutes", "train_minutes",
         lambda n: training_summary(args, n)["seconds"] / 60, "days on a GPU")
+    row("seconds per iteration", "seconds_per_iteration",
+        lambda n: training_summary(args, n)["seconds"] / training_summary(args, n)["iterations"], "")
     row("validation accuracy (last epoch)", "valid_acc", lambda n: training_summary(args, n)["valid_acc"], "")
     row("test accuracy", "test_acc", lambda n: result(args, n, "test_clf", "test_clf")["accuracy"],
-        ".929 / .958")
+        ".929 / .958 (JEM++ .941, SADA-JEM .955)")
     row("test cross-entropy", "test_nll", lambda n: result(args, n, "test_clf", "test_clf")["loss"], "")
     row("ECE, 15 bins", "ece", lambda n: result(args, n, "calibration", "calibration")["ece"],
         "JEM several times lower (CIFAR-100)")
-    paper_interp = {"px": ".65 / —", "py": ".75 / .77", "pxgrad": ".78 / —"}
+    paper_interp = {"px": ".65 / — (JEM++ .77, SADA-JEM .83)", "py": ".75 / .77", "pxgrad": ".78 / —"}
     for ood_set in ood_folders:
         for score in SCORES:
             row(f"OOD AUROC, {ood_set}, {score}", f"auroc_{ood_set}_{score}",
@@ -257,12 +318,10 @@ def build_table(args, ood_folders):
                 lambda n, l=label, i=i: result(args, n, l, "attack")["robust_accuracy"][i],
                 "JEM falls off more slowly" if i == len(eps) - 1 else "")
 
-    lines = ["| | " + " | ".join({"jem": "JEM (p_x_weight 1)", "clf": "classifier (p_x_weight 0)"}[n] for n in names)
-             + " | paper, WRN-28-10, full CIFAR-10 (JEM / classifier) |",
+    lines = ["| | " + " | ".join(RECIPES[n] for n in names) + " | papers, WRN-28-10, full CIFAR-10 (JEM / classifier) |",
              "|---|" + "---|" * len(names) + "---|"]
     for what, values, paper in rows:
-        shown = [("—" if v is None else str(v)) if what.startswith("training iterations") else fmt(v, 1 if "minutes" in what else 3)
-                 for v in values]
+        shown = [fmt(v, 1 if "minutes" in what else 3) for v in values]
         if what.startswith("training iterations"):
             shown = [f"{v} ({training_summary(args, n)['epochs']})" if v is not None else "—"
                      for v, n in zip(values, names)]
@@ -276,12 +335,12 @@ def build_table(args, ood_folders):
 # copy name: (model, evaluation folder, file the evaluation wrote). The uncond_samples grids stay in OUT: at
 # this scale they are near-noise, which PNG cannot compress (about 300 KB each).
 FIGURES = {
-    "calibration_jem.png": ("jem", "calibration", "reliability_diagram.png"),
-    "calibration_clf.png": ("clf", "calibration", "reliability_diagram.png"),
-    "logp_hist_jem.png": ("jem", "logp_hist", "logp_hist.png"),
-    "logp_hist_clf.png": ("clf", "logp_hist", "logp_hist.png"),
-    "cond_samples_jem.png": ("jem", "cond_samples", "cond_samples_000.png"),
+    **{f"calibration_{n}.png": (n, "calibration", "reliability_diagram.png") for n in RECIPES},
+    **{f"logp_hist_{n}.png": (n, "logp_hist", "logp_hist.png") for n in RECIPES},
+    **{f"cond_samples_{n}.png": (n, "cond_samples", "cond_samples_000.png") for n in SAMPLERS},
 }
+ATTACK_CURVES = [("clf", "attack_refine0", "classifier"), ("jem", "attack_refine0", "JEM, no refinement"),
+                 *[(n, "attack_refine1", f"{RECIPES[n].split(' (')[0]}, 1 SGLD step x 5 chains") for n in SAMPLERS]]
 
 
 def copy_figures(args):
@@ -293,9 +352,7 @@ def copy_figures(args):
         if os.path.exists(source):
             shutil.copyfile(source, os.path.join(args.figs_dir, target))
             copied.append(target)
-    runs = [(os.path.join(args.out, n, "eval", label), text) for n, label, text in
-            (("clf", "attack_refine0", "classifier"), ("jem", "attack_refine0", "JEM, no refinement"),
-             ("jem", "attack_refine1", "JEM, 1 SGLD step x 5 chains"))
+    runs = [(os.path.join(args.out, n, "eval", label), text) for n, label, text in ATTACK_CURVES
             if os.path.exists(os.path.join(args.out, n, "eval", label, "attack.json"))]
     if runs:
         cmd = [PYTHON, os.path.join(REPO, "attack.py"), *[r for r, _ in runs], "--out",
@@ -315,13 +372,15 @@ def main(argv=None):
     start = time.time()
     ood_folders = make_ood_folders(args)
 
-    times, commands_run, failures = {}, {n: [] for n in MODELS}, []
+    times, commands_run, failures = {}, {n: [] for n in args.models}, []
+    slots = threading.Semaphore(args.parallel)
 
     def worker(name):
-        try:
-            run_model(args, name, ood_folders, times, commands_run[name])
-        except RuntimeError as e:
-            failures.append(f"{name}: {e}")
+        with slots:
+            try:
+                run_model(args, name, ood_folders, times, commands_run[name])
+            except RuntimeError as e:
+                failures.append(f"{name}: {e}")
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in args.models]
     for t in threads:
@@ -337,7 +396,7 @@ def main(argv=None):
     if failures:
         text += "\nFAILED:\n" + "\n".join(failures) + "\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n## Commands\n\n```\n" + "\n".join(commands_run["jem"] + commands_run["clf"]) + "\n```\n")
+        f.write(text + "\n## Commands\n\n```\n" + "\n".join(c for n in args.models for c in commands_run[n]) + "\n```\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"numbers": numbers, "seconds": times, "total_seconds": total, "figures": figures,
                    "commands": commands_run, "failures": failures, "args": vars(args)}, f, indent=2)
