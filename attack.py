@@ -414,14 +414,18 @@ def read_attack_result(path):
     raise UserError(f"{path} holds no attack result; pass the attack.json that --eval attack writes")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Draw the robust accuracy of several `eval_wrn_ebm.py --eval attack` runs on one plot.")
     parser.add_argument("runs", nargs="+", help="attack.json files, or the save dirs that hold them")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one legend label per run (default: its refinement steps and chains)")
     parser.add_argument("--out", default="attack_overlay.png", help="the PNG to write")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     results = [read_attack_result(path) for path in args.runs]
     if args.labels is not None and len(args.labels) != len(results):
         raise UserError(f"{len(args.labels)} --labels for {len(results)} runs; give one label per run")

@@ -77,7 +77,7 @@ REINIT_FREQ, SGLD_LR, SGLD_STD = 0.05, 1.0, 0.01  # the paper's
 FAST_FLAGS = ("amp", "compile", "cuda_graph")
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                         help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
@@ -91,7 +91,7 @@ def parse_args():
                         help="also measure the time in convolutions and the speed-up ceiling it sets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,14 +32,17 @@ def read_idx(path, magic, header_bytes):
     return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(dims)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="IDX images (+ labels) -> PATH/<label>/NNNNN.png, 32x32 RGB")
     parser.add_argument("images", help="IDX image file, e.g. t10k-images-idx3-ubyte(.gz)")
     parser.add_argument("labels", help="IDX label file, e.g. t10k-labels-idx1-ubyte(.gz)")
     parser.add_argument("out", help="folder to write (created)")
     parser.add_argument("--max_images", type=int, default=None, help="only the first this many images")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     images = read_idx(args.images, IMAGES_MAGIC, 16)  # 16-byte header: magic, count, rows, cols
     labels = read_idx(args.labels, LABELS_MAGIC, 8)  # 8-byte header: magic, count
     if len(images) != len(labels):

@@ -12,12 +12,16 @@ import numpy as np
 from PIL import Image
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="a folder of uniform-noise 32x32 RGB PNGs")
     parser.add_argument("out", help="folder to write (created)")
     parser.add_argument("--n_images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.RandomState(args.seed)
     for i in range(args.n_images):
