@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from chain_init import IMAGE_SHAPE, UniformNoise  # noqa: F401  (the scripts take IMAGE_SHAPE from here)
+from chain_init import UniformNoise
 
 
 class ReplayBuffer:
