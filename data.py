@@ -264,14 +264,16 @@ def default_workers(device):
 
 
 def train_loaders(args, device, rank=0, world_size=1):
-    """Loaders for training: all training images (p(x)), the labeled ones, validation and test.
+    """Loaders for training: all training images (p(x)), the labeled ones, validation and test, and the
+    training images as they are (no augmentation, no noise: what --buffer_init informative fits).
 
     The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
-    distributed run taking its own share; validation and test loaders hold every image.
+    distributed run taking its own share; the others hold every image.
     """
     train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
     eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
     test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, args.sigma))
+    plain_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
     train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
                                           args.n_classes)
     if len(labeled) < args.batch_size * world_size:
@@ -289,6 +291,7 @@ def train_loaders(args, device, rank=0, world_size=1):
         "labeled": shuffled(labeled, 1),
         "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
         "test": make_loader(test_set, 100, False, device, workers),
+        "plain_train": make_loader(Subset(plain_train_set, train), 500, False, device, workers),
     }
 
 

@@ -81,6 +81,15 @@ def gather_objects(obj, topology):
     return objects
 
 
+def broadcast(obj, topology):
+    """Rank 0's picklable object (tensors included) on every rank (all ranks must call this)."""
+    if not topology.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag_value, topology, device):
     """The largest value over ranks: one rank's divergence or stop request stops them all together."""
     if not topology.distributed:

@@ -33,11 +33,12 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from attack import add_attack_flags, run_attack
+from chain_init import IMAGE_SHAPE
 from checkpoint import describe_state_dict, load_checkpoint, load_model_state
 from data import EVAL_NAMES, check_labeled, default_workers, load_eval_dataset, make_loader
 from models import build_model
 from plotting import save_grid, save_histograms, save_reliability_diagram
-from sampler import IMAGE_SHAPE, ReplayBuffer, sample_q, sgld
+from sampler import ReplayBuffer, sample_q, sgld
 from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
 

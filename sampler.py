@@ -1,19 +1,21 @@
-"""SGLD sampling from the JEM energy with a replay buffer (persistent contrastive divergence).
+"""Langevin sampling from the JEM energy with a replay buffer (persistent contrastive divergence).
 
-The chain is x <- x + sgld_lr * d score(x)/dx + sgld_std * N(0, I), where score = -E. The step size and
-the noise scale are decoupled on purpose, as in the paper (not the textbook sgld_lr/2 and sqrt(sgld_lr)).
+Two samplers, chosen by in_steps, each step following g = d score(x)/dx where score = -E:
+
+- SGLD (the paper; in_steps = 0): x <- x + sgld_lr * g + sgld_std * N(0, I). The step size and the noise
+  scale are decoupled on purpose, as in the paper (not the textbook sgld_lr/2 and sqrt(sgld_lr)).
+- PYLD (JEM++; in_steps > 0): g clipped to [-eps, eps], then in_steps steps of pyld_lr along it, each
+  followed by a clamp to [-1, 1]; see `pyld_step`.
+
+Where chains start (uniform noise or per-class Gaussians) is chain_init.py's business.
 """
 import weakref
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
-IMAGE_SHAPE = (3, 32, 32)
-
-
-def uniform_noise(n, device, shape=IMAGE_SHAPE):
-    """Fresh chain starts: uniform in [-1, 1], the range of normalised pixels."""
-    return torch.empty(n, *shape, device=device).uniform_(-1, 1)
+from chain_init import UniformNoise
 
 
 class ReplayBuffer:
@@ -24,10 +26,11 @@ class ReplayBuffer:
     every chain starts from fresh noise (short-run sampling).
     """
 
-    def __init__(self, size, n_classes, reinit_freq, device, images=None):
+    def __init__(self, size, n_classes, reinit_freq, device, images=None, chain_init=None):
         self.n_classes = n_classes
         self.reinit_freq = reinit_freq
-        self.images = uniform_noise(size, device) if images is None else images.to(device)
+        self.chain_init = chain_init or UniformNoise()
+        self.images = self.chain_init.fill(size, n_classes, device) if images is None else images.to(device)
 
     def __len__(self):
         return len(self.images)
@@ -42,19 +45,18 @@ class ReplayBuffer:
     def sample_start(self, n, y=None):
         """Chain starts for n chains (of classes y if given) and the buffer indices they came from.
 
-        Each start is replaced by fresh noise with probability reinit_freq. Indices are None when
-        there is no buffer.
+        Each start is replaced by a fresh one (from chain_init) with probability reinit_freq. Indices
+        are None when there is no buffer.
         """
         if len(self) == 0:
-            return uniform_noise(n, self.device), None
+            return self.chain_init.sample(n, self.device), None
         if y is None:
             inds = torch.randint(0, len(self), (n,), device=self.device)
         else:
             segment = len(self) // self.n_classes
             inds = y.to(self.device) * segment + torch.randint(0, segment, (n,), device=self.device)
         reinit = torch.rand(n, device=self.device) < self.reinit_freq
-        starts = torch.where(reinit[:, None, None, None], uniform_noise(n, self.device), self.images[inds])
-        return starts, inds
+        return self.chain_init.restart(self.images[inds], reinit), inds
 
     def write(self, inds, samples):
         """Store samples at their start indices; where an index was drawn twice, the later chain wins.
@@ -83,14 +85,44 @@ def frozen_parameters(model):
             p.requires_grad_(True)
 
 
-def sgld(score_fn, x, n_steps, sgld_lr, sgld_std):
-    """n_steps of SGLD ascent on score_fn (per-example scores, shape (N,)); returns detached samples."""
+def sgld_step(x, grad, sgld_lr, sgld_std):
+    """The paper's step, in place."""
+    # The step is summed before it is added, as in the paper, so that samples round alike.
+    x.add_(torch.randn_like(x).mul_(sgld_std).add_(grad, alpha=sgld_lr))
+
+
+def pyld_step(x, grad, sgld_lr, sgld_std, in_steps, pyld_lr, eps):
+    """JEM++'s step, in place, in their order: an optional clipped outer step of sgld_lr and a clamp,
+    in_steps inner steps of pyld_lr each followed by a clamp, then noise of sgld_std (not clamped).
+
+    Their inner steps re-differentiate only the first convolution, <conv1(x), p> with p the score's gradient
+    at conv1's output. The convolution is linear, so that gradient is conv1^T p = grad at every inner
+    iterate (tests/test_sampler.py checks it): the inner steps cost no network pass here.
+    """
+    clipped = grad.clamp(-eps, eps)
+    if sgld_lr > 0:
+        x.add_(clipped, alpha=sgld_lr).clamp_(-1, 1)
+    for _ in range(in_steps):
+        x.add_(clipped, alpha=pyld_lr).clamp_(-1, 1)
+    if sgld_std > 0:
+        x.add_(torch.randn_like(x), alpha=sgld_std)
+
+
+def sgld(score_fn, x, n_steps, sgld_lr, sgld_std, in_steps=0, pyld_lr=0.2, eps=1.0):
+    """n_steps of Langevin ascent on score_fn (per-example scores, shape (N,)); returns detached samples.
+
+    SGLD steps, or PYLD steps when in_steps > 0 and pyld_lr > 0 (JEM++ turns its inner steps off for a
+    pyld_lr <= 0).
+    """
+    if in_steps > 0 and pyld_lr > 0:
+        step = partial(pyld_step, sgld_lr=sgld_lr, sgld_std=sgld_std, in_steps=in_steps, pyld_lr=pyld_lr, eps=eps)
+    else:
+        step = partial(sgld_step, sgld_lr=sgld_lr, sgld_std=sgld_std)
     x = x.detach().clone().requires_grad_(True)
     for _ in range(n_steps):
         grad, = torch.autograd.grad(score_fn(x).sum(), x)
         with torch.no_grad():
-            # The step is summed before it is added, as in the paper, so that samples round alike.
-            x.add_(torch.randn_like(x).mul_(sgld_std).add_(grad, alpha=sgld_lr))
+            step(x, grad)
     return x.detach()
 
 
@@ -106,12 +138,12 @@ class CapturedChain:
 
     WARMUP_CHAINS = 2  # cuDNN autotuning, lazy initialisation and torch.compile happen before capture
 
-    def __init__(self, model, starts, y, n_steps, sgld_lr, sgld_std):
+    def __init__(self, model, starts, y, chain_settings):
         self.starts = starts.clone()
         self.y = None if y is None else y.clone()  # labels are read from here on every replay
 
         def chain():
-            return sgld(lambda x: model(x, self.y), self.starts, n_steps, sgld_lr, sgld_std)
+            return sgld(lambda x: model(x, self.y), self.starts, **chain_settings)
 
         rng_state = torch.cuda.get_rng_state(starts.device)
         side_stream = torch.cuda.Stream(starts.device)
@@ -138,31 +170,35 @@ class CapturedChain:
 _captured_chains = weakref.WeakKeyDictionary()
 
 
-def captured_chain(model, starts, y, n_steps, sgld_lr, sgld_std):
+def captured_chain(model, starts, y, chain_settings):
     """The CUDA graph of this chain for this model, captured on first use."""
-    key = (tuple(starts.shape), y is None, n_steps, sgld_lr, sgld_std, torch.is_autocast_enabled("cuda"),
+    key = (tuple(starts.shape), y is None, *sorted(chain_settings.items()), torch.is_autocast_enabled("cuda"),
            torch.get_autocast_dtype("cuda"))
     chains = _captured_chains.setdefault(model, {})
     if key not in chains:
-        chains[key] = CapturedChain(model, starts, y, n_steps, sgld_lr, sgld_std)
+        chains[key] = CapturedChain(model, starts, y, chain_settings)
     return chains[key]
 
 
-def sample_q(model, replay_buffer, n, y=None, n_steps=20, sgld_lr=1.0, sgld_std=0.01, cuda_graph=False):
+def sample_q(model, replay_buffer, n, y=None, n_steps=20, sgld_lr=1.0, sgld_std=0.01, in_steps=0, pyld_lr=0.2,
+             eps=1.0, train_mode=False, cuda_graph=False):
     """Draw n samples from the model (class-conditional when y is given) and update the buffer.
 
-    The model runs in eval mode with frozen parameters during the chain; its previous mode and
-    parameter flags are restored afterwards. cuda_graph=True replays a captured chain (see
-    CapturedChain) when the buffer is on a GPU; elsewhere it is ignored.
+    The chain runs with frozen parameters, the model in eval mode as in the paper, or in training mode
+    with train_mode=True (JEM++'s batch norm: statistics of the chain's own batch); the previous mode and
+    parameter flags are restored afterwards. cuda_graph=True replays a captured chain (see CapturedChain)
+    when the buffer is on a GPU; elsewhere it is ignored.
     """
+    chain_settings = dict(n_steps=n_steps, sgld_lr=sgld_lr, sgld_std=sgld_std, in_steps=in_steps,
+                          pyld_lr=pyld_lr, eps=eps)
     starts, inds = replay_buffer.sample_start(n, y)
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     with frozen_parameters(model):
         if cuda_graph and starts.is_cuda:
-            samples = captured_chain(model, starts, y, n_steps, sgld_lr, sgld_std)(starts, y)
+            samples = captured_chain(model, starts, y, chain_settings)(starts, y)
         else:
-            samples = sgld(lambda x: model(x, y), starts, n_steps, sgld_lr, sgld_std)
+            samples = sgld(lambda x: model(x, y), starts, **chain_settings)
     model.train(was_training)
     replay_buffer.write(inds, samples)
     return samples

@@ -30,19 +30,60 @@ from tqdm import tqdm
 from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
                         restore_rng_states, rng_states, write_checkpoint)
 from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
-from distributed import any_rank, device_for, gather, gather_objects, init_from_torchrun, shard, shutdown
+from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
+                         shutdown)
 from models import Heads, build_model
 from plotting import class_rows, save_grid
+from chain_init import ClassGaussians, UniformNoise
 from sampler import ReplayBuffer, sample_q
 from utils import (RunLog, SilentLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
 
 DIVERGENCE_THRESHOLD = 1e8  # |L| above this means the energies ran away (the paper's runs crashed here)
 PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
+GAUSSIANS_FILE = "class_gaussians.pt"  # --buffer_init informative: the fitted Gaussians, in the save dir
+
+# --recipe: the defaults of each authors' code (JEMPP's train_jempp.py, SADAJEM's train_sadajem.py and its
+# published command) for the flags that exist here; a flag given on the command line wins.
+RECIPES = {
+    "jem": {},
+    "jempp": dict(decay_epochs=[60, 90, 120, 135], decay_rate=0.2, n_epochs=150, weight_decay=4e-4, n_steps=10,
+                  in_steps=5, pyld_lr=0.2, eps=1.0, sgld_lr=0.0, sgld_std=0.0, buffer_init="informative",
+                  model="yopo"),
+    "sadajem": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=5e-4, decay_epochs=[60, 120, 180],
+                    decay_rate=0.2, warmup_iters=1000, sigma=0.0, n_valid=0, n_steps=5, sgld_lr=1.0, sgld_std=0.0,
+                    buffer_init="informative"),
+}
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = flags_given(parser, argv)
+    if "recipe" not in given and args.model == "yopo":
+        args.recipe = "jempp"  # JEM++'s flag; their published command names no recipe
+    for flag, value in RECIPES[args.recipe].items():
+        if flag not in given:
+            setattr(args, flag, value)
+    if args.gpu_id is not None and "device" not in given:
+        args.device = f"cuda:{args.gpu_id}"
+    return args
+
+
+def flags_given(parser, argv=None):
+    """The destinations of the flags on the command line: argparse fills in a default only for a name
+    the namespace lacks, so a namespace of placeholders keeps them where nothing was given."""
+    placeholder = object()
+    names = vars(parser.parse_args(argv))
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, placeholder)))
+    return {name for name, value in vars(probe).items() if value is not placeholder}
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description="Train a JEM (Grathwohl et al., ICLR 2020).")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
+                        help="defaults of the paper (jem), JEM++ (jempp, Yang & Ji 2021) or SADA-JEM (sadajem, "
+                             "Yang et al. 2023) for every flag not given; see docs/recipes.md")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default="cifar10",
                       help=f"{' | '.join(TORCHVISION_SETS)} | synthetic | PATH of an image folder with "
@@ -85,8 +126,18 @@ def parse_args(argv=None):
     divergence.add_argument("--rollback_lr_scale", type=float, default=1.0,
                             help="multiply the learning rate by this at each rollback (e.g. 0.5)")
 
-    add_model_flags(parser).add_argument("--dropout_rate", type=float, default=0.0)
-    add_sampler_flags(parser, n_steps=20, buffer_size=10000)
+    model = add_model_flags(parser)
+    model.add_argument("--dropout_rate", type=float, default=0.0)
+    model.add_argument("--model", choices=["wrn", "yopo"], default="wrn",
+                       help="JEM++'s flag: yopo implies --recipe jempp (the network is the same Wide-ResNet)")
+    sampler = add_sampler_flags(parser, n_steps=20, buffer_size=10000)
+    sampler.add_argument("--in_steps", type=int, default=0,
+                         help="JEM++'s PYLD: inner steps of --pyld_lr along the clipped gradient per step (0: SGLD)")
+    sampler.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size (<= 0: no inner steps)")
+    sampler.add_argument("--eps", type=float, default=1.0, help="PYLD clips the gradient to [-eps, eps]")
+    sampler.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
+                         help="chain starts and restarts: uniform noise (the paper) or per-class Gaussians fitted to "
+                              f"the training images (JEM++), cached in the save dir as {GAUSSIANS_FILE}")
 
     io = parser.add_argument_group("logging and checkpoints")
     io.add_argument("--save_dir", type=str, default="./experiment")
@@ -102,10 +153,14 @@ def parse_args(argv=None):
     io.add_argument("--eval_every", type=int, default=1, help="validation/test accuracy every this many epochs")
     io.add_argument("--plot_uncond", action="store_true", help=f"save unconditional samples every {PLOT_EVERY} its")
     io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
+    io.add_argument("--log_arg", type=str, default=None,
+                    help="JEM++'s run-name flag: accepted and recorded in args.json (the run goes to --save_dir)")
     add_system_flags(parser).add_argument(
         "--cuda_graph", action="store_true",
         help="capture the SGLD chain as a CUDA graph and replay it (GPU only; fewer kernel launches)")
-    return parser.parse_args(argv)
+    parser.add_argument("--gpu-id", dest="gpu_id", type=int, default=None,
+                        help="JEM++'s flag: the same as --device cuda:N")
+    return parser
 
 
 def needs_conditional_buffer(args):
@@ -127,16 +182,30 @@ def check_args(args, world_size=1):
     for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every", "max_rollbacks"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if min(args.n_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2) < 0:
-        raise UserError("--n_steps, --buffer_size, --ckpt_every_iters, --keep_last and --energy_l2 cannot be negative")
+    if min(args.n_steps, args.in_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2) < 0:
+        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last and --energy_l2 "
+                        "cannot be negative")
+    if args.cuda_graph and args.norm == "batch":
+        raise UserError("--cuda_graph cannot capture a batch-norm chain (its warm-up would move the running "
+                        "statistics): drop --cuda_graph or --norm batch")
 
 
 # --------------------------------------------------------------------------------------------------
 # The objective.
 
+def chain_settings(args):
+    """The chain flags as sample_q takes them."""
+    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std, in_steps=args.in_steps,
+                pyld_lr=args.pyld_lr, eps=args.eps)
+
+
+def has_batch_norm(model):
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def can_fuse_forward(model):
     """One forward pass over all batches equals separate passes unless a norm couples the examples."""
-    return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) and \
+    return not has_batch_norm(model) and \
         all(m.initialized.item() for m in model.modules() if hasattr(m, "initialized"))
 
 
@@ -152,11 +221,6 @@ def forward_heads(model, batches, heads):
     return [heads(b) for b in batches]
 
 
-def sgld_settings(args):
-    """The chain flags as sample_q takes them."""
-    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std)
-
-
 def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
     """The JEM loss of one iteration and its terms (as tensors, for logging).
 
@@ -164,20 +228,29 @@ def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
       + w_pyx * CE(f(x_lab), y_lab)
       + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
       + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
+
+    With batch norm, as JEM++ ("alltrain1"): every pass in training mode, the data batch's before the
+    chain (the chain then starts from statistics of real images), the chain's too.
     """
-    sgld = dict(sgld_settings(args), cuda_graph=args.cuda_graph)
-    batches, terms = [], {}
+    heads = heads or model.heads
+    batch_norm = has_batch_norm(model)
+    sgld = dict(chain_settings(args), train_mode=batch_norm, cuda_graph=args.cuda_graph)
+    outputs, batches, terms = [], [], {}
     if args.p_x_weight > 0:
         y_q = None
         if args.class_cond_p_x_sample:
             y_q = torch.randint(0, args.n_classes, (len(x_data),), device=x_data.device)
-        batches += [x_data, sample_q(model, replay_buffer, len(x_data), y_q, **sgld)]
+        if batch_norm:
+            outputs.append(heads(x_data))
+        else:
+            batches.append(x_data)
+        batches.append(sample_q(model, replay_buffer, len(x_data), y_q, **sgld))
     if args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0:
         batches.append(x_lab)
     if args.p_x_y_weight > 0:
         batches.append(sample_q(model, replay_buffer, len(y_lab), y_lab, **sgld))
 
-    outputs = iter(forward_heads(model, batches, heads or model.heads))
+    outputs = iter(outputs + forward_heads(model, batches, heads))
     loss = 0.0
     if args.p_x_weight > 0:
         (_, score_data), (_, score_q) = next(outputs), next(outputs)
@@ -250,9 +323,9 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-def resumed_args(args):
-    """(flags, training state) of the run that --resume continues; flags given now that differ from their
-    defaults win over the stored ones.
+def resumed_args(args, given):
+    """(flags, training state) of the run that --resume continues; the flags given now (the names in `given`)
+    win over the stored ones.
 
     The device and the loader processes belong to this machine, not to the run, so they are not taken over.
     """
@@ -263,7 +336,7 @@ def resumed_args(args):
         raise UserError(f"{path} holds no resumable training state (a file of the paper's code?); "
                         "start from its weights with --load_path instead")
     defaults = vars(parse_args([]))
-    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    given = {k: getattr(args, k) for k in given}
     stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
     merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **given, "resume": path}
     return argparse.Namespace(**merged), ckpt
@@ -315,8 +388,10 @@ class Trainer:
         self.args, self.topology, self.device, self.log = args, topology, device, log
         self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
         self.model = to_training_device(build_model(args), device)
+        self.chain_init = self.make_chain_init()
         shard_size = args.buffer_size // topology.world_size
-        self.replay_buffer = ReplayBuffer(shard_size, args.n_classes, args.reinit_freq, device)
+        self.replay_buffer = ReplayBuffer(shard_size, args.n_classes, args.reinit_freq, device,
+                                          chain_init=self.chain_init)
         if args.load_path:
             self.start_from_weights(args.load_path)
         if args.compile:
@@ -336,6 +411,25 @@ class Trainer:
 
     # ---- state -----------------------------------------------------------------------------------
 
+    def make_chain_init(self):
+        """--buffer_init: uniform noise, or the per-class Gaussians of the training images: fitted by rank 0
+        (read from the save dir on --resume, where the first run left them) and sent to every rank."""
+        if self.args.buffer_init == "uniform":
+            return UniformNoise()
+        path = os.path.join(self.args.save_dir, GAUSSIANS_FILE)
+        gaussians = None
+        if self.topology.is_main:
+            if self.args.resume and os.path.exists(path):
+                gaussians = ClassGaussians.load(path, self.args.n_classes)
+            else:
+                tick = time.time()
+                gaussians = ClassGaussians.fit(self.loaders["plain_train"], self.args.n_classes)
+                gaussians.save(path)
+                self.log.line(f"fitted {self.args.n_classes} class Gaussians to the training images in "
+                              f"{time.time() - tick:.1f}s; saved {path}")
+        gaussians = broadcast(gaussians, self.topology)
+        return gaussians.to(self.device)
+
     def start_from_weights(self, path):
         """--load_path: the model's weights and, if the file has one, its replay buffer (the paper's files too)."""
         ckpt = load_checkpoint(path)
@@ -348,7 +442,7 @@ class Trainer:
 
     def buffer_from(self, images):
         buffer = ReplayBuffer(0, self.args.n_classes, self.args.reinit_freq, self.device,
-                              images=shard(images, self.topology).float())
+                              images=shard(images, self.topology).float(), chain_init=self.chain_init)
         if needs_conditional_buffer(self.args) and not buffer.can_condition():
             raise UserError(f"the loaded replay buffer shard of {len(buffer)} images does not divide by the "
                             f"{self.args.n_classes} classes needed for class-conditional sampling")
@@ -532,7 +626,7 @@ def batches_done_in_epoch(state, batch_size, world_size):
 
 
 def plot_samples(model, replay_buffer, args, epoch, iteration):
-    sgld = sgld_settings(args)
+    sgld = dict(chain_settings(args), train_mode=has_batch_norm(model))
     if args.plot_uncond:
         y = None
         if args.class_cond_p_x_sample:
@@ -553,7 +647,7 @@ def main(argv=None):
         if args.load_path:
             raise UserError("--resume continues a run (weights, optimizer, buffer, position); --load_path starts a "
                             "new one from weights: use one of them")
-        args, resume_state = resumed_args(args)
+        args, resume_state = resumed_args(args, flags_given(build_parser(), argv))
     topology = init_from_torchrun(args.device)
     try:
         if topology.is_main:

@@ -114,3 +114,81 @@ def test_repeated_index_keeps_one_whole_chain():
     assert torch.equal(buffer.images[2], samples[3])  # the last chain drawn at index 2, intact
     assert torch.equal(buffer.images[0], samples[1])
     assert buffer.images[[1, 3]].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# JEM++'s PYLD sampler.
+
+def test_one_pyld_step_by_hand(model):
+    """An outer clipped step of sgld_lr, in_steps clipped steps of pyld_lr each clamped, then noise."""
+    model.eval()
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    x = x0.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(model(x).sum(), x)
+    eps = grad.abs().median().item()  # clips about half of the pixels
+    big = 0.9 / eps  # steps that push many pixels past +-1, so that every clamp matters
+    expected = (x0 + 0.3 * big * grad.clamp(-eps, eps)).clamp(-1, 1)
+    for _ in range(3):
+        expected = (expected + big * grad.clamp(-eps, eps)).clamp(-1, 1)
+    torch.manual_seed(5)
+    expected = expected + 0.01 * torch.randn_like(x0)
+    torch.manual_seed(5)
+    out = sgld(model, x0, n_steps=1, sgld_lr=0.3 * big, sgld_std=0.01, in_steps=3, pyld_lr=big, eps=eps)
+    torch.testing.assert_close(out, expected)
+    assert ((x0 + 4 * big * grad.clamp(-eps, eps)).abs() > 1).float().mean() > 0.1
+
+
+def jempp_inner_loop(model, x, n_steps, in_steps, pyld_lr, eps):
+    """JEM++'s sample_q for sgld_lr = sgld_std = 0 (their defaults), literally: per outer step the gradient p
+    at the first convolution's output, then in_steps steps on the Hamiltonian <conv1(x), p> through conv1."""
+    conv1 = model.f.conv1
+    for _ in range(n_steps):
+        x = x.detach().requires_grad_(True)
+        conv1_out = []
+        hook = conv1.register_forward_hook(lambda module, inputs, out: conv1_out.append(out))
+        score = model(x).sum()
+        hook.remove()
+        p, = torch.autograd.grad(score, conv1_out)
+        for _ in range(in_steps):
+            hamiltonian = (conv1(x) * p).sum()
+            step, = torch.autograd.grad(hamiltonian, x)
+            x = (x + step.clamp(-eps, eps) * pyld_lr).clamp(-1, 1).detach().requires_grad_(True)
+    return x.detach()
+
+
+def test_pyld_inner_steps_through_conv1_equal_the_shared_gradient(model):
+    """The first convolution is linear, so re-differentiating it at each inner iterate gives the outer gradient:
+    the cheap chain (no pass per inner step) matches the authors' loop."""
+    model.eval()
+    torch.manual_seed(1)
+    x0 = torch.rand(6, 3, 32, 32) * 2 - 1
+    eps = 0.003
+    literal = jempp_inner_loop(model, x0, n_steps=3, in_steps=5, pyld_lr=0.2, eps=eps)
+    cheap = sgld(model, x0, n_steps=3, sgld_lr=0.0, sgld_std=0.0, in_steps=5, pyld_lr=0.2, eps=eps)
+    torch.testing.assert_close(cheap, literal)
+    assert not torch.allclose(literal, x0, atol=1e-3)
+
+
+def test_pyld_lr_zero_turns_the_inner_steps_off(model):
+    """As in JEM++: pyld_lr <= 0 leaves only the SGLD part (here the paper's step)."""
+    model.eval()
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    torch.manual_seed(2)
+    plain = sgld(model, x0, n_steps=2, sgld_lr=0.5, sgld_std=0.01)
+    torch.manual_seed(2)
+    off = sgld(model, x0, n_steps=2, sgld_lr=0.5, sgld_std=0.01, in_steps=5, pyld_lr=0.0)
+    assert torch.equal(plain, off)
+
+
+def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
+    """train_mode=True (JEM++'s batch norm) runs the chain in training mode and restores eval mode after."""
+    torch.manual_seed(0)
+    model = JEM(depth=10, width=1, norm="batch", n_classes=10).eval()
+    running = model.f.bn1.running_mean.clone()
+    buffer = ReplayBuffer(20, 10, reinit_freq=0.0, device="cpu")
+    sample_q(model, buffer, 6, n_steps=1, train_mode=True)
+    assert not model.training
+    assert not torch.equal(model.f.bn1.running_mean, running)  # training-mode passes update the statistics
+    running = model.f.bn1.running_mean.clone()
+    sample_q(model, buffer, 6, n_steps=1)
+    assert torch.equal(model.f.bn1.running_mean, running)

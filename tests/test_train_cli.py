@@ -200,3 +200,52 @@ def test_plain_classifier_learns_synthetic_far_above_chance(tmp_path):
                         "--print_to_log", "--save_dir", str(tmp_path)])
     test_acc = [r for r in records(tmp_path) if r["kind"] == "eval"][-1]["test_acc"]
     assert test_acc > 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes.
+
+# JEM++'s published command (scripts/jempp_cifar10.sh of sndnyang/JEMPP), its script name dropped.
+JEMPP_COMMAND = """--dataset=cifar10 --lr=.1 --optimizer=sgd --p_x_weight=1.0 --p_y_given_x_weight=1.0
+    --p_x_y_weight=0.0 --sigma=.03 --width=10 --depth=28 --plot_uncond --warmup_iters=1000
+    --log_arg=JEMPP-n_steps-in_steps-pyld_lr --model=yopo --norm batch --print_every=100 --n_epochs=150
+    --decay_epochs 50 100 125 --n_steps=10 --in_steps=5 --pyld_lr=0.2 --gpu-id=3""".split()
+
+
+def test_the_jempp_published_command_gives_their_sampler():
+    args = train_wrn_ebm.parse_args(JEMPP_COMMAND)
+    assert args.recipe == "jempp"  # from --model=yopo
+    assert (args.n_steps, args.in_steps, args.pyld_lr, args.eps, args.sgld_lr, args.sgld_std) == (10, 5, 0.2, 1, 0, 0)
+    assert (args.buffer_init, args.norm, args.optimizer, args.lr, args.weight_decay) == \
+        ("informative", "batch", "sgd", 0.1, 4e-4)
+    assert args.decay_epochs == [50, 100, 125] and args.decay_rate == 0.2 and args.device == "cuda:3"
+
+
+def test_recipe_defaults_yield_to_flags_given():
+    paper = train_wrn_ebm.parse_args([])
+    assert (paper.recipe, paper.in_steps, paper.sgld_lr, paper.buffer_init) == ("jem", 0, 1.0, "uniform")
+    sada = train_wrn_ebm.parse_args(["--recipe", "sadajem", "--n_steps", "7", "--sgld_std=0.01"])
+    assert (sada.n_steps, sada.sgld_std, sada.sgld_lr, sada.norm, sada.lr) == (7, 0.01, 1.0, "batch", 0.1)
+    assert train_wrn_ebm.parse_args(["--recipe", "jempp", "--buffer_init", "uniform"]).buffer_init == "uniform"
+    assert train_wrn_ebm.parse_args(["--model", "yopo", "--recipe", "jem"]).in_steps == 0  # an explicit recipe wins
+
+
+@pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
+def test_recipe_runs_end_to_end_and_resume_reuses_the_gaussians(tiny, tmp_path, recipe):
+    train(tiny, tmp_path, "--recipe", recipe, "--n_valid", "20", "--warmup_iters", "2", "--n_workers", "0",
+          "--device", "cpu", "--plot_uncond")
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["recipe"] == recipe and args["buffer_init"] == "informative" and args["n_steps"] == 2
+    gaussians = tmp_path / "class_gaussians.pt"
+    assert "fitted 10 class Gaussians" in (tmp_path / "log.txt").read_text()
+    assert torch.load(gaussians, weights_only=True)["mean"].shape == (10, 3 * 32 * 32)
+    fitted_at = os.path.getmtime(gaussians)
+    train_wrn_ebm.main(["--resume", str(tmp_path), "--n_epochs", "2"])
+    assert os.path.getmtime(gaussians) == fitted_at  # read, not fitted again
+    assert load_checkpoint(str(tmp_path / "last_ckpt.pt"))["iteration"] == 12
+
+
+def test_cuda_graph_refuses_batch_norm(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--norm", "batch", "--cuda_graph"])
+    assert "--cuda_graph cannot capture a batch-norm chain" in capsys.readouterr().err

@@ -103,7 +103,8 @@ def test_cuda_graph_flag_is_ignored_off_the_gpu(inputs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_captured_chain_replays_the_eager_chain_after_weight_updates(inputs):
+@pytest.mark.parametrize("pyld", [{}, dict(in_steps=3, pyld_lr=0.2, eps=0.01, sgld_lr=0.5)], ids=["sgld", "pyld"])
+def test_captured_chain_replays_the_eager_chain_after_weight_updates(inputs, pyld):
     """Same starts, same noise, same samples, also once an optimizer step has moved the weights."""
     model, buffer_images, batch = inputs
     device = torch.device("cuda")
@@ -114,7 +115,7 @@ def test_captured_chain_replays_the_eager_chain_after_weight_updates(inputs):
         for cuda_graph in (False, True):
             buffer = ReplayBuffer(0, 10, 0.05, device, images=buffer_images.to(device))
             torch.manual_seed(0)
-            samples[cuda_graph] = sample_q(model, buffer, 8, n_steps=3, cuda_graph=cuda_graph)
+            samples[cuda_graph] = sample_q(model, buffer, 8, n_steps=3, cuda_graph=cuda_graph, **pyld)
         torch.testing.assert_close(samples[True], samples[False])
         loss = model.classify(batch[0].to(device)).logsumexp(1).mean()
         optimizer.zero_grad()

@@ -1,0 +1,69 @@
+"""Chain initialisation: the per-class Gaussians of --buffer_init informative."""
+import numpy as np
+import pytest
+import torch
+
+from chain_init import RIDGE, ClassGaussians, UniformNoise
+from sampler import ReplayBuffer
+from utils import UserError
+
+D = 3 * 32 * 32
+
+
+def test_fit_matches_numpy_means_and_covariances():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(30, 3, 32, 32, generator=gen) * 0.2 + torch.linspace(-0.5, 0.5, 3)[:, None, None]
+    labels = torch.arange(30) % 3
+    loader = [(images[:16], labels[:16]), (images[16:], labels[16:])]  # any iterable of batches
+    gaussians = ClassGaussians.fit(loader, n_classes=3)
+    for c in range(3):
+        members = images[labels == c].flatten(1).double().numpy()
+        np.testing.assert_allclose(gaussians.mean[c].numpy(), members.mean(0), atol=1e-6)
+        factor = gaussians.scale_tril[c].double()
+        expected = np.cov(members, rowvar=False, bias=True) + RIDGE * np.eye(D)
+        np.testing.assert_allclose((factor @ factor.T).numpy(), expected, atol=1e-5)
+
+
+def test_samples_have_the_fitted_moments():
+    """Two correlated pixels per class; everything small enough that the clamp to [-1, 1] never bites."""
+    mean = torch.zeros(2, D)
+    mean[0, :2], mean[1, :2] = torch.tensor([0.3, -0.2]), torch.tensor([-0.4, 0.1])
+    cov = torch.eye(D) * 1e-4
+    cov[:2, :2] = torch.tensor([[0.01, 0.008], [0.008, 0.02]])
+    gaussians = ClassGaussians(mean, torch.linalg.cholesky(cov).repeat(2, 1, 1))
+    torch.manual_seed(0)
+    classes = torch.arange(2).repeat_interleave(2000)
+    samples = gaussians.sample(4000, "cpu", classes).flatten(1)[:, :2]
+    for c in range(2):
+        drawn = samples[classes == c].double()
+        torch.testing.assert_close(drawn.mean(0), mean[c, :2].double(), atol=0.01, rtol=0)
+        torch.testing.assert_close(drawn.T.cov(), cov[:2, :2].double(), atol=2e-3, rtol=0)
+
+
+def test_informative_buffer_holds_class_segments_and_restarts_draw_from_the_gaussians():
+    mean = torch.linspace(-0.8, 0.8, 4)[:, None].repeat(1, D)  # class c: every pixel near its own level
+    gaussians = ClassGaussians(mean, (torch.eye(D) * 1e-3).repeat(4, 1, 1))
+    torch.manual_seed(0)
+    buffer = ReplayBuffer(40, 4, reinit_freq=1.0, device="cpu", chain_init=gaussians)
+    levels = buffer.images.flatten(1).mean(1)
+    torch.testing.assert_close(levels, mean[:, 0].repeat_interleave(10), atol=1e-3, rtol=0)
+    buffer.images.fill_(5.0)  # never a Gaussian draw: shows which starts were restarted
+    starts, _ = buffer.sample_start(200)
+    assert starts.abs().max() <= 1  # all restarted (reinit_freq 1), clamped to [-1, 1]
+    drawn_levels = starts.flatten(1).mean(1)
+    nearest = (drawn_levels[:, None] - mean[:, 0]).abs().argmin(1)
+    assert set(nearest.tolist()) == {0, 1, 2, 3}  # random classes
+
+
+def test_uniform_restart_keeps_the_buffer_rows_it_does_not_restart():
+    starts = torch.full((6, 3, 32, 32), 5.0)
+    reinit = torch.tensor([True, False, True, False, False, False])
+    out = UniformNoise().restart(starts, reinit)
+    assert (out[~reinit] == 5).all() and out[reinit].abs().max() <= 1
+
+
+def test_a_cache_of_another_class_count_is_refused(tmp_path):
+    ClassGaussians(torch.zeros(2, D), torch.eye(D).repeat(2, 1, 1)).save(str(tmp_path / "g.pt"))
+    assert ClassGaussians.load(str(tmp_path / "g.pt"), 2).n_classes == 2
+    with pytest.raises(UserError, match="10 classes"):
+        ClassGaussians.load(str(tmp_path / "g.pt"), 10)
