@@ -72,6 +72,21 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeyp
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]
 
 
+def test_sam_run_with_batch_norm_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """SADA-JEM's pieces: SAM's momentum, batch norm's statistics and the plain p(x) stream all resume."""
+    sada = tiny + ["--optimizer", "sam", "--norm", "batch", "--no_px_augment", "--labeled_batch_size", "8"]
+    train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "straight")])
+    interrupt_at(monkeypatch, 2 * 8 + 1)  # SAM calls the loss twice an iteration: stop in iteration 8
+    train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "split")])
+    assert load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt"))["iteration"] == 9
+    monkeypatch.undo()
+    train_wrn_ebm.main(["--resume", str(tmp_path / "split")])
+    assert_same_state(load_checkpoint(str(tmp_path / "straight" / "last_ckpt.pt")),
+                      load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt")))
+    straight = [r["loss"] for r in records(tmp_path / "straight") if r["kind"] == "train"]
+    assert [r["loss"] for r in records(tmp_path / "split") if r["kind"] == "train"] == straight
+
+
 def test_resume_refuses_a_file_without_training_state(tiny, tmp_path, capsys):
     torch.save({"model_state_dict": {}, "replay_buffer": torch.zeros(0)}, tmp_path / "paper.pt")
     with pytest.raises(SystemExit):
