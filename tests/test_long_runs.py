@@ -1,4 +1,4 @@
-"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun."""
+"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun (SAM too)."""
 import json
 import os
 import signal
@@ -157,6 +157,43 @@ def test_energy_l2_adds_the_squared_energies(tiny, tmp_path):
     row = [r for r in records(tmp_path) if r["kind"] == "train"][0]
     assert row["l_energy_l2"] >= row["f_data"] ** 2  # mean of squares >= square of mean
     assert row["loss"] == pytest.approx(row["l_p_x"] + row["l_p_y_given_x"] + 0.1 * row["l_energy_l2"], rel=1e-5)
+
+
+RANKS_AGREE = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_wrn_ebm
+
+fit = train_wrn_ebm.Trainer.fit
+
+
+def fit_then_compare_ranks(self):
+    fit(self)
+    weights = torch.cat([p.detach().flatten() for p in self.model.parameters()])
+    every_rank = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(every_rank, weights)
+    if dist.get_rank() == 0:
+        print("ranks agree:", all(torch.equal(weights, w) for w in every_rank))
+
+
+train_wrn_ebm.Trainer.fit = fit_then_compare_ranks
+train_wrn_ebm.main(sys.argv[1:])
+"""
+
+
+def test_two_process_sam_run_keeps_the_ranks_equal(tiny, tmp_path):
+    """Both SAM passes average their gradients over the ranks: the weights stay the same on every rank."""
+    script = tmp_path / "ranks_agree.py"
+    script.write_text(RANKS_AGREE.format(root=ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)] \
+        + tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8", "--n_epochs", "1", "--optimizer", "sam",
+                  "--lr", "0.01"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ranks agree: True" in done.stdout
 
 
 def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_path):
