@@ -489,13 +489,16 @@ class Trainer:
         return "finished"
 
     def update(self, loss, samples, x_data, x_lab, y_lab):
-        """Backpropagate the loss and step. SAM takes a second gradient at its perturbed weights from the same
-        batches and samples, batch norm's running statistics frozen (they saw this batch on the first pass)."""
+        """Backpropagate the loss and step.
+
+        SAM takes a second gradient at its perturbed weights, from the same batches and samples; batch norm's
+        running statistics stay frozen for it (the first pass already counted this batch).
+        """
 
         def loss_again():
             with autocast(self.device, self.args.amp), frozen_running_stats(self.model):
-                loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, self.heads)
-            loss.backward()
+                perturbed_loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, self.heads)
+            perturbed_loss.backward()
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
