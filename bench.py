@@ -10,7 +10,7 @@ For each named configuration it builds one randomly initialised model and gives 
   paper    the paper's iteration, re-implemented in `PaperIteration` below: replay buffer on the CPU,
            starts moved to the device every iteration, parameters requiring gradients and
            `retain_graph=True` during SGLD, three separate forward passes for the loss;
-  project  the project's iteration as train_wrn_ebm.py runs it (`jem_loss`, then backward and Adam);
+  project  the project's iteration as train_wrn_ebm.py runs it (`draw_samples`, `jem_loss`, then backward and Adam);
   fast     the project's iteration with the opt-in GPU flags given (--amp, --compile, --cuda_graph),
            only when one is given.
 
@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import JEM
 from sampler import ReplayBuffer
-from train_wrn_ebm import jem_loss, make_optimizer, parse_args as parse_train_args, to_training_device
+from train_wrn_ebm import draw_samples, jem_loss, make_optimizer, parse_args as parse_train_args, to_training_device
 from utils import autocast, select_device
 
 
@@ -182,7 +182,8 @@ class ProjectIteration:
 
     def step(self, x_data, x_lab, y_lab):
         with autocast(self.device, self.args.amp):
-            loss, _ = jem_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, self.args)
+            samples, data_heads = draw_samples(self.model, self.replay_buffer, x_data, y_lab, self.args)
+            loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, data_heads=data_heads)
         loss.item()  # the loop's divergence check, a device sync
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -268,7 +268,8 @@ def train_loaders(args, device, rank=0, world_size=1):
     training images as they are (no augmentation, no noise: what --buffer_init informative fits).
 
     The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
-    distributed run taking its own share; the others hold every image.
+    distributed run taking its own share; the others hold every image. The labeled batches are augmented
+    (crop, flip); the p(x) batches too unless --no_px_augment (SADA-JEM).
     """
     train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
     eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
@@ -276,19 +277,20 @@ def train_loaders(args, device, rank=0, world_size=1):
     plain_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
     train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
                                           args.n_classes)
-    if len(labeled) < args.batch_size * world_size:
-        raise UserError(f"only {len(labeled)} labeled training images for --batch_size {args.batch_size}"
+    labeled_batch_size = args.labeled_batch_size or args.batch_size
+    if len(labeled) < labeled_batch_size * world_size:
+        raise UserError(f"only {len(labeled)} labeled training images for batches of {labeled_batch_size}"
                         f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a smaller "
-                        "batch or more --labels_per_class")
+                        "--batch_size (--labeled_batch_size) or more --labels_per_class")
     workers = args.n_workers if args.n_workers is not None else default_workers(device)
 
-    def shuffled(indices, stream):
-        batches = ShuffledBatches(len(indices), args.batch_size, args.seed * 2 + stream, rank, world_size)
-        return make_loader(Subset(train_set, indices), None, True, device, workers, batch_sampler=batches)
+    def shuffled(dataset, indices, batch_size, stream):
+        batches = ShuffledBatches(len(indices), batch_size, args.seed * 2 + stream, rank, world_size)
+        return make_loader(Subset(dataset, indices), None, True, device, workers, batch_sampler=batches)
 
     return {
-        "train": shuffled(train, 0),
-        "labeled": shuffled(labeled, 1),
+        "train": shuffled(train_set if args.px_augment else eval_train_set, train, args.batch_size, 0),
+        "labeled": shuffled(train_set, labeled, labeled_batch_size, 1),
         "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
         "test": make_loader(test_set, 100, False, device, workers),
         "plain_train": make_loader(Subset(plain_train_set, train), 500, False, device, workers),

@@ -33,6 +33,7 @@ from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
 from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
                          shutdown)
 from models import Heads, build_model
+from optimizers import frozen_running_stats, optimizer_step, sam_over_sgd
 from plotting import class_rows, save_grid
 from chain_init import ClassGaussians, UniformNoise
 from sampler import ReplayBuffer, sample_q
@@ -93,9 +94,16 @@ def build_parser():
     data.add_argument("--labels_per_class", type=int, default=-1,
                       help="keep this many labels per class for p(y|x) (semi-supervised); -1: all")
     data.add_argument("--sigma", type=float, default=3e-2, help="std of Gaussian noise added to every image")
+    data.add_argument("--no_px_augment", dest="px_augment", action="store_false",
+                      help="serve the p(x) data batch without crop and flip, as SADA-JEM (the classification "
+                           "batch keeps them)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    optim.add_argument("--optimizer", choices=["adam", "sgd", "sam"], default="adam",
+                       help="adam | sgd (momentum 0.9) | sam: SAM over SGD with momentum 0.9, adaptive (ASAM) when "
+                            "--rho >= 0.5, as SADA-JEM")
+    optim.add_argument("--rho", type=float, default=2.0,
+                       help="--optimizer sam: radius of the weight perturbation (SADA-JEM: 2.0, adaptive)")
     optim.add_argument("--lr", type=float, default=1e-4)
     optim.add_argument("--decay_epochs", nargs="+", type=int, default=[160, 180],
                        help="multiply the learning rate by --decay_rate at the start of these epochs")
@@ -103,14 +111,16 @@ def build_parser():
     optim.add_argument("--warmup_iters", type=int, default=-1,
                        help="linear learning-rate warm-up over this many iterations (-1: none)")
     optim.add_argument("--batch_size", type=int, default=64)
+    optim.add_argument("--labeled_batch_size", type=int, default=None,
+                       help="images per classification batch (default: --batch_size; SADA-JEM: 128)")
     optim.add_argument("--n_epochs", type=int, default=200)
     optim.add_argument("--weight_decay", type=float, default=0.0)
     optim.add_argument("--clf_only", action="store_true",
                        help="optimise only the classification head (class_output), as the paper's flag")
 
     objective = parser.add_argument_group("objective")
-    objective.add_argument("--p_x_weight", type=float, default=1.0, help="weight of the log p(x) term")
-    objective.add_argument("--p_y_given_x_weight", type=float, default=1.0, help="weight of the CE term")
+    objective.add_argument("--p_x_weight", "--px", type=float, default=1.0, help="weight of the log p(x) term")
+    objective.add_argument("--p_y_given_x_weight", "--pyx", type=float, default=1.0, help="weight of the CE term")
     objective.add_argument("--p_x_y_weight", type=float, default=0.0, help="weight of the log p(x, y) term")
     objective.add_argument("--class_cond_p_x_sample", action="store_true",
                            help="draw the p(x) term's samples from p(y)p(x|y) with uniform random y")
@@ -182,8 +192,11 @@ def check_args(args, world_size=1):
     for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every", "max_rollbacks"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if min(args.n_steps, args.in_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2) < 0:
-        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last and --energy_l2 "
+    if args.labeled_batch_size is not None and args.labeled_batch_size < 1:
+        raise UserError("--labeled_batch_size must be at least 1")
+    if min(args.n_steps, args.in_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2,
+           args.rho) < 0:
+        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2 and --rho "
                         "cannot be negative")
     if args.cuda_graph and args.norm == "batch":
         raise UserError("--cuda_graph cannot capture a batch-norm chain (its warm-up would move the running "
@@ -221,34 +234,53 @@ def forward_heads(model, batches, heads):
     return [heads(b) for b in batches]
 
 
-def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
-    """The JEM loss of one iteration and its terms (as tensors, for logging).
+def draw_samples(model, replay_buffer, x_data, y_lab, args, heads=None):
+    """This iteration's samples, by the term they serve ('p_x' for x_data, 'p_x_y' for y_lab), and the data
+    batch's (logits, score) when they had to come first (else None).
+
+    The samples are drawn once per iteration, apart from the loss, so that a second loss pass (SAM's) sees the
+    same ones. With batch norm, as JEM++ ("alltrain1"), the data batch goes through the network in training
+    mode before the chain, so the chain starts from statistics of real images, and the chain runs in training
+    mode too; the loss reuses that pass.
+    """
+    batch_norm = has_batch_norm(model)
+    chain = dict(chain_settings(args), train_mode=batch_norm, cuda_graph=args.cuda_graph)
+    samples, data_heads = {}, None
+    if args.p_x_weight > 0:
+        y_q = None
+        if args.class_cond_p_x_sample:
+            y_q = torch.randint(0, args.n_classes, (len(x_data),), device=x_data.device)
+        if batch_norm:
+            data_heads = (heads or model.heads)(x_data)
+        samples["p_x"] = sample_q(model, replay_buffer, len(x_data), y_q, **chain)
+    if args.p_x_y_weight > 0:
+        samples["p_x_y"] = sample_q(model, replay_buffer, len(y_lab), y_lab, **chain)
+    return samples, data_heads
+
+
+def jem_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=None):
+    """The JEM loss of one iteration, given its samples (`draw_samples`), and its terms (as tensors, for logging).
 
     L = w_px * -(mean score(x_data) - mean score(x_q))
       + w_pyx * CE(f(x_lab), y_lab)
       + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
       + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
 
-    With batch norm, as JEM++ ("alltrain1"): every pass in training mode, the data batch's before the
-    chain (the chain then starts from statistics of real images), the chain's too.
+    `data_heads`: the data batch's (logits, score) when draw_samples computed them before the chain (batch
+    norm); else the data batch goes through the network here with the others.
     """
     heads = heads or model.heads
-    batch_norm = has_batch_norm(model)
-    sgld = dict(chain_settings(args), train_mode=batch_norm, cuda_graph=args.cuda_graph)
     outputs, batches, terms = [], [], {}
     if args.p_x_weight > 0:
-        y_q = None
-        if args.class_cond_p_x_sample:
-            y_q = torch.randint(0, args.n_classes, (len(x_data),), device=x_data.device)
-        if batch_norm:
-            outputs.append(heads(x_data))
+        if data_heads is not None:
+            outputs.append(data_heads)
         else:
             batches.append(x_data)
-        batches.append(sample_q(model, replay_buffer, len(x_data), y_q, **sgld))
+        batches.append(samples["p_x"])
     if args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0:
         batches.append(x_lab)
     if args.p_x_y_weight > 0:
-        batches.append(sample_q(model, replay_buffer, len(y_lab), y_lab, **sgld))
+        batches.append(samples["p_x_y"])
 
     outputs = iter(outputs + forward_heads(model, batches, heads))
     loss = 0.0
@@ -307,6 +339,8 @@ def make_optimizer(model, args):
     params = model.class_output.parameters() if args.clf_only else model.parameters()
     if args.optimizer == "adam":
         return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    if args.optimizer == "sam":
+        return sam_over_sgd(params, lr=args.lr, weight_decay=args.weight_decay, rho=args.rho)
     return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
@@ -522,7 +556,8 @@ class Trainer:
             x_data = x_data.to(device, non_blocking=True)
             x_lab, y_lab = (t.to(device, non_blocking=True) for t in next(labeled))
             with autocast(device, args.amp):
-                loss, terms = jem_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, args, self.heads)
+                samples, data_heads = draw_samples(self.model, self.replay_buffer, x_data, y_lab, args, self.heads)
+                loss, terms = jem_loss(self.model, samples, x_data, x_lab, y_lab, args, self.heads, data_heads)
             loss_value = loss.item()
             diverged = not abs(loss_value) <= DIVERGENCE_THRESHOLD  # also NaN
             # One agreement per iteration: 2 = a rank diverged, 1 = a rank was asked to stop.
@@ -530,9 +565,7 @@ class Trainer:
             if verdict == 2:
                 self.recover_from_divergence(loss_value)
                 return "rolled back"
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.update(loss, samples, x_data, x_lab, y_lab)
 
             it = self.iteration
             self.iteration, self.batch_in_epoch = it + 1, self.batch_in_epoch + 1
@@ -555,6 +588,22 @@ class Trainer:
                 return "stopped"
         bar.close()
         return "finished"
+
+    def update(self, loss, samples, x_data, x_lab, y_lab):
+        """Backpropagate the loss and step.
+
+        SAM takes a second gradient at its perturbed weights, from the same batches and samples; batch norm's
+        running statistics stay frozen for it (the first pass already counted this batch).
+        """
+
+        def loss_again():
+            with autocast(self.device, self.args.amp), frozen_running_stats(self.model):
+                perturbed_loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, self.heads)
+            perturbed_loss.backward()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer_step(self.optimizer, loss_again)
 
     def end_epoch(self):
         args = self.args

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 
-from data import load_dataset, make_synthetic, n_classes_of, split_indices, train_transform
+from data import load_dataset, make_synthetic, n_classes_of, split_indices, train_loaders, train_transform
 from data import test_transform as eval_transform  # (a name starting with test_ would be collected)
+from train_wrn_ebm import parse_args as parse_train_args
 from utils import UserError
 
 SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset")
@@ -96,3 +97,33 @@ def test_shared_cifar_subset_loads_as_an_image_folder():
     assert n_classes_of(SHARED_CIFAR) == 10
     test_set = load_dataset(SHARED_CIFAR, None, False, eval_transform(SHARED_CIFAR, 0.0))
     assert len(test_set) == 846 and test_set[0][0].shape == (3, 32, 32)
+
+
+def first_batch_twice(loader):
+    """The first batch of pass 0, drawn twice (the same images, through the transform again)."""
+    batches = []
+    for _ in range(2):
+        loader.batch_sampler.start(0)
+        batches.append(next(iter(loader)))
+    return batches
+
+
+def test_no_px_augment_serves_plain_p_x_batches_and_augmented_labeled_ones(tiny_image_folder):
+    args = parse_train_args(["--dataset", tiny_image_folder, "--n_valid", "8", "--sigma", "0", "--batch_size", "4",
+                             "--labeled_batch_size", "8", "--n_workers", "0", "--no_px_augment"])
+    args.n_classes = 10
+    torch.manual_seed(0)
+    loaders = train_loaders(args, torch.device("cpu"))
+    (x_data, _), (again, _) = first_batch_twice(loaders["train"])
+    assert x_data.shape == (4, 3, 32, 32) and torch.equal(x_data, again)
+    plain = load_dataset(tiny_image_folder, None, True, eval_transform(tiny_image_folder, 0.0))
+    subset = loaders["train"].dataset
+    first = [subset.indices[i] for i in next(iter(loaders["train"].batch_sampler))]
+    assert torch.equal(x_data, torch.stack([plain[i][0] for i in first]))  # the images as they are
+    (x_lab, y_lab), (x_lab_again, y_lab_again) = first_batch_twice(loaders["labeled"])
+    assert x_lab.shape == (8, 3, 32, 32) and torch.equal(y_lab, y_lab_again)
+    assert not torch.equal(x_lab, x_lab_again)  # cropped and flipped anew
+
+    args.px_augment = True  # the paper's default: p(x) batches are augmented too
+    (x_data, _), (again, _) = first_batch_twice(train_loaders(args, torch.device("cpu"))["train"])
+    assert not torch.equal(x_data, again)

@@ -1,4 +1,4 @@
-"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun."""
+"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun (SAM too)."""
 import copy
 import json
 import os
@@ -71,6 +71,21 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeyp
     split = [r for r in records(tmp_path / "split") if r["kind"] == "train"]
     assert [r["iteration"] for r in split] == list(range(12))  # appended, no gap, no repeat
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+
+
+def test_sam_run_with_batch_norm_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """SADA-JEM's pieces: SAM's momentum, batch norm's statistics and the plain p(x) stream all resume."""
+    sada = tiny + ["--optimizer", "sam", "--norm", "batch", "--no_px_augment", "--labeled_batch_size", "8"]
+    train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "straight")])
+    interrupt_at(monkeypatch, 2 * 8 + 1)  # SAM calls the loss twice an iteration: stop in iteration 8
+    train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "split")])
+    assert load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt"))["iteration"] == 9
+    monkeypatch.undo()
+    train_wrn_ebm.main(["--resume", str(tmp_path / "split")])
+    assert_same_state(load_checkpoint(str(tmp_path / "straight" / "last_ckpt.pt")),
+                      load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt")))
+    straight = [r["loss"] for r in records(tmp_path / "straight") if r["kind"] == "train"]
+    assert [r["loss"] for r in records(tmp_path / "split") if r["kind"] == "train"] == straight
 
 
 def test_resume_refuses_a_file_without_training_state(tiny, tmp_path, capsys):
@@ -168,6 +183,43 @@ def test_energy_l2_adds_the_squared_energies(tiny, tmp_path):
     row = [r for r in records(tmp_path) if r["kind"] == "train"][0]
     assert row["l_energy_l2"] >= row["f_data"] ** 2  # mean of squares >= square of mean
     assert row["loss"] == pytest.approx(row["l_p_x"] + row["l_p_y_given_x"] + 0.1 * row["l_energy_l2"], rel=1e-5)
+
+
+RANKS_AGREE = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train_wrn_ebm
+
+fit = train_wrn_ebm.Trainer.fit
+
+
+def fit_then_compare_ranks(self):
+    fit(self)
+    weights = torch.cat([p.detach().flatten() for p in self.model.parameters()])
+    every_rank = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(every_rank, weights)
+    if dist.get_rank() == 0:
+        print("ranks agree:", all(torch.equal(weights, w) for w in every_rank))
+
+
+train_wrn_ebm.Trainer.fit = fit_then_compare_ranks
+train_wrn_ebm.main(sys.argv[1:])
+"""
+
+
+def test_two_process_sam_run_keeps_the_ranks_equal(tiny, tmp_path):
+    """Both SAM passes average their gradients over the ranks: the weights stay the same on every rank."""
+    script = tmp_path / "ranks_agree.py"
+    script.write_text(RANKS_AGREE.format(root=ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)] \
+        + tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8", "--n_epochs", "1", "--optimizer", "sam",
+                  "--lr", "0.01"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ranks agree: True" in done.stdout
 
 
 def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_path):

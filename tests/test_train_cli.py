@@ -73,7 +73,7 @@ def test_loss_terms_match_the_logged_loss(tiny, tmp_path):
 @pytest.mark.parametrize("flags", [
     ["--uncond"], ["--norm", "batch", "--optimizer", "sgd"], ["--labels_per_class", "2"],
     ["--p_x_weight", "0", "--warmup_iters", "3", "--decay_epochs", "0"], ["--norm", "act", "--dropout_rate", "0.1"],
-    ["--buffer_size", "0"]])
+    ["--buffer_size", "0"], ["--optimizer", "sam", "--rho", "0.05", "--no_px_augment", "--labeled_batch_size", "8"]])
 def test_variants_train(tiny, tmp_path, flags):
     train(tiny, tmp_path, *flags)
     assert (tmp_path / "last_ckpt.pt").is_file()
@@ -141,6 +141,8 @@ def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypat
     (["--dataset", "/no/such/folder"], "image folder"),
     (["--n_valid", "120"], "--n_valid"),
     (["--load_path", "/no/such/ckpt.pt"], "no checkpoint"),
+    (["--optimizer", "sam", "--rho", "-1"], "--rho"),
+    (["--labeled_batch_size", "200"], "--labeled_batch_size"),
 ])
 def test_bad_input_is_one_line(tiny, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -148,6 +150,38 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, flags, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
+def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(tiny, tmp_path, monkeypatch):
+    """Each iteration calls the loss twice (at w, then at w + e) on the same inputs and samples; only the
+    first call moves batch norm's running statistics."""
+    real_loss, calls = train_wrn_ebm.jem_loss, []
+
+    def recording_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=None):
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        weights = model.f.conv1.weight.detach().clone()
+        result = real_loss(model, samples, x_data, x_lab, y_lab, args, heads, data_heads)
+        moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        calls.append(dict(inputs=(samples["p_x"], x_data, x_lab, y_lab), weights=weights, stats_moved=moved))
+        return result
+
+    monkeypatch.setattr(train_wrn_ebm, "jem_loss", recording_loss)
+    train(tiny, tmp_path, "--optimizer", "sam", "--norm", "batch", "--n_epochs", "1", "--lr", "0.01")
+    assert len(calls) == 2 * 6
+    for first, second in zip(calls[::2], calls[1::2]):
+        assert all(a is b for a, b in zip(first["inputs"], second["inputs"]))
+        assert not torch.equal(first["weights"], second["weights"])  # the second pass runs at w + e
+        assert first["stats_moved"] and not second["stats_moved"]
+    state = load_checkpoint(str(tmp_path / "last_ckpt.pt"))["optimizer_state_dict"]
+    assert state["param_groups"][0]["rho"] == 2.0 and state["param_groups"][0]["adaptive"]
+    assert all("momentum_buffer" in s for s in state["state"].values())
+
+
+def test_sada_jem_flag_names_are_aliases():
+    args = train_wrn_ebm.parse_args(["--px", "0.5", "--pyx", "2"])
+    assert (args.p_x_weight, args.p_y_given_x_weight) == (0.5, 2.0)
+    defaults = train_wrn_ebm.parse_args([])
+    assert (defaults.optimizer, defaults.px_augment, defaults.labeled_batch_size) == ("adam", True, None)
 
 
 def test_checkpoint_of_another_network_is_one_line(tiny, tmp_path, capsys):
