@@ -44,15 +44,17 @@ DIVERGENCE_THRESHOLD = 1e8  # |L| above this means the energies ran away (the pa
 PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
 GAUSSIANS_FILE = "class_gaussians.pt"  # --buffer_init informative: the fitted Gaussians, in the save dir
 
-# --recipe: the defaults of each authors' code (JEMPP's train_jempp.py, SADAJEM's train_sadajem.py and its
-# published command) for the flags that exist here; a flag given on the command line wins.
+# --recipe: each later paper's training as its authors published it (the command of their README and
+# scripts/, over their code's defaults: JEMPP's train_jempp.py, SADAJEM's train_sadajem.py) for the flags that
+# exist here; a flag given on the command line wins.
 RECIPES = {
     "jem": {},
-    "jempp": dict(decay_epochs=[60, 90, 120, 135], decay_rate=0.2, n_epochs=150, weight_decay=4e-4, n_steps=10,
-                  in_steps=5, pyld_lr=0.2, eps=1.0, sgld_lr=0.0, sgld_std=0.0, buffer_init="informative",
-                  model="yopo"),
-    "sadajem": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=5e-4, decay_epochs=[60, 120, 180],
-                    decay_rate=0.2, warmup_iters=1000, sigma=0.0, n_valid=0, n_steps=5, sgld_lr=1.0, sgld_std=0.0,
+    "jempp": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=4e-4, warmup_iters=1000, n_epochs=150,
+                  decay_epochs=[50, 100, 125], decay_rate=0.2, n_steps=10, in_steps=5, pyld_lr=0.2, eps=1.0,
+                  sgld_lr=0.0, sgld_std=0.0, buffer_init="informative", model="yopo"),
+    "sadajem": dict(norm="batch", optimizer="sam", rho=2.0, lr=0.1, weight_decay=5e-4, warmup_iters=1000,
+                    n_epochs=200, decay_epochs=[60, 120, 180], decay_rate=0.2, sigma=0.0, n_valid=0,
+                    px_augment=False, labeled_batch_size=128, n_steps=5, sgld_lr=1.0, sgld_std=0.0,
                     buffer_init="informative"),
 }
 

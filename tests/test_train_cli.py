@@ -260,6 +260,10 @@ def test_recipe_defaults_yield_to_flags_given():
     assert (paper.recipe, paper.in_steps, paper.sgld_lr, paper.buffer_init) == ("jem", 0, 1.0, "uniform")
     sada = train_wrn_ebm.parse_args(["--recipe", "sadajem", "--n_steps", "7", "--sgld_std=0.01"])
     assert (sada.n_steps, sada.sgld_std, sada.sgld_lr, sada.norm, sada.lr) == (7, 0.01, 1.0, "batch", 0.1)
+    assert (sada.optimizer, sada.rho, sada.px_augment, sada.labeled_batch_size) == ("sam", 2.0, False, 128)
+    jempp = train_wrn_ebm.parse_args(["--recipe", "jempp"])  # their published command without its data path
+    assert (jempp.norm, jempp.optimizer, jempp.lr, jempp.warmup_iters, jempp.decay_epochs) == \
+        ("batch", "sgd", 0.1, 1000, [50, 100, 125])
     assert train_wrn_ebm.parse_args(["--recipe", "jempp", "--buffer_init", "uniform"]).buffer_init == "uniform"
     assert train_wrn_ebm.parse_args(["--model", "yopo", "--recipe", "jem"]).in_steps == 0  # an explicit recipe wins
 
@@ -267,9 +271,11 @@ def test_recipe_defaults_yield_to_flags_given():
 @pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
 def test_recipe_runs_end_to_end_and_resume_reuses_the_gaussians(tiny, tmp_path, recipe):
     train(tiny, tmp_path, "--recipe", recipe, "--n_valid", "20", "--warmup_iters", "2", "--n_workers", "0",
-          "--device", "cpu", "--plot_uncond")
+          "--device", "cpu", "--plot_uncond", "--labeled_batch_size", "16")
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["recipe"] == recipe and args["buffer_init"] == "informative" and args["n_steps"] == 2
+    assert (args["norm"], args["optimizer"], args["px_augment"]) == \
+        {"jempp": ("batch", "sgd", True), "sadajem": ("batch", "sam", False)}[recipe]
     gaussians = tmp_path / "class_gaussians.pt"
     assert "fitted 10 class Gaussians" in (tmp_path / "log.txt").read_text()
     assert torch.load(gaussians, weights_only=True)["mean"].shape == (10, 3 * 32 * 32)
