@@ -42,7 +42,7 @@ from data import EVAL_NAMES, check_labeled, default_workers, load_eval_dataset, 
 from models import build_model
 from plotting import save_grid, save_histograms, save_reliability_diagram
 from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches,
-                            inception_weights_path, load_buffer_file, reference_statistics, score_sample_quality,
+                            inception_weights_path, load_buffer_file, load_reference, score_sample_quality,
                             tensor_batches)
 from sampler import IMAGE_SHAPE, ReplayBuffer, sample_q, sgld
 from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
@@ -425,11 +425,8 @@ def sample_quality(args, model, replay_buffer, device):
     """Inception Score, FID and KID of --samples against --fid_reference (reference statistics cached)."""
     inception = Inception(args.inception_weights, device)  # resolved by check_args
     sample_batches, n_samples = samples_to_score(args, replay_buffer)
-    reference_set = load_eval_dataset(args.fid_reference, args.data_root, 0.0, args.celeba_root, normalize=False)
-    if args.max_images is not None:
-        reference_set = Subset(reference_set, range(min(args.max_images, len(reference_set))))
-    reference = reference_statistics(inception, args.fid_reference, reference_set,
-                                     args.fid_cache, quiet=args.print_to_log)
+    reference = load_reference(inception, args.fid_reference, args.data_root, args.fid_cache, args.celeba_root,
+                               args.max_images, quiet=args.print_to_log)
     pool, logits = inception.features(sample_batches, total=-(-n_samples // INCEPTION_BATCH_SIZE), desc="samples",
                                       quiet=args.print_to_log)
     return {**score_sample_quality(pool, logits, reference, args.is_splits), "n_samples": len(pool),

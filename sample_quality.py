@@ -20,6 +20,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from tqdm import tqdm
 
+from data import load_eval_dataset
 from utils import UserError
 
 WEIGHTS_FILE = os.path.basename(URL_INCEPTION_V3)  # weights-inception-2015-12-05-6726825d.pth
@@ -192,6 +193,14 @@ def reference_statistics(inception, name, dataset, cache_dir, quiet=False):
     return {**stats, "n_images": len(dataset), "cache": path, "cache_hit": False}
 
 
+def load_reference(inception, name, data_root, cache_dir, celeba_root=None, max_images=None, quiet=False):
+    """The reference statistics of the evaluation data set `name` (clean images; the first max_images)."""
+    dataset = load_eval_dataset(name, data_root, 0.0, celeba_root, normalize=False)
+    if max_images is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+    return reference_statistics(inception, name, dataset, cache_dir, quiet=quiet)
+
+
 # --------------------------------------------------------------------------------------------------
 # The numbers.
 
@@ -225,3 +234,29 @@ def score_sample_quality(pool, logits, reference, is_splits):
     return {"inception_score": is_mean, "inception_score_std": is_std,
             "fid": frechet_distance(pool, reference), "kid": kid, "kid_std": kid_std,
             "kid_subset_size": kid_subset_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# During training.
+
+class BufferQuality:
+    """--fid_every: the IS, FID and KID of a replay buffer; the network and reference stay loaded between calls."""
+
+    def __init__(self, inception, reference, is_splits):
+        self.inception, self.reference, self.is_splits = inception, reference, is_splits
+
+    @classmethod
+    def if_weights_available(cls, args, device, log):
+        """The meter, or None after a warning line when the weights file is neither given nor downloadable."""
+        try:
+            weights = inception_weights_path(args.inception_weights)
+        except UserError as e:
+            log.line(f"warning: --fid_every is skipped: {e}")
+            return None
+        inception = Inception(weights, device)
+        return cls(inception, load_reference(inception, args.fid_reference, args.data_root, args.fid_cache,
+                                             quiet=args.print_to_log), args.is_splits)
+
+    def __call__(self, images):
+        pool, logits = self.inception.features(tensor_batches(images), quiet=True)
+        return score_sample_quality(pool, logits, self.reference, self.is_splits)

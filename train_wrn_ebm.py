@@ -33,6 +33,7 @@ from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
 from distributed import any_rank, device_for, gather, gather_objects, init_from_torchrun, shard, shutdown
 from models import Heads, build_model
 from plotting import class_rows, save_grid
+from sample_quality import BufferQuality, add_sample_quality_flags
 from sampler import ReplayBuffer, sample_q
 from utils import (RunLog, SilentLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
@@ -102,6 +103,9 @@ def parse_args(argv=None):
     io.add_argument("--eval_every", type=int, default=1, help="validation/test accuracy every this many epochs")
     io.add_argument("--plot_uncond", action="store_true", help=f"save unconditional samples every {PLOT_EVERY} its")
     io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
+    io.add_argument("--fid_every", type=int, default=0,
+                    help="log the IS and FID of the replay buffer (rank 0's shard) every this many epochs; 0: off")
+    add_sample_quality_flags(parser)
     add_system_flags(parser).add_argument(
         "--cuda_graph", action="store_true",
         help="capture the SGLD chain as a CUDA graph and replay it (GPU only; fewer kernel launches)")
@@ -127,8 +131,11 @@ def check_args(args, world_size=1):
     for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every", "max_rollbacks"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if min(args.n_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2) < 0:
-        raise UserError("--n_steps, --buffer_size, --ckpt_every_iters, --keep_last and --energy_l2 cannot be negative")
+    if min(args.n_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2, args.fid_every) < 0:
+        raise UserError("--n_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2 and --fid_every "
+                        "cannot be negative")
+    if args.fid_every and args.is_splits < 1:
+        raise UserError("--is_splits must be at least 1 (the papers: 10)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +340,8 @@ class Trainer:
             self.load_state_dict(resume_state)
             log.line(f"resumed {args.resume} at epoch {self.epoch}, iteration {self.iteration}")
         self.snapshot = self.state_dict()  # what a divergence rolls back to, until the first checkpoint
+        self.buffer_quality = BufferQuality.if_weights_available(args, device, log) \
+            if args.fid_every and topology.is_main else None
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -469,6 +478,8 @@ class Trainer:
             if valid_acc > self.best_valid_acc:
                 self.best_valid_acc = valid_acc
                 self.save("best_valid_ckpt.pt")
+        if self.buffer_quality is not None and self.epoch % args.fid_every == 0:
+            self.log_buffer_quality()
         if self.epoch % args.ckpt_every == 0:
             self.save(f"ckpt_{self.epoch}.pt")
         self.save("last_ckpt.pt")
@@ -489,6 +500,15 @@ class Trainer:
         self.log.line(" | ".join(message), console_writer=tqdm.write)
         self.log.record(**record)
         return results["valid"][0] if results["valid"] is not None else -math.inf
+
+    def log_buffer_quality(self):
+        """--fid_every: IS, FID and KID of the replay buffer against --fid_reference, into metrics.jsonl."""
+        scores = self.buffer_quality(self.replay_buffer.images)
+        self.log.line(f"epoch {self.epoch} | buffer IS {scores['inception_score']:.3f} FID {scores['fid']:.2f} "
+                      f"KID {scores['kid']:.4f} ({len(self.replay_buffer)} images vs {self.args.fid_reference})",
+                      console_writer=tqdm.write)
+        self.log.record(kind="sample_quality", epoch=self.epoch, iteration=self.iteration,
+                        n_samples=len(self.replay_buffer), reference=self.args.fid_reference, **scores)
 
     def recover_from_divergence(self, loss_value):
         """--on_diverge rollback: back to the last good state with new random numbers; else stop."""

@@ -6,15 +6,19 @@ import os
 import subprocess
 import sys
 from unittest import mock
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from PIL import Image
 
 import eval_wrn_ebm
+import train_wrn_ebm
 from checkpoint import load_checkpoint
+from data import make_synthetic
 from conftest import ROOT
 from sample_quality import (WEIGHTS_FILE, Inception, frechet_distance, inception_score, reference_from_features,
                             tensor_batches)
@@ -169,3 +173,49 @@ def test_sample_quality_reads_a_buffer_file(small_buffer_checkpoint, inception_w
     result = run_sample_quality(checkpoint, tmp_path / "out", inception_weights, tmp_path / "cache",
                                 "--samples", str(buffer_file), "--max_images", "2")
     assert result["n_samples"] == 4 and result["samples"] == str(buffer_file) and result["kid_subset_size"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# During training: --fid_every.
+
+def loose_images(folder, n):
+    """A folder of n loose PNG images (a reference set with no class folders)."""
+    images, _ = make_synthetic("test")
+    os.makedirs(folder)
+    for i in range(n):
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+    return str(folder)
+
+
+def train_tiny(folder, save_dir, *flags):
+    """One epoch of a WRN-10-1 JEM on the tiny folder, logging its 8-image buffer's sample quality against 4
+    reference images; returns the metrics records."""
+    reference = loose_images(save_dir.parent / "reference", 4)
+    train_wrn_ebm.main(["--dataset", folder, "--depth", "10", "--width", "1", "--n_steps", "1", "--batch_size", "16",
+                        "--n_epochs", "1", "--n_valid", "8", "--buffer_size", "8", "--n_workers", "0",
+                        "--device", "cpu", "--save_dir", str(save_dir), "--print_to_log", "--fid_every", "1",
+                        "--fid_reference", reference, "--is_splits", "2", *flags])
+    with open(save_dir / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_fid_every_logs_the_buffer_sample_quality_into_metrics_jsonl(tiny_image_folder, inception_weights, tmp_path):
+    records = train_tiny(tiny_image_folder, tmp_path / "run", "--inception_weights", inception_weights,
+                         "--fid_cache", str(tmp_path / "cache"))
+    quality = [r for r in records if r["kind"] == "sample_quality"]
+    assert len(quality) == 1 and quality[0]["epoch"] == 0 and quality[0]["n_samples"] == 8
+    assert np.isfinite(quality[0]["fid"]) and quality[0]["inception_score"] >= 1 - 1e-9
+
+
+def test_fid_every_without_weights_warns_and_trains_on(tiny_image_folder, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    records = train_tiny(tiny_image_folder, tmp_path / "run")
+    assert not [r for r in records if r["kind"] == "sample_quality"]
+    assert (tmp_path / "run" / "last_ckpt.pt").exists()
+    with open(tmp_path / "run" / "log.txt") as fh:
+        warnings = [line for line in fh if "warning: --fid_every is skipped" in line]
+    assert len(warnings) == 1 and WEIGHTS_FILE in warnings[0] and "--inception_weights" in warnings[0]
