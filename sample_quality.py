@@ -44,7 +44,7 @@ def add_sample_quality_flags(parser):
     group.add_argument("--fid_reference", type=str, default="cifar_train",
                        help="reference set of FID/KID: any evaluation data set name or image folder "
                             "(the papers: cifar_train, 50 000 images)")
-    group.add_argument("--fid_cache", type=str, default=default_cache_dir(),
+    group.add_argument("--fid_cache", type=str, default=None,
                        help="folder of the cached reference statistics (default: $XDG_CACHE_HOME/jem/inception_stats,"
                             " else ~/.cache/jem/inception_stats)")
     group.add_argument("--is_splits", type=int, default=10, help="Inception Score: mean and std over this many splits")
@@ -194,11 +194,12 @@ def reference_statistics(inception, name, dataset, cache_dir, quiet=False):
 
 
 def load_reference(inception, name, data_root, cache_dir, celeba_root=None, max_images=None, quiet=False):
-    """The reference statistics of the evaluation data set `name` (clean images; the first max_images)."""
+    """The reference statistics of the evaluation data set `name` (clean images; the first max_images), cached in
+    `cache_dir` (None: the per-user default, decided here so that a resumed run follows the machine it runs on)."""
     dataset = load_eval_dataset(name, data_root, 0.0, celeba_root, normalize=False)
     if max_images is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
-    return reference_statistics(inception, name, dataset, cache_dir, quiet=quiet)
+    return reference_statistics(inception, name, dataset, cache_dir or default_cache_dir(), quiet=quiet)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -134,8 +134,9 @@ def check_args(args, world_size=1):
     if min(args.n_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2, args.fid_every) < 0:
         raise UserError("--n_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2 and --fid_every "
                         "cannot be negative")
-    if args.fid_every and args.is_splits < 1:
-        raise UserError("--is_splits must be at least 1 (the papers: 10)")
+    if args.fid_every and not 1 <= args.is_splits <= args.buffer_size // world_size:
+        raise UserError(f"--fid_every scores the replay buffer in --is_splits {args.is_splits} splits: it needs "
+                        "1 <= --is_splits <= --buffer_size (per process)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,11 +479,11 @@ class Trainer:
             if valid_acc > self.best_valid_acc:
                 self.best_valid_acc = valid_acc
                 self.save("best_valid_ckpt.pt")
-        if self.buffer_quality is not None and self.epoch % args.fid_every == 0:
-            self.log_buffer_quality()
         if self.epoch % args.ckpt_every == 0:
             self.save(f"ckpt_{self.epoch}.pt")
         self.save("last_ckpt.pt")
+        if self.buffer_quality is not None and self.epoch % args.fid_every == 0:
+            self.log_buffer_quality()
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def evaluate(self):
