@@ -14,6 +14,10 @@ conversion) and writes `<mode>.json` (its numbers and the arguments used) and it
         --buffer_size 10000 --n_steps 40 --print_every 10 --reinit_freq 0.05 --fresh_samples
     python eval_wrn_ebm.py --load_path MODEL.pt --eval calibration --dataset cifar100_test --save_dir DIR
 
+Inception Score and FID of the checkpoint's replay buffer against CIFAR-10 train (docs/sample-quality.md):
+
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval sample_quality --save_dir DIR
+
 Offline, on the training quickstart's checkpoint (no download):
 
     python eval_wrn_ebm.py --load_path runs/quickstart/last_ckpt.pt --eval OOD --dataset synthetic \
@@ -38,6 +42,9 @@ from checkpoint import describe_state_dict, load_checkpoint, load_model_state
 from data import EVAL_NAMES, check_labeled, default_workers, load_eval_dataset, make_loader
 from models import build_model
 from plotting import save_grid, save_histograms, save_reliability_diagram
+from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches,
+                            inception_weights_path, load_buffer_file, load_reference, score_sample_quality,
+                            tensor_batches)
 from sampler import ReplayBuffer, sample_q, sgld
 from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
@@ -88,6 +95,10 @@ def parse_args(argv=None):
     evaluation.add_argument("--fresh_samples", action="store_true",
                             help="cond_samples: sample a new buffer instead of using the checkpoint's")
 
+    evaluation.add_argument("--samples", type=str, default="buffer",
+                            help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of it), a "
+                                 "<mode>_buffer.pt file, or an image folder / data set name")
+    add_sample_quality_flags(parser)
     add_model_flags(parser)
     parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
     add_sampler_flags(parser, n_steps=0, buffer_size=0)
@@ -108,6 +119,10 @@ def check_args(args):
         raise UserError("--max_images must be at least 1 (leave it out to use every image)")
     if args.eval == "logp_hist" and not args.datasets:
         raise UserError("logp_hist needs --datasets NAME [NAME ...], e.g. --datasets cifar10 svhn")
+    if args.eval == "sample_quality":
+        if args.is_splits < 1:
+            raise UserError("--is_splits must be at least 1 (the papers: 10)")
+        args.inception_weights = inception_weights_path(args.inception_weights)  # before the checkpoint is read
     if args.eval == "uncond_samples" or (args.eval == "cond_samples" and args.fresh_samples):
         if args.n_steps < 1:
             raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size N, or "
@@ -407,6 +422,39 @@ def cond_samples(args, model, replay_buffer, device):
                                   score=scores.cpu())}
 
 
+# --------------------------------------------------------------------------------------------------
+# Sample quality.
+
+def samples_to_score(args, replay_buffer):
+    """(uint8 batches, count) of the --samples images."""
+    if args.samples == "buffer":
+        if len(replay_buffer) == 0:
+            raise UserError(f"{args.load_path} has no replay buffer: pass --samples with a <mode>_buffer.pt of "
+                            "uncond_samples / cond_samples or an image folder")
+        images = replay_buffer.images
+    elif os.path.isfile(args.samples):
+        images = load_buffer_file(args.samples)
+    else:
+        dataset = load_eval_dataset(args.samples, args.data_root, 0.0, args.celeba_root, normalize=False)
+        return dataset_batches(dataset), len(dataset)
+    return tensor_batches(images), len(images)
+
+
+def sample_quality(args, model, replay_buffer, device):
+    """Inception Score, FID and KID of --samples against --fid_reference (reference statistics cached)."""
+    inception = Inception(args.inception_weights, device)  # resolved by check_args
+    sample_batches, n_samples = samples_to_score(args, replay_buffer)
+    reference = load_reference(inception, args.fid_reference, args.data_root, args.fid_cache, args.celeba_root,
+                               args.max_images, quiet=args.print_to_log)
+    pool, logits = inception.features(sample_batches, total=-(-n_samples // INCEPTION_BATCH_SIZE), desc="samples",
+                                      quiet=args.print_to_log)
+    return {**score_sample_quality(pool, logits, reference, args.is_splits), "n_samples": len(pool),
+            "samples": args.samples, "reference": args.fid_reference, "n_reference": reference["n_images"],
+            "is_splits": args.is_splits, "reference_cache": reference["cache"],
+            "reference_cache_hit": reference["cache_hit"], "inception_weights": inception.weights_path,
+            "inception_weights_sha256": inception.weights_sha256}
+
+
 MODES = {
     "test_clf": test_clf,
     "OOD": ood,
@@ -415,6 +463,7 @@ MODES = {
     "cond_samples": cond_samples,
     "calibration": calibration,
     "attack": run_attack,
+    "sample_quality": sample_quality,
 }
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from chain_init import ClassGaussians, UniformNoise
 from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
                         restore_rng_states, rng_states, write_checkpoint)
 from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
@@ -35,7 +36,7 @@ from distributed import (any_rank, broadcast, device_for, gather, gather_objects
 from models import Heads, build_model
 from optimizers import frozen_running_stats, optimizer_step, sam_over_sgd
 from plotting import class_rows, save_grid
-from chain_init import ClassGaussians, UniformNoise
+from sample_quality import BufferQuality, add_sample_quality_flags
 from sampler import ReplayBuffer, sample_q
 from utils import (RunLog, SilentLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
@@ -167,6 +168,9 @@ def build_parser():
     io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
     io.add_argument("--log_arg", type=str, default=None,
                     help="JEM++'s run-name flag: accepted and recorded in args.json (the run goes to --save_dir)")
+    io.add_argument("--fid_every", type=int, default=0,
+                    help="log the IS and FID of the replay buffer (rank 0's shard) every this many epochs; 0: off")
+    add_sample_quality_flags(parser)
     add_system_flags(parser).add_argument(
         "--cuda_graph", action="store_true",
         help="capture the SGLD chain as a CUDA graph and replay it (GPU only; fewer kernel launches)")
@@ -197,12 +201,15 @@ def check_args(args, world_size=1):
     if args.labeled_batch_size is not None and args.labeled_batch_size < 1:
         raise UserError("--labeled_batch_size must be at least 1")
     if min(args.n_steps, args.in_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2,
-           args.rho) < 0:
-        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2 and --rho "
-                        "cannot be negative")
+           args.rho, args.fid_every) < 0:
+        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2, --rho "
+                        "and --fid_every cannot be negative")
     if args.cuda_graph and args.norm == "batch":
         raise UserError("--cuda_graph cannot capture a batch-norm chain (its warm-up would move the running "
                         "statistics): drop --cuda_graph or --norm batch")
+    if args.fid_every and not 1 <= args.is_splits <= args.buffer_size // world_size:
+        raise UserError(f"--fid_every scores the replay buffer in --is_splits {args.is_splits} splits: it needs "
+                        "1 <= --is_splits <= --buffer_size (per process)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,6 +451,8 @@ class Trainer:
             self.load_state_dict(resume_state)
             log.line(f"resumed {args.resume} at epoch {self.epoch}, iteration {self.iteration}")
         self.snapshot = self.state_dict()  # what a divergence rolls back to, until the first checkpoint
+        self.buffer_quality = BufferQuality.if_weights_available(args, device, log) \
+            if args.fid_every and topology.is_main else None
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -618,6 +627,8 @@ class Trainer:
         if self.epoch % args.ckpt_every == 0:
             self.save(f"ckpt_{self.epoch}.pt")
         self.save("last_ckpt.pt")
+        if self.buffer_quality is not None and self.epoch % args.fid_every == 0:
+            self.log_buffer_quality()
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def evaluate(self):
@@ -635,6 +646,15 @@ class Trainer:
         self.log.line(" | ".join(message), console_writer=tqdm.write)
         self.log.record(**record)
         return results["valid"][0] if results["valid"] is not None else -math.inf
+
+    def log_buffer_quality(self):
+        """--fid_every: IS, FID and KID of the replay buffer against --fid_reference, into metrics.jsonl."""
+        scores = self.buffer_quality(self.replay_buffer.images)
+        self.log.line(f"epoch {self.epoch} | buffer IS {scores['inception_score']:.3f} FID {scores['fid']:.2f} "
+                      f"KID {scores['kid']:.4f} ({len(self.replay_buffer)} images vs {self.args.fid_reference})",
+                      console_writer=tqdm.write)
+        self.log.record(kind="sample_quality", epoch=self.epoch, iteration=self.iteration,
+                        n_samples=len(self.replay_buffer), reference=self.args.fid_reference, **scores)
 
     def recover_from_divergence(self, loss_value):
         """--on_diverge rollback: back to the last good state with new random numbers; else stop."""

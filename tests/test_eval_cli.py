@@ -237,7 +237,7 @@ def test_classification_needs_labels_of_the_models_classes(tiny_checkpoint, tmp_
 
 def test_every_mode_has_the_shared_signature_and_attack_is_a_choice():
     assert set(eval_wrn_ebm.MODES) == {"test_clf", "OOD", "logp_hist", "uncond_samples", "cond_samples",
-                                       "calibration", "attack"}
+                                       "calibration", "attack", "sample_quality"}
     args = eval_wrn_ebm.parse_args(["--load_path", "x.pt", "--eval", "attack"])
     assert args.eval == "attack"
     defaults = eval_wrn_ebm.parse_args(["--load_path", "x.pt"])
