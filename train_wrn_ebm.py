@@ -53,10 +53,13 @@ RECIPES = {
     "jempp": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=4e-4, warmup_iters=1000, n_epochs=150,
                   decay_epochs=[50, 100, 125], decay_rate=0.2, n_steps=10, in_steps=5, pyld_lr=0.2, eps=1.0,
                   sgld_lr=0.0, sgld_std=0.0, buffer_init="informative", model="yopo"),
+    # SADA-JEM's chain step, x <- clamp(x + clamp(g, -1, 1), -1, 1), is one PYLD inner step of 1 (their
+    # --sgld_lr 1). Their epoch is a pass over the labeled batches of 128, half of ours over the p(x) batches
+    # of 64: their 200 epochs with decays at 60/120/180 are our 100 with decays at 30/60/90.
     "sadajem": dict(norm="batch", optimizer="sam", rho=2.0, lr=0.1, weight_decay=5e-4, warmup_iters=1000,
-                    n_epochs=200, decay_epochs=[60, 120, 180], decay_rate=0.2, sigma=0.0, n_valid=0,
-                    px_augment=False, labeled_batch_size=128, n_steps=5, sgld_lr=1.0, sgld_std=0.0,
-                    buffer_init="informative"),
+                    n_epochs=100, decay_epochs=[30, 60, 90], decay_rate=0.2, sigma=0.0, n_valid=0,
+                    px_augment=False, labeled_batch_size=128, n_steps=5, in_steps=1, pyld_lr=1.0, eps=1.0,
+                    sgld_lr=0.0, sgld_std=0.0, buffer_init="informative"),
 }
 
 

@@ -192,3 +192,22 @@ def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
     running = model.f.bn1.running_mean.clone()
     sample_q(model, buffer, 6, n_steps=1)
     assert torch.equal(model.f.bn1.running_mean, running)
+
+
+def test_the_sadajem_recipe_chain_is_their_clipped_and_clamped_step(model):
+    """SADA-JEM's step is x <- clamp(x + lr * clamp(g, -1, 1), -1, 1) with their --sgld_lr 1 as lr and no
+    noise; --recipe sadajem sets it as one PYLD inner step of pyld_lr = lr, clip eps = 1, and no outer step."""
+    import train_wrn_ebm
+    settings = train_wrn_ebm.chain_settings(train_wrn_ebm.parse_args(["--recipe", "sadajem"]))
+    assert settings == dict(n_steps=5, sgld_lr=0.0, sgld_std=0.0, in_steps=1, pyld_lr=1.0, eps=1.0)
+    model.eval()
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    # The network's input gradients are far below 1: scale the score so that the clip and the clamp both act.
+    score = lambda x: 3e4 * model(x)  # noqa: E731
+    expected = x0.clone()
+    for _ in range(2):
+        x = expected.clone().requires_grad_(True)
+        grad, = torch.autograd.grad(score(x).sum(), x)
+        expected = (expected + 1.0 * grad.clamp(-1, 1)).clamp(-1, 1)
+    assert (grad.abs() > 1).float().mean() > 0.1 and (expected.abs() == 1).float().mean() > 0.1
+    torch.testing.assert_close(sgld(score, x0, **{**settings, "n_steps": 2}), expected)

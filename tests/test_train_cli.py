@@ -259,7 +259,8 @@ def test_recipe_defaults_yield_to_flags_given():
     paper = train_wrn_ebm.parse_args([])
     assert (paper.recipe, paper.in_steps, paper.sgld_lr, paper.buffer_init) == ("jem", 0, 1.0, "uniform")
     sada = train_wrn_ebm.parse_args(["--recipe", "sadajem", "--n_steps", "7", "--sgld_std=0.01"])
-    assert (sada.n_steps, sada.sgld_std, sada.sgld_lr, sada.norm, sada.lr) == (7, 0.01, 1.0, "batch", 0.1)
+    assert (sada.n_steps, sada.sgld_std, sada.sgld_lr, sada.norm, sada.lr) == (7, 0.01, 0.0, "batch", 0.1)
+    assert (sada.in_steps, sada.pyld_lr, sada.eps, sada.n_epochs, sada.decay_epochs) == (1, 1.0, 1.0, 100, [30, 60, 90])
     assert (sada.optimizer, sada.rho, sada.px_augment, sada.labeled_batch_size) == ("sam", 2.0, False, 128)
     jempp = train_wrn_ebm.parse_args(["--recipe", "jempp"])  # their published command without its data path
     assert (jempp.norm, jempp.optimizer, jempp.lr, jempp.warmup_iters, jempp.decay_epochs) == \
