@@ -4,19 +4,23 @@
     python bench.py --configs wrn-16-2 --iters 5      # the CPU goal: at least 1.5x the paper's step
     python bench.py --configs wrn-28-10 --amp --compile --cuda_graph --json bench.json   # on a GPU
     python bench.py --configs wrn-16-2 --profile      # how much of the time convolutions take
+    python bench.py --configs wrn-10-1 jempp-wrn-10-1 sadajem-wrn-10-1   # each recipe's step (--recipe)
 
 For each named configuration it builds one randomly initialised model and gives identical copies to
 
   paper    the paper's iteration, re-implemented in `PaperIteration` below: replay buffer on the CPU,
            starts moved to the device every iteration, parameters requiring gradients and
            `retain_graph=True` during SGLD, three separate forward passes for the loss;
-  project  the project's iteration as train_wrn_ebm.py runs it (`draw_samples`, `jem_loss`, then backward and Adam);
+  project  the project's iteration as train_wrn_ebm.py runs it (`draw_samples`, `jem_loss`, `update`); for a
+           config of a later recipe (JEM++, SADA-JEM), that recipe's iteration (`--recipe`: its sampler,
+           chain length, batch norm and optimizer), so its speed-up says what the recipe costs or saves
+           against the paper's step on the same network and batch;
   fast     the project's iteration with the opt-in GPU flags given (--amp, --compile, --cuda_graph),
            only when one is given.
 
 First it checks, from one seed, that the project's default step computes the paper's loss,
 gradients and updated replay buffer (to float32 rounding; it stops if not), and reports how far the
-fast flags move them. Then it times the sides alternately, iteration by iteration, so that a
+fast flags move them; a recipe's step computes other things, so its configs skip the check. Then it times the sides alternately, iteration by iteration, so that a
 machine shared with other work slows both alike, and prints per configuration and side:
 
   s/iter      median wall-clock seconds of one training iteration (SGLD chain, loss, backward, step)
@@ -50,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models import JEM
+from chain_init import ClassGaussians, UniformNoise
+from models import JEM, build_model
 from sampler import ReplayBuffer
-from train_wrn_ebm import draw_samples, jem_loss, make_optimizer, parse_args as parse_train_args, to_training_device
+from train_wrn_ebm import draw_samples, jem_loss, make_optimizer, parse_args as parse_train_args, to_training_device, update
 from utils import autocast, select_device
 
 
@@ -61,7 +66,8 @@ class Config:
     depth: int
     width: int
     batch_size: int
-    n_steps: int
+    n_steps: int  # the paper's side; a recipe's side takes its own chain length
+    recipe: str = "jem"  # train_wrn_ebm.py's --recipe of the project's side
 
 
 CONFIGS = {
@@ -69,6 +75,11 @@ CONFIGS = {
     "wrn-16-2": Config(depth=16, width=2, batch_size=32, n_steps=10),
     "wrn-28-2": Config(depth=28, width=2, batch_size=64, n_steps=20),
     "wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20),  # the paper's
+    # the later recipes against the paper's step of 20 SGLD steps on the same network and batch
+    "jempp-wrn-10-1": Config(depth=10, width=1, batch_size=32, n_steps=20, recipe="jempp"),
+    "sadajem-wrn-10-1": Config(depth=10, width=1, batch_size=32, n_steps=20, recipe="sadajem"),
+    "jempp-wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20, recipe="jempp"),
+    "sadajem-wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20, recipe="sadajem"),
 }
 DEFAULT_CONFIGS = {"cpu": ["wrn-10-1", "wrn-16-2"], "cuda": list(CONFIGS)}
 BUFFER_SIZE = 10000  # the paper's; the paper's side moves its starts and samples across each iteration
@@ -168,16 +179,16 @@ class ProjectIteration:
     """The project's iteration, as train_wrn_ebm's loop (`Trainer.train_epoch`) runs it, with the given flags."""
 
     def __init__(self, model, buffer_images, config, device, flags=()):
-        argv = ["--depth", str(config.depth), "--width", str(config.width), "--batch_size",
-                str(config.batch_size), "--n_steps", str(config.n_steps), "--buffer_size", str(BUFFER_SIZE),
-                "--reinit_freq", str(REINIT_FREQ), "--sgld_lr", str(SGLD_LR), "--sgld_std", str(SGLD_STD)]
-        self.args = parse_train_args(argv + [f"--{flag}" for flag in flags])
-        self.args.n_classes = N_CLASSES
+        self.args = project_args(config, flags)
         self.device = device
+        if config.recipe != "jem":  # the recipe's own network (batch norm) on the same trunk, from the same seed
+            torch.manual_seed(0)
+            model = build_model(self.args)
         self.model = to_training_device(model, device)
         if self.args.compile:
             self.model.f.compile()
-        self.replay_buffer = ReplayBuffer(0, N_CLASSES, REINIT_FREQ, device, images=buffer_images.clone())
+        self.replay_buffer = ReplayBuffer(0, N_CLASSES, REINIT_FREQ, device, images=buffer_images.clone(),
+                                          chain_init=chain_init(self.args, device))
         self.optimizer = make_optimizer(self.model, self.args)
 
     def step(self, x_data, x_lab, y_lab):
@@ -185,13 +196,37 @@ class ProjectIteration:
             samples, data_heads = draw_samples(self.model, self.replay_buffer, x_data, y_lab, self.args)
             loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, data_heads=data_heads)
         loss.item()  # the loop's divergence check, a device sync
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        update(self.model, self.optimizer, loss, samples, x_data, x_lab, y_lab, self.args)
         return loss.detach()
 
     def buffer_images(self):
         return self.replay_buffer.images
+
+
+def project_args(config, flags=()):
+    """train_wrn_ebm.py's flags of the project's side: the paper's sampler settings, or the recipe's own."""
+    argv = ["--depth", str(config.depth), "--width", str(config.width), "--batch_size", str(config.batch_size),
+            "--buffer_size", str(BUFFER_SIZE), "--reinit_freq", str(REINIT_FREQ), "--recipe", config.recipe]
+    if config.recipe == "jem":
+        argv += ["--n_steps", str(config.n_steps), "--sgld_lr", str(SGLD_LR), "--sgld_std", str(SGLD_STD)]
+    args = parse_train_args(argv + [f"--{flag}" for flag in flags])
+    args.n_classes = N_CLASSES
+    return args
+
+
+def chain_init(args, device):
+    """Where restarted chains come from: the paper's uniform noise, or (informative starts) class Gaussians of
+    the right size, here of made-up moments: a restart costs the same whatever the data."""
+    if args.buffer_init == "uniform":
+        return UniformNoise()
+    dim = 3 * 32 * 32
+    return ClassGaussians(torch.zeros(N_CLASSES, dim), 0.5 * torch.eye(dim).expand(N_CLASSES, dim, dim).clone()) \
+        .to(device)
+
+
+def side_steps(name, config):
+    """Chain steps per iteration of a side: the config's for the paper's step, the recipe's for its own."""
+    return config.n_steps if name == "paper" else project_args(config).n_steps
 
 
 def make_side(name, model, buffer_images, config, device, opts):
@@ -397,7 +432,7 @@ def cpu_model():
 
 def bench_config(name, device, opts):
     config = CONFIGS[name]
-    errors = check_same_step(config, device, opts)
+    errors = check_same_step(config, device, opts) if config.recipe == "jem" else {}
     model, buffer_images, batch = make_inputs(config, device, opts.seed)
     names = side_names(opts)
     sides = {side: make_side(side, copy.deepcopy(model), buffer_images, config, device, opts) for side in names}
@@ -408,8 +443,8 @@ def bench_config(name, device, opts):
     memory = peak_memory(names, config, device, opts)
     results = {}
     for side in names:
-        median = medians[side]
-        results[side] = {"seconds_per_iter": median, "sgld_images_per_s": config.batch_size * config.n_steps / median,
+        median, n_steps = medians[side], side_steps(side, config)
+        results[side] = {"n_steps": n_steps, "seconds_per_iter": median, "sgld_images_per_s": config.batch_size * n_steps / median,
                          "peak_memory_mib": memory[side] / 2 ** 20, "speedup": medians["paper"] / median,
                          "seconds": seconds[side]}
     return {"config": name, **asdict(config), "sides": results, "check": errors, "profile": profiled}
@@ -419,23 +454,23 @@ def print_header(device, opts):
     flags = " ".join(f"--{flag}" for flag in FAST_FLAGS if getattr(opts, flag)) or "none"
     print(f"device: {describe_device(device)} | torch {torch.__version__} | fast flags: {flags} | "
           f"{opts.iters} timed iterations per side after {opts.warmup} warm-up, alternating")
-    print(f"{'config':<10} {'batch':>5} {'steps':>5}  {'side':<8} {'s/iter':>8} {'SGLD img/s':>10} "
+    print(f"{'config':<17} {'batch':>5}  {'side':<8} {'steps':>5} {'s/iter':>8} {'SGLD img/s':>10} "
           f"{'peak MiB':>9} {'speed-up':>8}")
 
 
 def print_result(result):
     first = True
     for side, r in result["sides"].items():
-        lead = f"{result['config']:<10} {result['batch_size']:>5} {result['n_steps']:>5}" if first else " " * 22
-        print(f"{lead}  {side:<8} {r['seconds_per_iter']:>8.3f} {r['sgld_images_per_s']:>10.1f} "
+        lead = f"{result['config']:<17} {result['batch_size']:>5}" if first else " " * 23
+        print(f"{lead}  {side:<8} {r['n_steps']:>5} {r['seconds_per_iter']:>8.3f} {r['sgld_images_per_s']:>10.1f} "
               f"{r['peak_memory_mib']:>9.0f} {r['speedup']:>7.2f}x")
         first = False
     for side, e in result["check"].items():
-        print(f"{'':<22}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer {e['buffer']:.1e}, "
+        print(f"{'':<23}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer {e['buffer']:.1e}, "
               f"worst gradient {e['worst_grad']:.1e} ({e['worst_grad_name']})")
     if result["profile"]:
         conv, share = result["profile"]["convolution_seconds"], result["profile"]["convolution_share"]
-        print(f"{'':<22}  convolutions: paper {conv['paper']:.3f} s ({share['paper']:.0%} of its s/iter), project "
+        print(f"{'':<23}  convolutions: paper {conv['paper']:.3f} s ({share['paper']:.0%} of its s/iter), project "
               f"{conv['project']:.3f} s ({share['project']:.0%}); same convolutions cap the speed-up at "
               f"{result['profile']['speedup_ceiling']:.2f}x")
 

@@ -319,6 +319,23 @@ def jem_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=
     return loss, terms
 
 
+def update(model, optimizer, loss, samples, x_data, x_lab, y_lab, args, heads=None):
+    """Backpropagate the iteration's loss and step the optimizer.
+
+    SAM takes a second gradient at its perturbed weights, from the same batches and samples; batch norm's
+    running statistics stay frozen for it (the first pass already counted this batch).
+    """
+
+    def loss_again():
+        with autocast(loss.device, args.amp), frozen_running_stats(model):
+            perturbed_loss, _ = jem_loss(model, samples, x_data, x_lab, y_lab, args, heads)
+        perturbed_loss.backward()
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer_step(optimizer, loss_again)
+
+
 @torch.no_grad()
 def evaluate_classifier(model, loader, device):
     """(accuracy, mean cross-entropy) over a loader; None for an empty loader."""
@@ -579,7 +596,7 @@ class Trainer:
             if verdict == 2:
                 self.recover_from_divergence(loss_value)
                 return "rolled back"
-            self.update(loss, samples, x_data, x_lab, y_lab)
+            update(self.model, self.optimizer, loss, samples, x_data, x_lab, y_lab, args, self.heads)
 
             it = self.iteration
             self.iteration, self.batch_in_epoch = it + 1, self.batch_in_epoch + 1
@@ -602,22 +619,6 @@ class Trainer:
                 return "stopped"
         bar.close()
         return "finished"
-
-    def update(self, loss, samples, x_data, x_lab, y_lab):
-        """Backpropagate the loss and step.
-
-        SAM takes a second gradient at its perturbed weights, from the same batches and samples; batch norm's
-        running statistics stay frozen for it (the first pass already counted this batch).
-        """
-
-        def loss_again():
-            with autocast(self.device, self.args.amp), frozen_running_stats(self.model):
-                perturbed_loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, self.heads)
-            perturbed_loss.backward()
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(self.optimizer, loss_again)
 
     def end_epoch(self):
         args = self.args
