@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from chain_init import ClassGaussians, UniformNoise
 from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
                         restore_rng_states, rng_states, write_checkpoint)
 from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
@@ -34,7 +35,6 @@ from distributed import (any_rank, broadcast, device_for, gather, gather_objects
                          shutdown)
 from models import Heads, build_model
 from plotting import class_rows, save_grid
-from chain_init import ClassGaussians, UniformNoise
 from sampler import ReplayBuffer, sample_q
 from utils import (RunLog, SilentLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
                    prepare_save_dir, run_cli, seed_everything, select_device, write_json)
@@ -193,12 +193,6 @@ def check_args(args, world_size=1):
 # --------------------------------------------------------------------------------------------------
 # The objective.
 
-def chain_settings(args):
-    """The chain flags as sample_q takes them."""
-    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std, in_steps=args.in_steps,
-                pyld_lr=args.pyld_lr, eps=args.eps)
-
-
 def has_batch_norm(model):
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -221,6 +215,12 @@ def forward_heads(model, batches, heads):
     return [heads(b) for b in batches]
 
 
+def sgld_settings(args):
+    """The chain flags as sample_q takes them."""
+    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std, in_steps=args.in_steps,
+                pyld_lr=args.pyld_lr, eps=args.eps)
+
+
 def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
     """The JEM loss of one iteration and its terms (as tensors, for logging).
 
@@ -229,12 +229,13 @@ def jem_loss(model, replay_buffer, x_data, x_lab, y_lab, args, heads=None):
       + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
       + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
 
-    With batch norm, as JEM++ ("alltrain1"): every pass in training mode, the data batch's before the
-    chain (the chain then starts from statistics of real images), the chain's too.
+    With batch norm, as JEM++ ("alltrain1"): every pass runs in training mode, the chain's included, and
+    the data batch's pass comes before the chain, as in their loop (the passes update the running statistics
+    in that order).
     """
     heads = heads or model.heads
     batch_norm = has_batch_norm(model)
-    sgld = dict(chain_settings(args), train_mode=batch_norm, cuda_graph=args.cuda_graph)
+    sgld = dict(sgld_settings(args), train_mode=batch_norm, cuda_graph=args.cuda_graph)
     outputs, batches, terms = [], [], {}
     if args.p_x_weight > 0:
         y_q = None
@@ -611,7 +612,7 @@ class Trainer:
 
 
 def plot_samples(model, replay_buffer, args, epoch, iteration):
-    sgld = dict(chain_settings(args), train_mode=has_batch_norm(model))
+    sgld = dict(sgld_settings(args), train_mode=has_batch_norm(model))
     if args.plot_uncond:
         y = None
         if args.class_cond_p_x_sample:
