@@ -6,13 +6,20 @@ The paper's CIFAR-10 run (WRN-28-10, days on one GPU):
         --p_x_y_weight 0.0 --sigma .03 --width 10 --depth 28 --save_dir ./experiment --plot_uncond \
         --warmup_iters 1000
 
-A quickstart that needs no download and runs on a CPU in a few minutes:
+The later recipes, JEM++ and SADA-JEM, as their authors published them (docs/recipes.md):
 
-    python train_wrn_ebm.py --dataset synthetic --depth 10 --width 1 --n_steps 5 --batch_size 32 \
-        --n_epochs 2 --n_valid 500 --print_every 20 --buffer_size 1000 --save_dir runs/quickstart --plot_uncond
+    python train_wrn_ebm.py --recipe jempp --plot_uncond --save_dir runs/jempp
+    python train_wrn_ebm.py --recipe sadajem --plot_uncond --save_dir runs/sadajem
 
-Each iteration maximises log p(y|x) on a labeled batch and, with SGLD samples x_q from the replay
-buffer, log p(x) on a data batch (and optionally log p(x, y)); see `jem_loss`.
+A quickstart that needs no download and runs on a CPU in a few minutes (JEM++'s sampler, batch norm and
+chain starts, with Adam):
+
+    python train_wrn_ebm.py --recipe jempp --dataset synthetic --depth 10 --width 1 --optimizer adam --lr 1e-3 \
+        --weight_decay 0 --warmup_iters 0 --n_steps 5 --batch_size 32 --n_epochs 2 --n_valid 500 \
+        --buffer_size 1000 --print_every 20 --plot_uncond --save_dir runs/quickstart
+
+Each iteration maximises log p(y|x) on a labeled batch and, with samples x_q that Langevin chains draw from
+the replay buffer (`draw_samples`), log p(x) on a data batch (and optionally log p(x, y)); see `jem_loss`.
 """
 import argparse
 import copy
