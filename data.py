@@ -263,9 +263,13 @@ def default_workers(device):
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
+def loader_workers(args, device):
+    """--n_workers, or the device's default when it is not given."""
+    return args.n_workers if args.n_workers is not None else default_workers(device)
+
+
 def train_loaders(args, device, rank=0, world_size=1):
-    """Loaders for training: all training images (p(x)), the labeled ones, validation and test, and the
-    training images as they are (no augmentation, no noise: what --buffer_init informative fits).
+    """Loaders for training: all training images (p(x)), the labeled ones, validation and test.
 
     The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
     distributed run taking its own share; the others hold every image. The labeled batches are augmented
@@ -274,7 +278,6 @@ def train_loaders(args, device, rank=0, world_size=1):
     train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
     eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
     test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, args.sigma))
-    plain_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
     train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
                                           args.n_classes)
     labeled_batch_size = args.labeled_batch_size or args.batch_size
@@ -282,7 +285,7 @@ def train_loaders(args, device, rank=0, world_size=1):
         raise UserError(f"only {len(labeled)} labeled training images for batches of {labeled_batch_size}"
                         f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a smaller "
                         "--batch_size (--labeled_batch_size) or more --labels_per_class")
-    workers = args.n_workers if args.n_workers is not None else default_workers(device)
+    workers = loader_workers(args, device)
 
     def shuffled(dataset, indices, batch_size, stream):
         batches = ShuffledBatches(len(indices), batch_size, args.seed * 2 + stream, rank, world_size)
@@ -293,8 +296,15 @@ def train_loaders(args, device, rank=0, world_size=1):
         "labeled": shuffled(train_set, labeled, labeled_batch_size, 1),
         "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
         "test": make_loader(test_set, 100, False, device, workers),
-        "plain_train": make_loader(Subset(plain_train_set, train), 500, False, device, workers),
     }
+
+
+def plain_training_images(args, device):
+    """The training split (validation held out) as it is, without augmentation or noise, in batches: what
+    --buffer_init informative fits its class Gaussians to. Loaded only then, not on every run."""
+    dataset = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
+    train, _, _ = split_indices(targets_of(dataset), args.n_valid, args.labels_per_class, args.n_classes)
+    return make_loader(Subset(dataset, train), 500, False, device, loader_workers(args, device))
 
 
 def batches_from(loader, first_batch):

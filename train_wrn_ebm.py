@@ -37,7 +37,7 @@ from tqdm import tqdm
 from chain_init import ClassGaussians, UniformNoise
 from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
                         restore_rng_states, rng_states, write_checkpoint)
-from data import TORCHVISION_SETS, batches_from, n_classes_of, train_loaders
+from data import TORCHVISION_SETS, batches_from, n_classes_of, plain_training_images, train_loaders
 from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
                          shutdown)
 from models import Heads, build_model
@@ -495,7 +495,7 @@ class Trainer:
                 gaussians = ClassGaussians.load(path, self.args.n_classes)
             else:
                 tick = time.time()
-                gaussians = ClassGaussians.fit(self.loaders["plain_train"], self.args.n_classes)
+                gaussians = ClassGaussians.fit(plain_training_images(self.args, self.device), self.args.n_classes)
                 gaussians.save(path)
                 self.log.line(f"fitted {self.args.n_classes} class Gaussians to the training images in "
                               f"{time.time() - tick:.1f}s; saved {path}")
