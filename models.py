@@ -35,9 +35,10 @@ class JEM(nn.Module):
         return logits, self.px_score(features, logits)
 
     def px_score(self, features, logits):
+        """-E(x) in float32, also from bf16 logits (--amp): the energy gap is a small difference of two of them."""
         if self.uncond:
-            return self.energy_output(features).squeeze(1)
-        return logits.logsumexp(1)
+            return self.energy_output(features).squeeze(1).float()
+        return logits.float().logsumexp(1)
 
     def forward(self, x, y=None):
         """-E(x) when y is None, else -E(x, y) = f(x)[y]. Shape (N,)."""
@@ -45,7 +46,7 @@ class JEM(nn.Module):
             return self.heads(x)[1]
         if self.uncond:
             raise ValueError("an unconditional JEM (--uncond) has no class-conditional energy")
-        return self.classify(x).gather(1, y[:, None]).squeeze(1)
+        return self.classify(x).float().gather(1, y[:, None]).squeeze(1)
 
 
 class Heads(nn.Module):

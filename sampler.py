@@ -119,11 +119,24 @@ def sgld(score_fn, x, n_steps, sgld_lr, sgld_std, in_steps=0, pyld_lr=0.2, eps=1
     else:
         step = partial(sgld_step, sgld_lr=sgld_lr, sgld_std=sgld_std)
     x = x.detach().clone().requires_grad_(True)
-    for _ in range(n_steps):
-        grad, = torch.autograd.grad(score_fn(x).sum(), x)
-        with torch.no_grad():
-            step(x, grad)
+    with uncached_autocast(x.device.type):
+        for _ in range(n_steps):
+            grad, = torch.autograd.grad(score_fn(x).sum(), x)
+            with torch.no_grad():
+                step(x, grad)
     return x.detach()
+
+
+def uncached_autocast(device_type):
+    """The caller's autocast (on or off, same dtype) without its cache of low-precision copies.
+
+    Autocast keeps the bf16 copy of a leaf tensor that requires grad, by identity, until its outermost region
+    ends. The chain's x is such a leaf and moves in place every step: with the cache, every step after the
+    first would see the chain's start again, and a bf16 chain would climb along its first gradient only
+    (docs/performance.md, "bf16 that learns").
+    """
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
 
 
 class CapturedChain:
