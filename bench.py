@@ -2,6 +2,7 @@
 
     python bench.py                                   # the configs that suit the device
     python bench.py --configs wrn-16-2 --iters 5      # the CPU goal: at least 1.5x the paper's step
+    python bench.py --configs wrn-16-2 --amp         # bf16 on a CPU with AMX-BF16 or AVX512-BF16
     python bench.py --configs wrn-28-10 --amp --compile --cuda_graph --json bench.json   # on a GPU
     python bench.py --configs wrn-16-2 --profile      # how much of the time convolutions take
     python bench.py --configs wrn-10-1 jempp-wrn-10-1 sadajem-wrn-10-1   # each recipe's step (--recipe)
@@ -11,12 +12,13 @@ For each named configuration it builds one randomly initialised model and gives 
   paper    the paper's iteration, re-implemented in `PaperIteration` below: replay buffer on the CPU,
            starts moved to the device every iteration, parameters requiring gradients and
            `retain_graph=True` during SGLD, three separate forward passes for the loss;
-  project  the project's iteration as train_wrn_ebm.py runs it (`draw_samples`, `jem_loss`, `update`); for a
+  project  the project's iteration as train_wrn_ebm.py runs it (training.py: `iteration_loss`, `update`); for a
            config of a later recipe (JEM++, SADA-JEM), that recipe's iteration (`--recipe`: its sampler,
            chain length, batch norm and optimizer), so its speed-up says what the recipe costs or saves
            against the paper's step on the same network and batch;
-  fast     the project's iteration with the opt-in GPU flags given (--amp, --compile, --cuda_graph),
-           only when one is given.
+  fast     the project's iteration with the opt-in flags given (--amp, --compile, --cuda_graph), only when
+           one is given. --amp where bf16 is emulated (precision.native_bf16) falls back to float32 with one
+           line, as training does.
 
 First it checks, from one seed, that the project's default step computes the paper's loss,
 gradients and updated replay buffer (to float32 rounding; it stops if not), and reports how far the
@@ -40,8 +42,6 @@ import argparse
 import copy
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -57,8 +57,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from chain_init import ClassGaussians, UniformNoise
 from models import JEM, build_model
 from sampler import ReplayBuffer
-from train_wrn_ebm import draw_samples, jem_loss, make_optimizer, parse_args as parse_train_args, to_training_device, update
-from utils import autocast, select_device
+from precision import describe_hardware, resolve_amp
+from train_flags import parse_args as parse_train_args
+from training import iteration_loss, make_optimizer, to_training_device, update
+from utils import select_device
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--amp", action="store_true", help="add a side with bf16 autocast (GPU)")
+    parser.add_argument("--amp", action="store_true",
+                        help="add a side in bf16 mixed precision (GPU, or a CPU with native bf16)")
     parser.add_argument("--compile", action="store_true", help="add a side with torch.compile of the network")
     parser.add_argument("--cuda_graph", action="store_true", help="add a side replaying the SGLD chain as a CUDA graph")
     parser.add_argument("--profile", action="store_true",
@@ -192,9 +195,7 @@ class ProjectIteration:
         self.optimizer = make_optimizer(self.model, self.args)
 
     def step(self, x_data, x_lab, y_lab):
-        with autocast(self.device, self.args.amp):
-            samples, data_heads = draw_samples(self.model, self.replay_buffer, x_data, y_lab, self.args)
-            loss, _ = jem_loss(self.model, samples, x_data, x_lab, y_lab, self.args, data_heads=data_heads)
+        loss, _, samples = iteration_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, self.args)
         loss.item()  # the loop's divergence check, a device sync
         update(self.model, self.optimizer, loss, samples, x_data, x_lab, y_lab, self.args)
         return loss.detach()
@@ -416,20 +417,6 @@ def convolution_profile(sides, batch, device, rounds=3):
 
 # --------------------------------------------------------------------------------------------------
 
-def describe_device(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()}-core CPU ({cpu_model()}), {torch.get_num_threads()} threads"
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def bench_config(name, device, opts):
     config = CONFIGS[name]
     errors = check_same_step(config, device, opts) if config.recipe == "jem" else {}
@@ -452,7 +439,7 @@ def bench_config(name, device, opts):
 
 def print_header(device, opts):
     flags = " ".join(f"--{flag}" for flag in FAST_FLAGS if getattr(opts, flag)) or "none"
-    print(f"device: {describe_device(device)} | torch {torch.__version__} | fast flags: {flags} | "
+    print(f"device: {describe_hardware(device)} | fast flags: {flags} | "
           f"{opts.iters} timed iterations per side after {opts.warmup} warm-up, alternating")
     print(f"{'config':<17} {'batch':>5}  {'side':<8} {'steps':>5} {'s/iter':>8} {'SGLD img/s':>10} "
           f"{'peak MiB':>9} {'speed-up':>8}")
@@ -478,6 +465,7 @@ def print_result(result):
 def main():
     opts = parse_args()
     device = select_device(opts.device)
+    resolve_amp(opts, device)
     names = opts.configs or DEFAULT_CONFIGS[device.type]
     print_header(device, opts)
     results = []
@@ -485,7 +473,7 @@ def main():
         results.append(bench_config(name, device, opts))
         print_result(results[-1])
     if opts.json:
-        report = {"device": describe_device(device), "torch": torch.__version__, "options": vars(opts),
+        report = {"device": describe_hardware(device), "torch": torch.__version__, "options": vars(opts),
                   "results": results}
         with open(opts.json, "w") as fh:
             json.dump(report, fh, indent=2)

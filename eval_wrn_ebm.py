@@ -46,8 +46,9 @@ from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_
                             inception_weights_path, load_buffer_file, load_reference, score_sample_quality,
                             tensor_batches)
 from sampler import ReplayBuffer, sample_q, sgld
-from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
-                   prepare_save_dir, run_cli, seed_everything, select_device, write_json)
+from precision import autocast, describe_hardware, resolve_amp
+from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, prepare_save_dir, run_cli,
+                   seed_everything, select_device, write_json)
 
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the paper's figure)
@@ -493,6 +494,8 @@ def main(argv=None):
     seed_everything(args.seed)
 
     log = RunLog(args.save_dir, quiet=args.print_to_log, append=True)  # append: the dir may hold a training log
+    resolve_amp(args, device, log.line)
+    args.hardware = describe_hardware(device)
     model, replay_buffer = load_jem(args, device)
     log.line(f"{args.eval}: WRN-{args.depth}-{args.width} ({args.n_classes} classes, norm {args.norm}"
              f"{', uncond' if args.uncond else ''}) from {args.load_path} on {device}")

@@ -28,369 +28,29 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chain_init import ClassGaussians, UniformNoise
 from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
                         restore_rng_states, rng_states, write_checkpoint)
-from data import TORCHVISION_SETS, batches_from, n_classes_of, plain_training_images, train_loaders
+from data import batches_from, n_classes_of, plain_training_images, train_loaders
 from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
                          shutdown)
 from models import Heads, build_model
-from optimizers import frozen_running_stats, optimizer_step, sam_over_sgd
 from plotting import class_rows, save_grid
-from sample_quality import BufferQuality, add_sample_quality_flags
+from precision import describe_hardware, resolve_amp
+from sample_quality import BufferQuality
 from sampler import ReplayBuffer, sample_q
-from utils import (RunLog, SilentLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, autocast,
-                   prepare_save_dir, run_cli, seed_everything, select_device, write_json)
+from train_flags import GAUSSIANS_FILE, PLOT_EVERY, build_parser, check_args, flags_given, needs_conditional_buffer, parse_args
+from training import (chain_settings, evaluate_classifier, has_batch_norm, iteration_loss, make_optimizer,
+                      scheduled_lr, set_lr, to_training_device, update)
+from utils import RunLog, SilentLog, UserError, prepare_save_dir, run_cli, seed_everything, select_device, write_json
 
 DIVERGENCE_THRESHOLD = 1e8  # |L| above this means the energies ran away (the paper's runs crashed here)
-PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
-GAUSSIANS_FILE = "class_gaussians.pt"  # --buffer_init informative: the fitted Gaussians, in the save dir
-
-# --recipe: each later paper's training as its authors published it (the command of their README and
-# scripts/, over their code's defaults: JEMPP's train_jempp.py, SADAJEM's train_sadajem.py) for the flags that
-# exist here; a flag given on the command line wins.
-RECIPES = {
-    "jem": {},
-    "jempp": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=4e-4, warmup_iters=1000, n_epochs=150,
-                  decay_epochs=[50, 100, 125], decay_rate=0.2, n_steps=10, in_steps=5, pyld_lr=0.2, eps=1.0,
-                  sgld_lr=0.0, sgld_std=0.0, buffer_init="informative", model="yopo"),
-    # SADA-JEM's chain step, x <- clamp(x + clamp(g, -1, 1), -1, 1), is one PYLD inner step of 1 (their
-    # --sgld_lr 1). Their epoch is a pass over the labeled batches of 128, half of ours over the p(x) batches
-    # of 64: their 200 epochs with decays at 60/120/180 are our 100 with decays at 30/60/90.
-    "sadajem": dict(norm="batch", optimizer="sam", rho=2.0, lr=0.1, weight_decay=5e-4, warmup_iters=1000,
-                    n_epochs=100, decay_epochs=[30, 60, 90], decay_rate=0.2, sigma=0.0, n_valid=0,
-                    px_augment=False, labeled_batch_size=128, n_steps=5, in_steps=1, pyld_lr=1.0, eps=1.0,
-                    sgld_lr=0.0, sgld_std=0.0, buffer_init="informative"),
-}
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = flags_given(parser, argv)
-    if "recipe" not in given and args.model == "yopo":
-        args.recipe = "jempp"  # JEM++'s flag; their published command names no recipe
-    for flag, value in RECIPES[args.recipe].items():
-        if flag not in given:
-            setattr(args, flag, value)
-    if args.gpu_id is not None and "device" not in given:
-        args.device = f"cuda:{args.gpu_id}"
-    return args
-
-
-def flags_given(parser, argv=None):
-    """The destinations of the flags on the command line: argparse fills in a default only for a name
-    the namespace lacks, so a namespace of placeholders keeps them where nothing was given."""
-    placeholder = object()
-    names = vars(parser.parse_args(argv))
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, placeholder)))
-    return {name for name, value in vars(probe).items() if value is not placeholder}
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="Train a JEM (Grathwohl et al., ICLR 2020).")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
-                        help="defaults of the paper (jem), JEM++ (jempp, Yang & Ji 2021) or SADA-JEM (sadajem, "
-                             "Yang et al. 2023) for every flag not given; see docs/recipes.md")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default="cifar10",
-                      help=f"{' | '.join(TORCHVISION_SETS)} | synthetic | PATH of an image folder with "
-                           "train/ and test/ class sub-folders")
-    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data sets live")
-    data.add_argument("--n_valid", type=int, default=5000, help="training images held out for validation")
-    data.add_argument("--labels_per_class", type=int, default=-1,
-                      help="keep this many labels per class for p(y|x) (semi-supervised); -1: all")
-    data.add_argument("--sigma", type=float, default=3e-2, help="std of Gaussian noise added to every image")
-    data.add_argument("--no_px_augment", dest="px_augment", action="store_false",
-                      help="serve the p(x) data batch without crop and flip, as SADA-JEM (the classification "
-                           "batch keeps them)")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=["adam", "sgd", "sam"], default="adam",
-                       help="adam | sgd (momentum 0.9) | sam: SAM over SGD with momentum 0.9, adaptive (ASAM) when "
-                            "--rho >= 0.5, as SADA-JEM")
-    optim.add_argument("--rho", type=float, default=2.0,
-                       help="--optimizer sam: radius of the weight perturbation (SADA-JEM: 2.0, adaptive)")
-    optim.add_argument("--lr", type=float, default=1e-4)
-    optim.add_argument("--decay_epochs", nargs="+", type=int, default=[160, 180],
-                       help="multiply the learning rate by --decay_rate at the start of these epochs")
-    optim.add_argument("--decay_rate", type=float, default=0.3)
-    optim.add_argument("--warmup_iters", type=int, default=-1,
-                       help="linear learning-rate warm-up over this many iterations (-1: none)")
-    optim.add_argument("--batch_size", type=int, default=64)
-    optim.add_argument("--labeled_batch_size", type=int, default=None,
-                       help="images per classification batch (default: --batch_size; SADA-JEM: 128)")
-    optim.add_argument("--n_epochs", type=int, default=200)
-    optim.add_argument("--weight_decay", type=float, default=0.0)
-    optim.add_argument("--clf_only", action="store_true",
-                       help="optimise only the classification head (class_output), as the paper's flag")
-
-    objective = parser.add_argument_group("objective")
-    objective.add_argument("--p_x_weight", "--px", type=float, default=1.0, help="weight of the log p(x) term")
-    objective.add_argument("--p_y_given_x_weight", "--pyx", type=float, default=1.0, help="weight of the CE term")
-    objective.add_argument("--p_x_y_weight", type=float, default=0.0, help="weight of the log p(x, y) term")
-    objective.add_argument("--class_cond_p_x_sample", action="store_true",
-                           help="draw the p(x) term's samples from p(y)p(x|y) with uniform random y")
-    objective.add_argument("--energy_l2", type=float, default=0.0,
-                           help="add this times mean(E(x_data)^2 + E(x_q)^2), a stabiliser the authors suggest "
-                                "(about 0.1); 0: the paper's objective")
-
-    divergence = parser.add_argument_group("divergence")
-    divergence.add_argument("--on_diverge", choices=["stop", "rollback"], default="stop",
-                            help="when |L| > 1e8 or NaN: stop (as the paper) or roll back to the last checkpoint "
-                                 "with new random numbers")
-    divergence.add_argument("--max_rollbacks", type=int, default=3, help="give up after this many rollbacks")
-    divergence.add_argument("--rollback_lr_scale", type=float, default=1.0,
-                            help="multiply the learning rate by this at each rollback (e.g. 0.5)")
-
-    model = add_model_flags(parser)
-    model.add_argument("--dropout_rate", type=float, default=0.0)
-    model.add_argument("--model", choices=["wrn", "yopo"], default="wrn",
-                       help="JEM++'s flag: yopo implies --recipe jempp (the network is the same Wide-ResNet)")
-    sampler = add_sampler_flags(parser, n_steps=20, buffer_size=10000)
-    sampler.add_argument("--in_steps", type=int, default=0,
-                         help="JEM++'s PYLD: inner steps of --pyld_lr along the clipped gradient per step (0: SGLD)")
-    sampler.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size (<= 0: no inner steps)")
-    sampler.add_argument("--eps", type=float, default=1.0, help="PYLD clips the gradient to [-eps, eps]")
-    sampler.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
-                         help="chain starts and restarts: uniform noise (the paper) or per-class Gaussians fitted to "
-                              f"the training images (JEM++), cached in the save dir as {GAUSSIANS_FILE}")
-
-    io = parser.add_argument_group("logging and checkpoints")
-    io.add_argument("--save_dir", type=str, default="./experiment")
-    io.add_argument("--load_path", type=str, default=None,
-                    help="start a new run from this checkpoint's model (and replay buffer); the paper's files work")
-    io.add_argument("--resume", type=str, default=None,
-                    help="continue a run exactly where it stopped: its save dir or one of its checkpoints")
-    io.add_argument("--ckpt_every", type=int, default=10, help="write ckpt_{epoch}.pt every this many epochs")
-    io.add_argument("--ckpt_every_iters", type=int, default=0,
-                    help="also write ckpt_iter_{iteration}.pt (and last_ckpt.pt) every this many iterations; 0: off")
-    io.add_argument("--keep_last", type=int, default=0,
-                    help="keep only this many numbered checkpoints (ckpt_*.pt) on disk; 0: keep all")
-    io.add_argument("--eval_every", type=int, default=1, help="validation/test accuracy every this many epochs")
-    io.add_argument("--plot_uncond", action="store_true", help=f"save unconditional samples every {PLOT_EVERY} its")
-    io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
-    io.add_argument("--log_arg", type=str, default=None,
-                    help="JEM++'s run-name flag: accepted and recorded in args.json (the run goes to --save_dir)")
-    io.add_argument("--fid_every", type=int, default=0,
-                    help="log the IS and FID of the replay buffer (rank 0's shard) every this many epochs; 0: off")
-    add_sample_quality_flags(parser)
-    add_system_flags(parser).add_argument(
-        "--cuda_graph", action="store_true",
-        help="capture the SGLD chain as a CUDA graph and replay it (GPU only; fewer kernel launches)")
-    parser.add_argument("--gpu-id", dest="gpu_id", type=int, default=None,
-                        help="JEM++'s flag: the same as --device cuda:N")
-    return parser
-
-
-def needs_conditional_buffer(args):
-    return args.p_x_y_weight > 0 or args.class_cond_p_x_sample or args.plot_cond
-
-
-def check_args(args, world_size=1):
-    """Impossible flag combinations, reported before any data or model is built."""
-    if args.uncond and needs_conditional_buffer(args):
-        raise UserError("--uncond cannot sample class-conditionally: drop --class_cond_p_x_sample, "
-                        "--p_x_y_weight and --plot_cond, or drop --uncond")
-    if args.buffer_size % world_size != 0:
-        raise UserError(f"--buffer_size {args.buffer_size} must divide by the {world_size} processes (each keeps "
-                        "an equal shard)")
-    if needs_conditional_buffer(args) and (args.buffer_size // world_size) % args.n_classes != 0:
-        raise UserError(f"--buffer_size {args.buffer_size} must divide by the {args.n_classes} classes"
-                        f"{f' times {world_size} processes' if world_size > 1 else ''} for class-conditional "
-                        "sampling (one buffer segment per class)")
-    for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every", "max_rollbacks"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    if args.labeled_batch_size is not None and args.labeled_batch_size < 1:
-        raise UserError("--labeled_batch_size must be at least 1")
-    if min(args.n_steps, args.in_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2,
-           args.rho, args.fid_every) < 0:
-        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2, --rho "
-                        "and --fid_every cannot be negative")
-    if args.cuda_graph and args.norm == "batch":
-        raise UserError("--cuda_graph cannot capture a batch-norm chain (its warm-up would move the running "
-                        "statistics): drop --cuda_graph or --norm batch")
-    if args.fid_every and not 1 <= args.is_splits <= args.buffer_size // world_size:
-        raise UserError(f"--fid_every scores the replay buffer in --is_splits {args.is_splits} splits: it needs "
-                        "1 <= --is_splits <= --buffer_size (per process)")
-
-
-# --------------------------------------------------------------------------------------------------
-# The objective.
-
-def chain_settings(args):
-    """The chain flags as sample_q takes them."""
-    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std, in_steps=args.in_steps,
-                pyld_lr=args.pyld_lr, eps=args.eps)
-
-
-def has_batch_norm(model):
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def can_fuse_forward(model):
-    """One forward pass over all batches equals separate passes unless a norm couples the examples."""
-    return not has_batch_norm(model) and \
-        all(m.initialized.item() for m in model.modules() if hasattr(m, "initialized"))
-
-
-def forward_heads(model, batches, heads):
-    """(logits, log p(x) score) for each batch, in one concatenated pass where that is exact.
-
-    `heads` computes them (the model's own `heads`, or its DistributedDataParallel wrapper).
-    """
-    if can_fuse_forward(model):
-        logits, scores = heads(torch.cat(batches))
-        sizes = [len(b) for b in batches]
-        return list(zip(logits.split(sizes), scores.split(sizes)))
-    return [heads(b) for b in batches]
-
-
-def draw_samples(model, replay_buffer, x_data, y_lab, args, heads=None):
-    """This iteration's samples, by the term they serve ('p_x' for x_data, 'p_x_y' for y_lab), and the data
-    batch's (logits, score) when they had to come first (else None).
-
-    The samples are drawn once per iteration, apart from the loss, so that a second loss pass (SAM's) sees the
-    same ones. With batch norm, as JEM++ ("alltrain1"), the data batch goes through the network in training
-    mode before the chain, so the chain starts from statistics of real images, and the chain runs in training
-    mode too; the loss reuses that pass.
-    """
-    batch_norm = has_batch_norm(model)
-    chain = dict(chain_settings(args), train_mode=batch_norm, cuda_graph=args.cuda_graph)
-    samples, data_heads = {}, None
-    if args.p_x_weight > 0:
-        y_q = None
-        if args.class_cond_p_x_sample:
-            y_q = torch.randint(0, args.n_classes, (len(x_data),), device=x_data.device)
-        if batch_norm:
-            data_heads = (heads or model.heads)(x_data)
-        samples["p_x"] = sample_q(model, replay_buffer, len(x_data), y_q, **chain)
-    if args.p_x_y_weight > 0:
-        samples["p_x_y"] = sample_q(model, replay_buffer, len(y_lab), y_lab, **chain)
-    return samples, data_heads
-
-
-def jem_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=None):
-    """The JEM loss of one iteration, given its samples (`draw_samples`), and its terms (as tensors, for logging).
-
-    L = w_px * -(mean score(x_data) - mean score(x_q))
-      + w_pyx * CE(f(x_lab), y_lab)
-      + w_pxy * -(mean f(x_lab)[y_lab] - mean f(x_q|y_lab)[y_lab])
-      + energy_l2 * (mean E(x_data)^2 + mean E(x_q)^2)      (0 in the paper)
-
-    `data_heads`: the data batch's (logits, score) when draw_samples computed them before the chain (batch
-    norm); else the data batch goes through the network here with the others.
-    """
-    heads = heads or model.heads
-    outputs, batches, terms = [], [], {}
-    if args.p_x_weight > 0:
-        if data_heads is not None:
-            outputs.append(data_heads)
-        else:
-            batches.append(x_data)
-        batches.append(samples["p_x"])
-    if args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0:
-        batches.append(x_lab)
-    if args.p_x_y_weight > 0:
-        batches.append(samples["p_x_y"])
-
-    outputs = iter(outputs + forward_heads(model, batches, heads))
-    loss = 0.0
-    if args.p_x_weight > 0:
-        (_, score_data), (_, score_q) = next(outputs), next(outputs)
-        terms["f_data"], terms["f_q"] = score_data.mean(), score_q.mean()
-        terms["l_p_x"] = -(terms["f_data"] - terms["f_q"])
-        loss = loss + args.p_x_weight * terms["l_p_x"]
-        if args.energy_l2 > 0:
-            terms["l_energy_l2"] = score_data.pow(2).mean() + score_q.pow(2).mean()
-            loss = loss + args.energy_l2 * terms["l_energy_l2"]
-    if args.p_y_given_x_weight > 0 or args.p_x_y_weight > 0:
-        logits_lab, _ = next(outputs)
-        terms["acc"] = (logits_lab.argmax(1) == y_lab).float().mean()
-    if args.p_y_given_x_weight > 0:
-        terms["l_p_y_given_x"] = F.cross_entropy(logits_lab, y_lab)
-        loss = loss + args.p_y_given_x_weight * terms["l_p_y_given_x"]
-    if args.p_x_y_weight > 0:
-        logits_q_lab, _ = next(outputs)
-        terms["f_xy_data"] = logits_lab.gather(1, y_lab[:, None]).mean()
-        terms["f_xy_q"] = logits_q_lab.gather(1, y_lab[:, None]).mean()
-        terms["l_p_x_y"] = -(terms["f_xy_data"] - terms["f_xy_q"])
-        loss = loss + args.p_x_y_weight * terms["l_p_x_y"]
-    return loss, terms
-
-
-def update(model, optimizer, loss, samples, x_data, x_lab, y_lab, args, heads=None):
-    """Backpropagate the iteration's loss and step the optimizer.
-
-    SAM takes a second gradient at its perturbed weights, from the same batches and samples; batch norm's
-    running statistics stay frozen for it (the first pass already counted this batch).
-    """
-
-    def loss_again():
-        with autocast(loss.device, args.amp), frozen_running_stats(model):
-            perturbed_loss, _ = jem_loss(model, samples, x_data, x_lab, y_lab, args, heads)
-        perturbed_loss.backward()
-
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer_step(optimizer, loss_again)
-
-
-@torch.no_grad()
-def evaluate_classifier(model, loader, device):
-    """(accuracy, mean cross-entropy) over a loader; None for an empty loader."""
-    was_training = model.training
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model.classify(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
-    model.train(was_training)
-    return (correct / n, loss / n) if n else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Set-up helpers.
-
-def to_training_device(model, device):
-    """The model on `device`, its convolution weights channels-last (NHWC).
-
-    oneDNN on CPUs and cuDNN on GPUs run NHWC convolutions without reordering every input and
-    output, and a channels-last weight makes every activation after the first convolution NHWC.
-    """
-    return model.to(device, memory_format=torch.channels_last)
-
-
-def make_optimizer(model, args):
-    params = model.class_output.parameters() if args.clf_only else model.parameters()
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    if args.optimizer == "sam":
-        return sam_over_sgd(params, lr=args.lr, weight_decay=args.weight_decay, rho=args.rho)
-    return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-
-
-def scheduled_lr(args, epoch, iteration, lr_scale=1.0):
-    """--lr, times --decay_rate for each of --decay_epochs reached, ramped up over --warmup_iters."""
-    lr = args.lr * lr_scale * args.decay_rate ** sum(epoch >= e for e in args.decay_epochs)
-    if iteration <= args.warmup_iters and args.warmup_iters > 0:  # 0 or -1: no warm-up
-        lr *= iteration / args.warmup_iters
-    return lr
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 def resumed_args(args, given):
@@ -430,6 +90,31 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+class TrainingClock:
+    """How long the run has trained: wall-clock and CPU seconds since the trainer was built, plus those of the
+    runs it resumes; evaluations (`paused`) do not count. The CPU seconds are this process's, all threads: with
+    one thread, a clock that a busy machine does not stretch."""
+
+    def __init__(self, train_seconds=0.0, cpu_seconds=0.0):
+        self.restart(train_seconds, cpu_seconds)
+
+    def restart(self, train_seconds, cpu_seconds):
+        self.before = {"train_seconds": train_seconds, "cpu_seconds": cpu_seconds}
+        self.since = {"train_seconds": time.perf_counter(), "cpu_seconds": time.process_time()}
+
+    def read(self):
+        now = {"train_seconds": time.perf_counter(), "cpu_seconds": time.process_time()}
+        return {k: self.before[k] + now[k] - self.since[k] for k in now}
+
+    @contextmanager
+    def paused(self):
+        stopped_at = self.read()
+        try:
+            yield
+        finally:
+            self.restart(**stopped_at)
+
+
 def format_terms(epoch, iteration, terms, lr):
     parts = [f"epoch {epoch} it {iteration}"]
     if "l_p_x" in terms:
@@ -456,6 +141,8 @@ class Trainer:
 
     def __init__(self, args, topology, device, log, resume_state=None):
         self.args, self.topology, self.device, self.log = args, topology, device, log
+        self.clock = TrainingClock(*(resume_state.get(k, 0.0) for k in ("train_seconds", "cpu_seconds"))
+                                   if resume_state else ())
         self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
         self.model = to_training_device(build_model(args), device)
         self.chain_init = self.make_chain_init()
@@ -529,7 +216,8 @@ class Trainer:
             rng_states=gather_objects(rng_states(), self.topology),
             args=vars(self.args), world_size=self.topology.world_size,
             epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, iteration=self.iteration,
-            best_valid_acc=self.best_valid_acc, lr_scale=self.lr_scale, rollbacks=self.rollbacks)
+            best_valid_acc=self.best_valid_acc, lr_scale=self.lr_scale, rollbacks=self.rollbacks,
+            **self.clock.read())
 
     def load_state_dict(self, state):
         load_model_state(self.model, state["model_state_dict"], self.args.resume or "the last good state")
@@ -571,13 +259,20 @@ class Trainer:
                     self.end_epoch()  # writes last_ckpt.pt
                 elif outcome == "stopped":
                     self.save("last_ckpt.pt")
-                stop = outcome == "stopped" or any_rank(float(signals.received is not None), self.topology,
+                stop = outcome == "stopped" or any_rank(float(self.stop_reason(signals) is not None), self.topology,
                                                         self.device)
                 if stop:
-                    self.log.line(f"{signals.received or 'a signal'}: stopped after iteration {self.iteration - 1};"
-                                  f" continue with --resume {self.args.save_dir}")
+                    self.log.line(f"{self.stop_reason(signals) or 'another process asked to stop'}: stopped after "
+                                  f"iteration {self.iteration - 1}; continue with --resume {self.args.save_dir}")
                     return
         self.log.line(f"done: {self.iteration} iterations, best validation accuracy {self.best_valid_acc:.4f}")
+
+    def stop_reason(self, signals):
+        """Why this process should stop after the current iteration (a signal, the time budget), or None."""
+        budget = self.args.max_train_minutes
+        if signals.received is None and budget and self.clock.read()["train_seconds"] >= 60 * budget:
+            return f"--max_train_minutes {budget:g} used"
+        return signals.received
 
     def train_epoch(self, signals):
         """Iterations to the end of the epoch: 'finished', 'stopped' (a signal) or 'rolled back'."""
@@ -593,13 +288,13 @@ class Trainer:
             set_lr(self.optimizer, lr)
             x_data = x_data.to(device, non_blocking=True)
             x_lab, y_lab = (t.to(device, non_blocking=True) for t in next(labeled))
-            with autocast(device, args.amp):
-                samples, data_heads = draw_samples(self.model, self.replay_buffer, x_data, y_lab, args, self.heads)
-                loss, terms = jem_loss(self.model, samples, x_data, x_lab, y_lab, args, self.heads, data_heads)
+            loss, terms, samples = iteration_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, args,
+                                                  self.heads)
             loss_value = loss.item()
             diverged = not abs(loss_value) <= DIVERGENCE_THRESHOLD  # also NaN
             # One agreement per iteration: 2 = a rank diverged, 1 = a rank was asked to stop.
-            verdict = any_rank(2.0 if diverged else 1.0 if signals.received else 0.0, self.topology, device)
+            stop = self.stop_reason(signals) is not None
+            verdict = any_rank(2.0 if diverged else 1.0 if stop else 0.0, self.topology, device)
             if verdict == 2:
                 self.recover_from_divergence(loss_value)
                 return "rolled back"
@@ -614,10 +309,12 @@ class Trainer:
                     seconds = (time.time() - tick) / (1 if it == 0 else args.print_every)
                     tick = time.time()
                     self.log.line(format_terms(self.epoch, it, terms, lr), console_writer=tqdm.write)
-                    self.log.record(kind="train", epoch=self.epoch, iteration=it, lr=lr, loss=loss_value,
-                                    seconds_per_iteration=seconds, **terms)
+                    self.record(kind="train", iteration=it, lr=lr, loss=loss_value, seconds_per_iteration=seconds,
+                                **terms)
                 if (args.plot_uncond or args.plot_cond) and it % PLOT_EVERY == 0:
                     plot_samples(self.model, self.replay_buffer, args, self.epoch, it)
+            if args.eval_every_iters and self.iteration % args.eval_every_iters == 0 and self.topology.is_main:
+                self.evaluate(end_of_epoch=False)
             if args.ckpt_every_iters and self.iteration % args.ckpt_every_iters == 0:
                 self.save(f"ckpt_iter_{self.iteration}.pt")
                 self.save("last_ckpt.pt")
@@ -642,36 +339,44 @@ class Trainer:
             self.log_buffer_quality()
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def evaluate(self):
-        """Validation and test accuracy, logged; returns the validation accuracy (-inf without a split)."""
-        results = {split: evaluate_classifier(self.model, self.loaders[split], self.device)
-                   for split in ("valid", "test")}
-        record = dict(kind="eval", epoch=self.epoch, iteration=self.iteration)
-        message = [f"epoch {self.epoch}"]
+    def evaluate(self, end_of_epoch=True):
+        """Validation and test accuracy, logged; returns the validation accuracy (-inf without a split).
+
+        Its time is not training time: the clock stops meanwhile."""
+        with self.clock.paused():
+            results = {split: evaluate_classifier(self.model, self.loaders[split], self.device)
+                       for split in ("valid", "test")}
+        record = dict(kind="eval", end_of_epoch=end_of_epoch)
+        message = [f"epoch {self.epoch}" if end_of_epoch else f"epoch {self.epoch} it {self.iteration}"]
         for split, result in results.items():
             if result is not None:
                 record[f"{split}_acc"], record[f"{split}_loss"] = result
                 message.append(f"{split} acc {result[0]:.4f} loss {result[1]:.4f}")
-        if results["valid"] is not None and results["valid"][0] > self.best_valid_acc:
+        if end_of_epoch and results["valid"] is not None and results["valid"][0] > self.best_valid_acc:
             message.append("new best")
         self.log.line(" | ".join(message), console_writer=tqdm.write)
-        self.log.record(**record)
+        self.record(**record)
         return results["valid"][0] if results["valid"] is not None else -math.inf
 
     def log_buffer_quality(self):
         """--fid_every: IS, FID and KID of the replay buffer against --fid_reference, into metrics.jsonl."""
-        scores = self.buffer_quality(self.replay_buffer.images)
+        with self.clock.paused():
+            scores = self.buffer_quality(self.replay_buffer.images)
         self.log.line(f"epoch {self.epoch} | buffer IS {scores['inception_score']:.3f} FID {scores['fid']:.2f} "
                       f"KID {scores['kid']:.4f} ({len(self.replay_buffer)} images vs {self.args.fid_reference})",
                       console_writer=tqdm.write)
-        self.log.record(kind="sample_quality", epoch=self.epoch, iteration=self.iteration,
-                        n_samples=len(self.replay_buffer), reference=self.args.fid_reference, **scores)
+        self.record(kind="sample_quality", n_samples=len(self.replay_buffer), reference=self.args.fid_reference,
+                    **scores)
+
+    def record(self, **fields):
+        """A metrics.jsonl record at this point of the run: its epoch, iteration and training clock, then `fields`."""
+        self.log.record(**{"epoch": self.epoch, "iteration": self.iteration, **self.clock.read(), **fields})
 
     def recover_from_divergence(self, loss_value):
         """--on_diverge rollback: back to the last good state with new random numbers; else stop."""
         args = self.args
         where = f"epoch {self.epoch} iteration {self.iteration} (loss {loss_value:.3g})"
-        self.log.record(kind="diverged", epoch=self.epoch, iteration=self.iteration, loss=loss_value)
+        self.record(kind="diverged", loss=loss_value)
         if args.on_diverge == "stop":
             self.save("last_good_before_divergence.pt")
             path = os.path.join(args.save_dir, "last_good_before_divergence.pt")
@@ -741,11 +446,16 @@ def main(argv=None):
         seed_everything(args.seed + topology.rank)
         log = RunLog(args.save_dir, quiet=args.print_to_log, append=bool(args.resume)) if topology.is_main \
             else SilentLog()
+        resolve_amp(args, device, log.line)
+        args.hardware = describe_hardware(device)
         if topology.is_main:
             write_json(os.path.join(args.save_dir, "args.json"), vars(args))
+        log.record(kind="run", hardware=args.hardware, amp=args.amp, compile=args.compile, torch=torch.__version__,
+                   world_size=topology.world_size)
         trainer = Trainer(args, topology, device, log, resume_state)
         n_params = sum(p.numel() for p in trainer.model.parameters())
-        log.line(f"WRN-{args.depth}-{args.width} ({n_params:,} parameters) on {device}"
+        log.line(f"WRN-{args.depth}-{args.width} ({n_params:,} parameters) on {args.hardware}"
+                 f"{', bf16 mixed precision (--amp)' if args.amp else ''}"
                  f"{f' x {topology.world_size} processes' if topology.distributed else ''}; "
                  f"{len(trainer.loaders['train'].dataset)} training images, "
                  f"{len(trainer.loaders['labeled'].dataset)} labeled")

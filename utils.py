@@ -36,11 +36,6 @@ def select_device(name=None):
     return device
 
 
-def autocast(device, enabled):
-    """bf16 autocast for `--amp` (CUDA only; on a CPU it would only slow the convolutions down)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -150,8 +145,10 @@ def add_system_flags(parser):
     group.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     group.add_argument("--seed", type=int, default=1, help="seed for torch, numpy and random")
     group.add_argument("--amp", action="store_true",
-                       help="bf16 autocast for forward passes on GPU (faster; changes the loss slightly)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the Wide-ResNet (GPU speed-up)")
+                       help="bf16 mixed precision, where the hardware has it (GPUs from Ampere on; CPUs with AMX-BF16 "
+                            "or AVX512-BF16); elsewhere one line says so and float32 is used")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the Wide-ResNet (a GPU speed-up; slower on the CPUs we measured)")
     group.add_argument("--n_workers", type=int, default=None,
                        help="data-loading processes (default: 4 on GPU, 0 on CPU)")
     group.add_argument("--print_every", type=int, default=100, help="log every this many iterations")

@@ -11,6 +11,7 @@ import torch
 
 import eval_wrn_ebm
 import train_wrn_ebm
+import training
 from checkpoint import load_checkpoint
 from utils import run_cli
 
@@ -33,7 +34,7 @@ def records(save_dir):
 
 def interrupt_at(monkeypatch, calls_before_signal):
     """Make the training loss send this process SIGTERM during its n-th call."""
-    real_loss, calls = train_wrn_ebm.jem_loss, []
+    real_loss, calls = training.jem_loss, []
 
     def loss_then_signal(*args, **kwargs):
         calls.append(1)
@@ -41,7 +42,7 @@ def interrupt_at(monkeypatch, calls_before_signal):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_wrn_ebm, "jem_loss", loss_then_signal)
+    monkeypatch.setattr(training, "jem_loss", loss_then_signal)
 
 
 def assert_same_state(a, b):
@@ -109,14 +110,14 @@ def test_iteration_checkpoints_and_keep_last(tiny, tmp_path):
 
 def diverge_at(monkeypatch, iterations):
     """Blow the loss up (x1e9) at the given 1-based call numbers of jem_loss."""
-    real_loss, calls = train_wrn_ebm.jem_loss, []
+    real_loss, calls = training.jem_loss, []
 
     def loss(*args, **kwargs):
         calls.append(1)
         value, terms = real_loss(*args, **kwargs)
         return (value * 1e9 if len(calls) in iterations else value), terms
 
-    monkeypatch.setattr(train_wrn_ebm, "jem_loss", loss)
+    monkeypatch.setattr(training, "jem_loss", loss)
 
 
 def test_rollback_recovers_from_an_injected_divergence(tiny, tmp_path, monkeypatch):
@@ -170,8 +171,8 @@ def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch, caps
 
 
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
-    real_loss = train_wrn_ebm.jem_loss
-    monkeypatch.setattr(train_wrn_ebm, "jem_loss",
+    real_loss = training.jem_loss
+    monkeypatch.setattr(training, "jem_loss",
                         lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real_loss(*a, **k)))
     with pytest.raises(SystemExit):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])

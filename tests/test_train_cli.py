@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_wrn_ebm
+import training
 from checkpoint import load_checkpoint
 from models import JEM
 from utils import run_cli
@@ -89,7 +90,7 @@ def test_warmup_and_decay_set_the_learning_rate(tiny, tmp_path):
 @pytest.mark.parametrize("warmup_iters", ["0", "-1"])
 def test_no_warmup_trains_at_the_full_learning_rate_from_the_first_iteration(warmup_iters):
     args = train_wrn_ebm.parse_args(["--warmup_iters", warmup_iters, "--lr", "0.1"])
-    assert [train_wrn_ebm.scheduled_lr(args, 0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
+    assert [training.scheduled_lr(args, 0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
 
 
 def test_clf_only_trains_only_the_classifier_head(tiny, tmp_path):
@@ -113,7 +114,7 @@ def test_load_path_accepts_the_papers_two_key_file(tiny, tmp_path):
 
 
 def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypatch, capsys):
-    real_loss = train_wrn_ebm.jem_loss
+    real_loss = training.jem_loss
     calls = []
 
     def diverging_loss(*args, **kwargs):
@@ -121,7 +122,7 @@ def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypat
         loss, terms = real_loss(*args, **kwargs)
         return (loss * 1e9 if len(calls) == 9 else loss), terms  # iteration 8, in epoch 1
 
-    monkeypatch.setattr(train_wrn_ebm, "jem_loss", diverging_loss)
+    monkeypatch.setattr(training, "jem_loss", diverging_loss)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--n_epochs", "3"])
     assert exit_info.value.code == 2
@@ -155,7 +156,7 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, flags, message):
 def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(tiny, tmp_path, monkeypatch):
     """Each iteration calls the loss twice (at w, then at w + e) on the same inputs and samples; only the
     first call moves batch norm's running statistics."""
-    real_loss, calls = train_wrn_ebm.jem_loss, []
+    real_loss, calls = training.jem_loss, []
 
     def recording_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=None):
         before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
@@ -165,7 +166,7 @@ def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(
         calls.append(dict(inputs=(samples["p_x"], x_data, x_lab, y_lab), weights=weights, stats_moved=moved))
         return result
 
-    monkeypatch.setattr(train_wrn_ebm, "jem_loss", recording_loss)
+    monkeypatch.setattr(training, "jem_loss", recording_loss)
     train(tiny, tmp_path, "--optimizer", "sam", "--norm", "batch", "--n_epochs", "1", "--lr", "0.01")
     assert len(calls) == 2 * 6
     for first, second in zip(calls[::2], calls[1::2]):
