@@ -258,6 +258,8 @@ class Trainer:
                 if outcome == "finished":
                     self.end_epoch()  # writes last_ckpt.pt
                 elif outcome == "stopped":
+                    if self.args.max_train_minutes and self.topology.is_main:
+                        self.evaluate(end_of_epoch=False)  # the accuracy the budget bought
                     self.save("last_ckpt.pt")
                 stop = outcome == "stopped" or any_rank(float(self.stop_reason(signals) is not None), self.topology,
                                                         self.device)
