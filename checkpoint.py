@@ -23,6 +23,7 @@ from utils import UserError
 
 FORMAT_VERSION = 2  # 1: held pickled numpy objects; 2: tensors and plain Python values only
 CONVERTER = "scripts/convert_checkpoint.py"
+YOPO_ALIASES = ("f.layer_one.", "f.other_layers.")  # JEM++'s second names for tensors of the paper's layout
 
 
 def write_checkpoint(path, state):
@@ -56,18 +57,32 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise UserError(f"{path} is not a JEM checkpoint: expected a dict with 'model_state_dict' "
                         "(and 'replay_buffer'), as written by this project or the paper's code")
+    version = ckpt.get("format_version", FORMAT_VERSION)
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UserError(f"{path} is a checkpoint of format {version}, written by a newer version of this project; "
+                        f"this one reads formats up to {FORMAT_VERSION}: update the project to read it")
     return ckpt
 
 
 def describe_state_dict(state_dict):
-    """Depth, width and n_classes of the network a JEM state dict was saved from (None if unknown)."""
+    """Depth, width and n_classes of the network a JEM state dict was saved from (None if unknown), and its
+    norm where the keys tell it: batch (running statistics), act (loc and scale) or none (no norm layers);
+    instance and layer norm hold the same keys, so the norm of such a file is left out."""
     try:
         blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"f\.layer1\.(\d+)\.", k))}
         width = state_dict["f.layer1.0.conv1.weight"].shape[0] // 16
         n_classes = state_dict["class_output.weight"].shape[0]
     except (KeyError, AttributeError, IndexError):
         return None
-    return {"depth": 6 * len(blocks) + 4, "width": width, "n_classes": n_classes}
+    description = {"depth": 6 * len(blocks) + 4, "width": width, "n_classes": n_classes}
+    norm_keys = {k.rsplit(".", 1)[1] for k in state_dict if k.startswith("f.bn1.")}
+    if "running_mean" in norm_keys:
+        description["norm"] = "batch"
+    elif "loc" in norm_keys:
+        description["norm"] = "act"
+    elif not norm_keys:
+        description["norm"] = None
+    return description
 
 
 def network_name(description):
@@ -84,25 +99,51 @@ def state_dict_mismatch(expected, found):
         if keys)
 
 
+def in_paper_layout(state_dict, model):
+    """A state dict of JEM++'s or SADA-JEM's code in the paper's layout, which `model` holds.
+
+    Their Wide-ResNets drop the paper's unused `f.linear`, and JEM++'s "yopo" network registers its first
+    convolution and its stages a second time (`f.layer_one.*`, `f.other_layers.*`, the same tensors under
+    other names). The aliases are dropped and a missing `f.linear` is taken from `model` (it never enters a
+    score); any other difference is left for the strict load to report.
+    """
+    state = {k: v for k, v in state_dict.items() if not k.startswith(YOPO_ALIASES)}
+    linear = {k: v for k, v in model.state_dict().items() if k.startswith("f.linear.")}
+    if "f.conv1.weight" in state and not any(k in state for k in linear):
+        state.update(linear)
+    return state
+
+
 def load_model_state(model, state_dict, path):
-    """Strict load; a checkpoint of another architecture gets one short line that says what to pass."""
+    """Strict load (of the paper's layout, or JEM++'s and SADA-JEM's: see in_paper_layout); a checkpoint of another
+    architecture gets one short line that says what to pass."""
+    state_dict = in_paper_layout(state_dict, model)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError:
         expected = model.state_dict()
-        found = describe_state_dict(state_dict)
-        holds = (f"it holds {network_name(found)}" if found else
-                 f"it holds {len(state_dict)} tensors that are not a JEM Wide-ResNet's")
-        has_norm = any(".bn1." in k for k in state_dict)
-        if found is None:
-            hint = ""
-        elif found == describe_state_dict(expected):
-            hint = "; pass the --norm it was trained with" if has_norm else "; it has no norm layers: pass --norm none"
-        else:
-            hint = f"; pass --depth {found['depth']} --width {found['width']} and the --norm it was trained with"
-        raise UserError(f"checkpoint {path} does not fit this model: {holds}, this model is "
+        raise UserError(f"checkpoint {path} does not fit this model: {what_it_holds(state_dict)}, this model is "
                         f"{network_name(describe_state_dict(expected))} ({state_dict_mismatch(expected, state_dict)})"
-                        f"{hint}")
+                        f"{flags_that_fit(state_dict, expected)}") from None
+
+
+def what_it_holds(state_dict):
+    found = describe_state_dict(state_dict)
+    return f"it holds {network_name(found)}" if found else \
+        f"it holds {len(state_dict)} tensors that are not a JEM Wide-ResNet's"
+
+
+def flags_that_fit(state_dict, expected):
+    """'; pass ...': the flags that build the file's network, as far as its keys tell them."""
+    found, wanted = describe_state_dict(state_dict), describe_state_dict(expected)
+    if found is None:
+        return ""
+    norm = f"--norm {found['norm'] or 'none'}" if "norm" in found else "the --norm it was trained with"
+    if (found["depth"], found["width"]) != (wanted["depth"], wanted["width"]):
+        return f"; pass --depth {found['depth']} --width {found['width']} and {norm}"
+    if found["n_classes"] != wanted["n_classes"]:
+        return f"; it classifies {found['n_classes']} classes: use it with a data set of {found['n_classes']} classes"
+    return f"; pass {norm}"
 
 
 def rng_states():

@@ -53,7 +53,7 @@ def test_papers_two_key_file_loads_and_gives_the_same_logits(tmp_path, zip_forma
     load_model_state(restored, ckpt["model_state_dict"], str(path))
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(restored.classify(x), model.classify(x))
-    assert describe_state_dict(ckpt["model_state_dict"]) == {"depth": 16, "width": 2, "n_classes": 10}
+    assert describe_state_dict(ckpt["model_state_dict"]) == {"depth": 16, "width": 2, "n_classes": 10, "norm": None}
 
 
 def test_wrong_architecture_names_the_right_flags(tmp_path):
@@ -74,6 +74,44 @@ def test_keys_that_do_not_fit_get_a_short_line_that_says_what_the_file_holds(tmp
     assert f"{n_keys} keys missing from the file, first f.conv1.weight" in message
     assert f"{n_keys} keys this model lacks, first module.f.conv1.weight" in message
     assert "this model is a WRN-10-1 with 10 classes" in message
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line_naming_its_version(tmp_path):
+    path = tmp_path / "future.pt"
+    torch.save(checkpoint_state(JEM(depth=10, width=1).state_dict(), torch.zeros(0, 3, 32, 32),
+                                format_version=FORMAT_VERSION + 1), path)
+    with pytest.raises(UserError) as error:
+        load_checkpoint(str(path))
+    message = str(error.value)
+    assert "\n" not in message and f"format {FORMAT_VERSION + 1}" in message and "newer" in message
+
+
+def authors_state_dict(model, yopo):
+    """`model`'s weights as JEM++'s (yopo=True) or SADA-JEM's code saves them: no f.linear; JEM++'s network also
+    registers conv1 as f.layer_one and the stages and the last norm as f.other_layers.{0,1,2,3}."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("f.linear.")}
+    if yopo:
+        for name, alias in (("f.conv1.", "f.layer_one."), ("f.layer1.", "f.other_layers.0."),
+                            ("f.layer2.", "f.other_layers.1."), ("f.layer3.", "f.other_layers.2."),
+                            ("f.bn1.", "f.other_layers.3.")):
+            state.update({alias + k[len(name):]: v for k, v in state.items() if k.startswith(name)})
+    return state
+
+
+@pytest.mark.parametrize("yopo", [True, False], ids=["jempp", "sadajem"])
+def test_the_authors_layouts_of_jempp_and_sadajem_load_and_give_the_same_logits(yopo):
+    torch.manual_seed(2)
+    theirs = JEM(depth=10, width=2, norm="batch").train()
+    theirs(torch.randn(16, 3, 32, 32))  # running statistics away from their initial values
+    state = authors_state_dict(theirs.eval(), yopo)
+    assert not any(k.startswith("f.linear.") for k in state)
+    assert describe_state_dict(state) == {"depth": 10, "width": 2, "n_classes": 10, "norm": "batch"}
+    ours = JEM(depth=10, width=2, norm="batch").eval()
+    load_model_state(ours, state, "theirs.pt")
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(ours.classify(x), theirs.classify(x), rtol=0, atol=0)
+    with pytest.raises(UserError, match="--norm batch"):  # a norm the keys tell is named in the line
+        load_model_state(JEM(depth=10, width=2), state, "theirs.pt")
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])
