@@ -64,7 +64,8 @@ def describe_hardware(device):
     if device.type == "cpu":
         features = cpu_bf16_features()
         bf16 = f"native bf16: {', '.join(features)}" if features else "no native bf16"
-        return (f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads; {bf16}), "
+        threads = torch.get_num_threads()
+        return (f"{cpu_model()} ({os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''}; {bf16}), "
                 f"torch {torch.__version__}")
     return f"{device.type}, torch {torch.__version__}"
 

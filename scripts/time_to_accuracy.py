@@ -1,0 +1,279 @@
+"""Time to accuracy: how soon does each configuration train a JEM to a given held-out accuracy?
+
+Speed per iteration says little if a faster step learns worse. This trains every configuration (a recipe,
+with or without the fast flags) on the same data, for the same training time, from the same seeds, and
+follows held-out accuracy and the energy gap f(x_data) - f(x_q) against training time:
+
+    python scripts/time_to_accuracy.py --data synthetic --minutes 5 --seeds 1 2 3 --out runs/tta_synthetic
+    python scripts/time_to_accuracy.py --data ../shared/data/cifar10_subset --minutes 10 --out runs/tta_cifar
+
+Every run is `train_wrn_ebm.py` with `--max_train_minutes` (its clock leaves out the evaluations) and
+`--eval_every_iters`, as a subprocess of `--threads` CPU threads, `--parallel` at a time; a finished run
+(its `done.json`) is not run again and one cut short is resumed, so the command can be re-run. It writes
+OUT/<config>/seed<N>/ (the runs), OUT/results.json (every curve and the summary) and OUT/time_to_accuracy.png
+(accuracy and energy gap against minutes: the mean over seeds, the band from the lowest to the highest),
+and prints, per configuration, the final accuracy and the time the mean curve needs to reach the target:
+by default the baseline's (`jem`, the paper's float32 step) mean accuracy at the end of its budget.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on headless servers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+# Shared by every configuration: a small network, the paper's batch, a short warm-up for a short budget; the
+# epoch count is a ceiling that the time budget reaches long before.
+BASE_FLAGS = ("--depth 10 --width 1 --batch_size 64 --warmup_iters 100 --n_valid 500 --buffer_size 2000 "
+              "--n_epochs 10000 --ckpt_every 10000 --on_diverge rollback --rollback_lr_scale 0.5")
+# name: train_wrn_ebm.py flags over BASE_FLAGS. `jem` is the paper's step and recipe (Adam 1e-4, 20 SGLD steps).
+CONFIGS = {
+    "jem": "",
+    "jem-amp": "--amp",
+    "jem-compile": "--compile",
+    "jem-cuda_graph": "--cuda_graph",
+    "jem-fast": "--amp --compile --cuda_graph",  # the GPU fast path
+    "jempp": "--recipe jempp",
+    "jempp-amp": "--recipe jempp --amp",
+    "sadajem": "--recipe sadajem",
+    "sadajem-amp": "--recipe sadajem --amp",
+    "clf": "--p_x_weight 0",  # not a JEM: the plain classifier, for reference
+}
+DEFAULT_CONFIGS = ["jem", "jem-amp", "jempp", "jempp-amp", "sadajem", "sadajem-amp"]
+CLOCKS = {"wall": "train_seconds", "cpu": "cpu_seconds"}
+GRID_POINTS = 200  # the curves are compared on this many equal steps of the budget
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train each configuration for the same time over several seeds; "
+                                                 "held-out accuracy against training time, and the time to a target")
+    parser.add_argument("--data", required=True, help="train_wrn_ebm.py's --dataset: synthetic, cifar10, ... or an "
+                                                      "image folder with train/ and test/")
+    parser.add_argument("--data_root", default=None, help="train_wrn_ebm.py's --data_root for torchvision sets")
+    parser.add_argument("--out", default="runs/time_to_accuracy", help="where the runs, the JSON and the figure go")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time of every run")
+    parser.add_argument("--baseline", default="jem", choices=list(CONFIGS), help="the configuration the others are "
+                                                                                  "compared with")
+    parser.add_argument("--target", type=float, default=None,
+                        help="the accuracy to reach (default: the baseline's mean at the end of its budget)")
+    parser.add_argument("--metric", choices=["test_acc", "valid_acc"], default="test_acc")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: the run's wall-clock training seconds; cpu: its CPU seconds (with one thread, "
+                             "the same on an idle core and not stretched by a busy machine)")
+    parser.add_argument("--eval_every_iters", type=int, default=50, help="held-out accuracy every this many iterations")
+    parser.add_argument("--base_flags", default=BASE_FLAGS, help="train_wrn_ebm.py flags shared by every run")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run (OMP_NUM_THREADS)")
+    parser.add_argument("--device", default=None, help="train_wrn_ebm.py's --device (default: its own choice)")
+    parser.add_argument("--report_only", action="store_true", help="train nothing; summarise the runs in --out")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# The runs.
+
+def run_dir(args, config, seed):
+    return os.path.join(args.out, config, f"seed{seed}")
+
+
+def train_command(args, config, seed):
+    flags = shlex.split(args.base_flags) + shlex.split(CONFIGS[config])
+    flags += ["--dataset", args.data, "--seed", str(seed), "--max_train_minutes", f"{args.minutes:g}",
+              "--eval_every_iters", str(args.eval_every_iters), "--print_every", "10", "--print_to_log",
+              "--save_dir", run_dir(args, config, seed)]
+    flags += ["--data_root", args.data_root] if args.data_root else []
+    flags += ["--device", args.device] if args.device else []
+    return [PYTHON, os.path.join(REPO, "train_wrn_ebm.py"), *flags]
+
+
+def train_once(args, config, seed, print_lock):
+    """One run to the end of its budget: skipped when done, resumed when cut short."""
+    save_dir = run_dir(args, config, seed)
+    done = os.path.join(save_dir, "done.json")
+    if os.path.exists(done):
+        return
+    cmd = train_command(args, config, seed)
+    if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):
+        cmd = [PYTHON, cmd[1], "--resume", save_dir, "--max_train_minutes", f"{args.minutes:g}", "--print_to_log"]
+    os.makedirs(save_dir, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    with open(os.path.join(save_dir, "driver.log"), "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        raise RuntimeError(f"{config} seed {seed} failed (exit {returncode}); see {save_dir}/driver.log")
+    with open(done, "w") as fh:
+        json.dump({"command": shlex.join(cmd), "minutes": args.minutes}, fh)
+    with print_lock:
+        print(f"{config} seed {seed}: done", flush=True)
+
+
+def train_all(args):
+    """Every (configuration, seed), --parallel at a time; the seeds go round the configurations so that the runs
+    side by side are of different configurations."""
+    jobs = [(config, seed) for seed in args.seeds for config in args.configs]
+    lock = threading.Lock()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for future in [pool.submit(train_once, args, config, seed, lock) for config, seed in jobs]:
+            future.result()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the runs.
+
+def read_records(save_dir):
+    """metrics.jsonl of a run; where a resumed run repeated iterations, the later record of each wins."""
+    latest = {}
+    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
+        for line in fh:
+            record = json.loads(line)
+            latest[(record["kind"], record.get("iteration"), record.get("end_of_epoch"))] = record
+    return sorted(latest.values(), key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
+
+
+def read_run(save_dir, metric, clock):
+    """A run's accuracy and energy-gap curves against minutes of training, and what it did."""
+    records = read_records(save_dir)
+    evals = [r for r in records if r["kind"] == "eval" and r.get(metric) is not None]
+    train = [r for r in records if r["kind"] == "train"]
+    hardware = next((r["hardware"] for r in records if r["kind"] == "run"), None)
+    last = max(records, key=lambda r: r.get("train_seconds") or 0)
+    return {
+        "minutes": [r[CLOCKS[clock]] / 60 for r in evals],
+        "accuracy": [r[metric] for r in evals],
+        "gap_minutes": [r[CLOCKS[clock]] / 60 for r in train if "f_data" in r],
+        "energy_gap": [r["f_data"] - r["f_q"] for r in train if "f_data" in r],
+        "iterations": last.get("iteration"), "train_seconds": last.get("train_seconds"),
+        "cpu_seconds": last.get("cpu_seconds"), "hardware": hardware,
+        "rollbacks": sum(r["kind"] == "diverged" for r in records),
+    }
+
+
+def on_grid(minutes, values, grid):
+    """The latest value at or before each grid time (NaN before the first). A run stops within an iteration
+    after its budget, so its last times count as the budget's end."""
+    index = np.searchsorted(np.minimum(minutes, grid[-1]), grid, side="right") - 1
+    return np.where(index >= 0, np.asarray(values, dtype=float)[np.clip(index, 0, None)], np.nan)
+
+
+def first_time_reaching(grid, curve, target):
+    reached = np.nonzero(curve >= target)[0]
+    return float(grid[reached[0]]) if len(reached) else None
+
+
+def summarize(args, runs):
+    """Per configuration: mean/min/max curves on the grid, final accuracy, and the time the mean takes to reach
+    the target (default: the baseline's mean final accuracy)."""
+    grid = np.linspace(0, args.minutes, GRID_POINTS + 1)
+    summary = {}
+    for config, by_seed in runs.items():
+        curves = np.stack([on_grid(r["minutes"], r["accuracy"], grid) for r in by_seed.values()])
+        finals = [r["accuracy"][-1] for r in by_seed.values() if r["accuracy"]]
+        summary[config] = {
+            "seeds": sorted(by_seed), "grid_minutes": grid.tolist(), "mean": np.nanmean(curves, 0).tolist(),
+            "low": np.nanmin(curves, 0).tolist(), "high": np.nanmax(curves, 0).tolist(),
+            "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+            "final_min": float(min(finals)), "final_max": float(max(finals)),
+            "iterations_per_minute": float(np.mean([r["iterations"] / (r["train_seconds"] / 60)
+                                                    for r in by_seed.values()])),
+            "wall_over_cpu": float(np.mean([r["train_seconds"] / r["cpu_seconds"] for r in by_seed.values()])),
+            "rollbacks": sum(r["rollbacks"] for r in by_seed.values()),
+        }
+    target = args.target if args.target is not None else summary[args.baseline]["final_mean"]
+    for config, s in summary.items():
+        mean = np.asarray(s["mean"])
+        all_seeds = ~np.isnan(np.asarray(s["low"]))  # the mean counts only where every seed has a value
+        s["minutes_to_target"] = first_time_reaching(grid[all_seeds], mean[all_seeds], target)
+    baseline_time = summary[args.baseline]["minutes_to_target"]
+    for s in summary.values():
+        s["speedup_to_target"] = baseline_time / s["minutes_to_target"] \
+            if baseline_time and s["minutes_to_target"] else None
+    return target, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The report.
+
+def print_table(args, target, summary, hardware):
+    print(f"{hardware}\n{len(args.seeds)} seeds, {args.minutes:g} minutes of training each ({args.clock} clock), "
+          f"{args.metric}; target {target:.4f} (" + ("given" if args.target is not None else
+                                                   f"{args.baseline}'s mean at the end") + ")")
+    print(f"{'config':<14} {'it/min':>7} {'final acc: mean':>16} {'sd':>6} {'min-max':>12} {'min to target':>14} "
+          f"{'vs ' + args.baseline:>10}")
+    for config, s in summary.items():
+        reach = "not reached" if s["minutes_to_target"] is None else f"{s['minutes_to_target']:.2f}"
+        speedup = "—" if s["speedup_to_target"] is None else f"{s['speedup_to_target']:.2f}x"
+        print(f"{config:<14} {s['iterations_per_minute']:>7.1f} {s['final_mean']:>16.4f} {s['final_std']:>6.3f} "
+              f"{s['final_min']:>5.3f}-{s['final_max']:<6.3f} {reach:>14} {speedup:>10}")
+
+
+def plot(args, target, summary, runs, path):
+    """Accuracy (mean over seeds, band from lowest to highest) and the energy gap against minutes of training."""
+    fig = Figure(figsize=(11, 4.2))
+    acc_ax, gap_ax = fig.subplots(1, 2)
+    for i, (config, s) in enumerate(summary.items()):
+        color = f"C{i}"
+        acc_ax.plot(s["grid_minutes"], s["mean"], color=color, label=config)
+        acc_ax.fill_between(s["grid_minutes"], s["low"], s["high"], color=color, alpha=0.15, linewidth=0)
+        grid = np.asarray(s["grid_minutes"])
+        gaps = [on_grid(r["gap_minutes"], r["energy_gap"], grid) for r in runs[config].values() if r["energy_gap"]]
+        if gaps:  # a plain classifier has none
+            gap_ax.plot(grid, np.nanmean(np.stack(gaps), 0), color=color, label=config)
+    acc_ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    acc_ax.set(xlabel=f"minutes of training ({args.clock} clock)", ylabel=f"held-out accuracy ({args.metric})",
+               title=f"{os.path.basename(os.path.normpath(args.data))}: {len(args.seeds)} seeds")
+    gap_ax.axhline(0, color="grey", linewidth=0.8)
+    gap_ax.set(xlabel=f"minutes of training ({args.clock} clock)", ylabel="energy gap f(x_data) - f(x_q)",
+               title="energy gap (mean over seeds)")
+    acc_ax.set_xlim(0, args.minutes)
+    gap_ax.set_xlim(0, args.minutes)
+    acc_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def report(args):
+    runs = {config: {seed: read_run(run_dir(args, config, seed), args.metric, args.clock) for seed in args.seeds
+                     if os.path.exists(os.path.join(run_dir(args, config, seed), "metrics.jsonl"))}
+            for config in args.configs}
+    runs = {config: by_seed for config, by_seed in runs.items() if by_seed}
+    if args.baseline not in runs:
+        raise SystemExit(f"no runs of the baseline {args.baseline} in {args.out}: add it to --configs")
+    target, summary = summarize(args, runs)
+    hardware = next(r["hardware"] for by_seed in runs.values() for r in by_seed.values() if r["hardware"])
+    print_table(args, target, summary, hardware)
+    figure = os.path.join(args.out, "time_to_accuracy.png")
+    plot(args, target, summary, runs, figure)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump({"hardware": hardware, "target": target, "options": vars(args), "summary": summary,
+                   "runs": {c: {str(s): r for s, r in by_seed.items()} for c, by_seed in runs.items()},
+                   "commands": {c: shlex.join(train_command(args, c, "SEED")[1:]) for c in runs}}, fh, indent=1)
+    print(f"wrote {args.out}/results.json and {figure}")
+    return summary
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", "All-NaN slice|Mean of empty slice", RuntimeWarning)  # before a first eval
+    args = parse_args(argv)
+    if args.baseline not in args.configs:
+        raise SystemExit(f"--baseline {args.baseline} must be one of --configs")
+    os.makedirs(args.out, exist_ok=True)
+    if not args.report_only:
+        train_all(args)
+    return report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The time-to-accuracy benchmark end to end on tiny data, and the training flags it stands on: a time budget
+that stops a run (with an evaluation at the stop) and a training clock that resumes with the run."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+
+import train_wrn_ebm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(ROOT, "scripts", "time_to_accuracy.py"))
+tta = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(tta)
+
+TINY = ["--depth", "10", "--width", "1", "--n_steps", "1", "--batch_size", "8", "--n_valid", "8",
+        "--buffer_size", "40", "--n_epochs", "1000", "--device", "cpu", "--print_to_log"]
+
+
+def records(save_dir):
+    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_a_time_budget_stops_the_run_evaluates_it_and_the_clock_resumes(tiny_image_folder, tmp_path):
+    run = str(tmp_path / "run")
+    train_wrn_ebm.main(["--dataset", tiny_image_folder, *TINY, "--max_train_minutes", "0.05", "--eval_every_iters",
+                        "3", "--save_dir", run])
+    first = records(run)
+    assert first[0]["kind"] == "run" and "bf16" in first[0]["hardware"]
+    evals = [r for r in first if r["kind"] == "eval"]
+    assert any(r["iteration"] % 3 == 0 and not r["end_of_epoch"] for r in evals)
+    last = max((r for r in first if r["kind"] != "run"), key=lambda r: r["train_seconds"])
+    assert 3 <= last["train_seconds"] < 30 and last["kind"] == "eval" and "test_acc" in last  # the stop's eval
+    assert all(r["cpu_seconds"] > 0 for r in first if "cpu_seconds" in r)
+    with open(os.path.join(run, "log.txt")) as fh:
+        assert "--max_train_minutes 0.05 used" in fh.read()
+
+    train_wrn_ebm.main(["--resume", run, "--max_train_minutes", "0.08"])
+    resumed = records(run)[len(first):]
+    assert min(r["train_seconds"] for r in resumed if "train_seconds" in r) >= last["train_seconds"]
+    assert max(r.get("iteration", 0) for r in resumed) > last["iteration"]
+
+
+def test_curves_step_to_the_latest_value_and_end_at_the_budget():
+    grid = np.array([0.0, 1.0, 2.0, 3.0])
+    curve = tta.on_grid([0.5, 2.0, 3.02], [0.1, 0.4, 0.6], grid)  # the last eval a moment past the budget
+    assert np.isnan(curve[0]) and curve[1:].tolist() == [0.1, 0.4, 0.6]
+
+
+def test_time_to_accuracy_end_to_end_two_configs_two_seeds(tiny_image_folder, tmp_path, capsys):
+    out = str(tmp_path / "tta")
+    flags = ["--data", tiny_image_folder, "--out", out, "--configs", "jem", "clf", "--seeds", "1", "2",
+             "--minutes", "0.02", "--eval_every_iters", "2", "--base_flags", " ".join(TINY[:-3]), "--device", "cpu"]
+    summary = tta.main(flags)
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "results.json")) as fh:
+        results = json.load(fh)
+    assert set(results["summary"]) == {"jem", "clf"} and set(results["runs"]["jem"]) == {"1", "2"}
+    for config in ("jem", "clf"):
+        s = results["summary"][config]
+        assert s["seeds"] == [1, 2] and 0 <= s["final_min"] <= s["final_mean"] <= s["final_max"] <= 1
+        assert s["iterations_per_minute"] > 0 and config in printed
+        assert all(run["accuracy"] and max(run["minutes"]) >= 0.02 for run in results["runs"][config].values())
+    assert results["target"] == results["summary"]["jem"]["final_mean"]  # the baseline's mean at the end
+    assert summary["jem"]["speedup_to_target"] == 1.0
+    assert "bf16" in results["hardware"] and results["hardware"] in printed
+    with open(os.path.join(out, "time_to_accuracy.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    done = os.path.join(out, "jem", "seed1", "done.json")
+    stamp = os.path.getmtime(done)
+    tta.main(flags)  # a finished run is not trained again
+    assert os.path.getmtime(done) == stamp and len(records(os.path.join(out, "jem", "seed1"))) == \
+        len([line for line in open(os.path.join(out, "jem", "seed1", "metrics.jsonl"))])
