@@ -4,7 +4,7 @@
 Both give a replay buffer's first images (`fill`) and the fresh starts that replace a buffer image with
 probability reinit_freq (`sample`), so the buffer and the chain never ask which one they hold.
 """
-import os
+import hashlib
 
 import torch
 
@@ -97,17 +97,9 @@ class ClassGaussians:
         classes = torch.cat([classes, torch.randint(0, n_classes, (size - len(classes),), device=device)])
         return self.sample(size, device, classes)
 
-    def state_dict(self):
-        return {"mean": self.mean.cpu(), "scale_tril": self.scale_tril.cpu()}
-
-    def save(self, path):
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path, n_classes):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("mean") is None or len(state["mean"]) != n_classes:
-            raise UserError(f"{path} does not hold Gaussians of {n_classes} classes; delete it to fit them again")
-        return cls(state["mean"], state["scale_tril"])
+    def fingerprint(self):
+        """SHA-256 of the fitted statistics: whether a refit (on --resume) gave the same numbers, bit for bit."""
+        digest = hashlib.sha256()
+        for tensor in (self.mean, self.scale_tril):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()

@@ -273,11 +273,13 @@ def train_loaders(args, device, rank=0, world_size=1):
 
     The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
     distributed run taking its own share; the others hold every image. The labeled batches are augmented
-    (crop, flip); the p(x) batches too unless --no_px_augment (SADA-JEM).
+    (crop, flip); the p(x) batches too unless --no_px_augment (SADA-JEM). Training images get --sigma noise,
+    validation and test images --test_sigma (default: --sigma; JEM++ evaluates clean images).
     """
+    test_sigma = args.sigma if args.test_sigma is None else args.test_sigma
     train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
-    eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
-    test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, args.sigma))
+    eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, test_sigma))
+    test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, test_sigma))
     train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
                                           args.n_classes)
     labeled_batch_size = args.labeled_batch_size or args.batch_size
@@ -291,8 +293,10 @@ def train_loaders(args, device, rank=0, world_size=1):
         batches = ShuffledBatches(len(indices), batch_size, args.seed * 2 + stream, rank, world_size)
         return make_loader(Subset(dataset, indices), None, True, device, workers, batch_sampler=batches)
 
+    px_set = train_set if args.px_augment else \
+        load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
     return {
-        "train": shuffled(train_set if args.px_augment else eval_train_set, train, args.batch_size, 0),
+        "train": shuffled(px_set, train, args.batch_size, 0),
         "labeled": shuffled(train_set, labeled, labeled_batch_size, 1),
         "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
         "test": make_loader(test_set, 100, False, device, workers),

@@ -38,13 +38,19 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure):
-        """One update from the gradients at w (already in .grad); returns what closure returns."""
+        """One update from the gradients at w (already in .grad); returns what closure returns.
+
+        Should the closure raise (the training loop's check of a diverged loss), the weights go back to w and
+        the base optimizer does not step.
+        """
         weights = self.climb()
         self.zero_grad()
-        with torch.enable_grad():
-            loss = closure()
-        for p, w in weights:
-            p.copy_(w)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for p, w in weights:
+                p.copy_(w)
         self.base_optimizer.step()
         return loss
 

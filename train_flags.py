@@ -3,16 +3,19 @@ combinations that cannot work.
 
 Flags and defaults are the paper's code's (its command lines run unchanged); `--recipe jempp` / `--recipe
 sadajem` fill in JEM++'s and SADA-JEM's published settings for every flag not given (docs/recipes.md).
-bench.py builds the training step's flags here too, so it never imports the training script.
+bench.py builds the training step's flags here too, so it never imports the training script. `resumed_args`
+reads the flags of the run that --resume continues.
 """
 import argparse
+import math
+import os
 
+from checkpoint import find_resume_checkpoint, load_checkpoint
 from data import TORCHVISION_SETS
 from sample_quality import add_sample_quality_flags
 from utils import UserError, add_model_flags, add_sampler_flags, add_system_flags
 
 PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
-GAUSSIANS_FILE = "class_gaussians.pt"  # --buffer_init informative: the fitted Gaussians, in the save dir
 
 # --recipe: each later paper's training as its authors published it (the command of their README and
 # scripts/, over their code's defaults: JEMPP's train_jempp.py, SADAJEM's train_sadajem.py) for the flags that
@@ -21,18 +24,25 @@ RECIPES = {
     "jem": {},
     "jempp": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=4e-4, warmup_iters=1000, n_epochs=150,
                   decay_epochs=[50, 100, 125], decay_rate=0.2, n_steps=10, in_steps=5, pyld_lr=0.2, eps=1.0,
-                  sgld_lr=0.0, sgld_std=0.0, buffer_init="informative", model="yopo"),
+                  sgld_lr=0.0, sgld_std=0.0, buffer_init="informative", model="yopo", test_sigma=0.0),
     # SADA-JEM's chain step, x <- clamp(x + clamp(g, -1, 1), -1, 1), is one PYLD inner step of 1 (their
-    # --sgld_lr 1). Their epoch is a pass over the labeled batches of 128, half of ours over the p(x) batches
-    # of 64: their 200 epochs with decays at 60/120/180 are our 100 with decays at 30/60/90.
+    # --sgld_lr 1: see sadajem_meanings). Their epoch is a pass over the labeled batches of 128, and their run
+    # stops when |p_x_weight * l_p_x| > 1e5.
     "sadajem": dict(norm="batch", optimizer="sam", rho=2.0, lr=0.1, weight_decay=5e-4, warmup_iters=1000,
-                    n_epochs=100, decay_epochs=[30, 60, 90], decay_rate=0.2, sigma=0.0, n_valid=0,
-                    px_augment=False, labeled_batch_size=128, n_steps=5, in_steps=1, pyld_lr=1.0, eps=1.0,
-                    sgld_lr=0.0, sgld_std=0.0, buffer_init="informative"),
+                    n_epochs=200, decay_epochs=[60, 120, 180], decay_rate=0.2, sigma=0.0, n_valid=0,
+                    px_augment=False, labeled_batch_size=128, epoch_over="labeled", n_steps=5, in_steps=1,
+                    pyld_lr=1.0, eps=1.0, sgld_lr=0.0, sgld_std=0.0, buffer_init="informative",
+                    diverge_on="p_x", diverge_threshold=1e5),
 }
 
 
 def parse_args(argv=None):
+    return parse_args_and_given(argv)[0]
+
+
+def parse_args_and_given(argv=None):
+    """(args, the names of the flags the command line set): given flags, then --recipe's values for the
+    others, then (--recipe sadajem) the SADA-JEM meaning of their flags, whose names count as given."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = flags_given(parser, argv)
@@ -41,9 +51,59 @@ def parse_args(argv=None):
     for flag, value in RECIPES[args.recipe].items():
         if flag not in given:
             setattr(args, flag, value)
+    if args.recipe == "sadajem":
+        given |= sadajem_meanings(args, given)
     if args.gpu_id is not None and "device" not in given:
         args.device = f"cuda:{args.gpu_id}"
-    return args
+    return args, given
+
+
+def sadajem_meanings(args, given):
+    """Flags of SADA-JEM's published command as their script meant them; returns the names it set.
+
+    Their script wraps --optimizer sgd in SAM, and their --sgld_lr is the step of x <- clamp(x + sgld_lr *
+    clamp(g, -1, 1), -1, 1), which here is the PYLD inner step --pyld_lr. What cannot be translated is refused.
+    """
+    if args.optimizer == "adam":
+        raise UserError("--recipe sadajem trains with SAM over SGD (their script wraps --optimizer in SAM; SAM over "
+                        "Adam is not offered here): drop --optimizer adam, or drop --recipe sadajem to train with Adam")
+    translated = set()
+    if args.optimizer == "sgd":
+        args.optimizer = "sam"
+        translated.add("optimizer")
+    if "sgld_std" in given and args.sgld_std != 0:
+        raise UserError("--recipe sadajem: their --sgld_std noise is clamped to [-1, 1] with the image, which this "
+                        "sampler does not do: pass --sgld_std 0 (their published value), or drop --recipe sadajem")
+    if "sgld_lr" in given:
+        if "pyld_lr" in given:
+            raise UserError("--recipe sadajem: their --sgld_lr is the clipped chain step, --pyld_lr here: give one "
+                            "of them")
+        args.pyld_lr, args.sgld_lr = args.sgld_lr, 0.0
+        translated |= {"pyld_lr", "sgld_lr"}
+    return translated
+
+
+def resumed_args(argv):
+    """(flags, training state) of the run that --resume continues; the flags given now win over the stored
+    ones, read in the stored run's recipe (a SADA-JEM flag means what it meant when the run started).
+
+    The device and the loader processes belong to this machine, not to the run, so they are not taken over;
+    flags the stored run predates take their default, which is what that run did.
+    """
+    args, given = parse_args_and_given(argv)
+    path = find_resume_checkpoint(args.resume)
+    ckpt = load_checkpoint(path)
+    stored = ckpt.get("args")
+    if not isinstance(stored, dict) or "optimizer_state_dict" not in ckpt:
+        raise UserError(f"{path} holds no resumable training state (a file of the paper's code?); "
+                        "start from its weights with --load_path instead")
+    if "recipe" not in given and stored.get("recipe", "jem") != args.recipe:
+        args, given = parse_args_and_given(["--recipe", stored.get("recipe", "jem"), *(argv or [])])
+    defaults = vars(parse_args([]))
+    stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
+    now = {k: getattr(args, k) for k in given}
+    merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **now, "resume": path}
+    return argparse.Namespace(**merged), ckpt
 
 
 def flags_given(parser, argv=None):
@@ -68,7 +128,10 @@ def build_parser():
     data.add_argument("--n_valid", type=int, default=5000, help="training images held out for validation")
     data.add_argument("--labels_per_class", type=int, default=-1,
                       help="keep this many labels per class for p(y|x) (semi-supervised); -1: all")
-    data.add_argument("--sigma", type=float, default=3e-2, help="std of Gaussian noise added to every image")
+    data.add_argument("--sigma", type=float, default=3e-2, help="std of Gaussian noise added to every training image")
+    data.add_argument("--test_sigma", type=float, default=None,
+                      help="std of the noise added to the validation and test images (default: --sigma, as the "
+                           "paper; JEM++: 0, clean images)")
     data.add_argument("--no_px_augment", dest="px_augment", action="store_false",
                       help="serve the p(x) data batch without crop and flip, as SADA-JEM (the classification "
                            "batch keeps them)")
@@ -89,6 +152,9 @@ def build_parser():
     optim.add_argument("--labeled_batch_size", type=int, default=None,
                        help="images per classification batch (default: --batch_size; SADA-JEM: 128)")
     optim.add_argument("--n_epochs", type=int, default=200)
+    optim.add_argument("--epoch_over", choices=["px", "labeled"], default="px",
+                       help="what one epoch passes over: the p(x) batches (the paper) or the labeled batches "
+                            "(SADA-JEM); --n_epochs, --decay_epochs, --eval_every and --ckpt_every count these")
     optim.add_argument("--weight_decay", type=float, default=0.0)
     optim.add_argument("--clf_only", action="store_true",
                        help="optimise only the classification head (class_output), as the paper's flag")
@@ -105,8 +171,14 @@ def build_parser():
 
     divergence = parser.add_argument_group("divergence")
     divergence.add_argument("--on_diverge", choices=["stop", "rollback"], default="stop",
-                            help="when |L| > 1e8 or NaN: stop (as the paper) or roll back to the last checkpoint "
-                                 "with new random numbers")
+                            help="when training diverges (see --diverge_on) or a loss is NaN: stop (as the paper) or "
+                                 "roll back to the last checkpoint with new random numbers")
+    divergence.add_argument("--diverge_on", choices=["loss", "p_x"], default="loss",
+                            help="what is checked against --diverge_threshold: the whole loss (the paper) or its "
+                                 "p(x) part, p_x_weight * l_p_x (SADA-JEM)")
+    divergence.add_argument("--diverge_threshold", type=float, default=1e8,
+                            help="training has diverged when the checked value exceeds this (the paper: 1e8; "
+                                 "SADA-JEM: 1e5)")
     divergence.add_argument("--max_rollbacks", type=int, default=3, help="give up after this many rollbacks")
     divergence.add_argument("--rollback_lr_scale", type=float, default=1.0,
                             help="multiply the learning rate by this at each rollback (e.g. 0.5)")
@@ -122,7 +194,7 @@ def build_parser():
     sampler.add_argument("--eps", type=float, default=1.0, help="PYLD clips the gradient to [-eps, eps]")
     sampler.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
                          help="chain starts and restarts: uniform noise (the paper) or per-class Gaussians fitted to "
-                              f"the training images (JEM++), cached in the save dir as {GAUSSIANS_FILE}")
+                              "the training images (JEM++) when the run starts, and again when it resumes")
 
     io = parser.add_argument_group("logging and checkpoints")
     io.add_argument("--save_dir", type=str, default="./experiment")
@@ -157,12 +229,49 @@ def build_parser():
     return parser
 
 
+# Every numeric flag's range, checked in one place (check_ranges): (lowest, highest) allowed, None where
+# unbounded; a float must also be a finite number (--sigma nan would train as if it were 0).
+FLAG_RANGES = {
+    "n_valid": (0, None), "labels_per_class": (-1, None), "sigma": (0, None), "test_sigma": (0, None),
+    "rho": (0, None), "lr": (0, None), "decay_epochs": (0, None), "decay_rate": (0, None), "warmup_iters": (-1, None),
+    "batch_size": (1, None), "labeled_batch_size": (1, None), "n_epochs": (1, None), "weight_decay": (0, None),
+    "p_x_weight": (0, None), "p_y_given_x_weight": (0, None), "p_x_y_weight": (0, None), "energy_l2": (0, None),
+    "diverge_threshold": (0, None), "max_rollbacks": (1, None), "rollback_lr_scale": (0, None),
+    "depth": (10, None), "width": (1, None), "dropout_rate": (0, 1), "n_steps": (0, None), "in_steps": (0, None),
+    "buffer_size": (0, None), "reinit_freq": (0, 1), "sgld_lr": (0, None), "sgld_std": (0, None),
+    "pyld_lr": (None, None), "eps": (0, None), "ckpt_every": (1, None), "ckpt_every_iters": (0, None),
+    "keep_last": (0, None), "eval_every": (1, None), "eval_every_iters": (0, None), "max_train_minutes": (0, None),
+    "fid_every": (0, None), "is_splits": (1, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None),
+    "print_every": (1, None), "gpu_id": (0, None),
+}
+
+
+def check_ranges(args, ranges):
+    """One line for the first flag of `ranges` whose value (each value, for a list) is out of its range or not a
+    finite number; a flag left at None (its default) is not checked."""
+    for flag, (low, high) in ranges.items():
+        values = getattr(args, flag)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not (math.isfinite(value) and (low is None or value >= low)
+                                          and (high is None or value <= high)):
+                raise UserError(f"--{flag} {value}: it must be {range_in_words(low, high)}")
+
+
+def range_in_words(low, high):
+    if low is None:
+        return "a finite number"
+    if high is None:
+        return f"a number of at least {low}"
+    return f"a number from {low} to {high}"
+
+
 def needs_conditional_buffer(args):
     return args.p_x_y_weight > 0 or args.class_cond_p_x_sample or args.plot_cond
 
 
 def check_args(args, world_size=1):
-    """Impossible flag combinations, reported before any data or model is built."""
+    """Numbers out of range and impossible flag combinations, reported before any data or model is built."""
+    check_ranges(args, FLAG_RANGES)
     if args.uncond and needs_conditional_buffer(args):
         raise UserError("--uncond cannot sample class-conditionally: drop --class_cond_p_x_sample, "
                         "--p_x_y_weight and --plot_cond, or drop --uncond")
@@ -173,15 +282,6 @@ def check_args(args, world_size=1):
         raise UserError(f"--buffer_size {args.buffer_size} must divide by the {args.n_classes} classes"
                         f"{f' times {world_size} processes' if world_size > 1 else ''} for class-conditional "
                         "sampling (one buffer segment per class)")
-    for flag in ("batch_size", "n_epochs", "print_every", "ckpt_every", "eval_every", "max_rollbacks"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    if args.labeled_batch_size is not None and args.labeled_batch_size < 1:
-        raise UserError("--labeled_batch_size must be at least 1")
-    if min(args.n_steps, args.in_steps, args.buffer_size, args.ckpt_every_iters, args.keep_last, args.energy_l2,
-           args.rho, args.fid_every, args.eval_every_iters, args.max_train_minutes) < 0:
-        raise UserError("--n_steps, --in_steps, --buffer_size, --ckpt_every_iters, --keep_last, --energy_l2, --rho, "
-                        "--fid_every, --eval_every_iters and --max_train_minutes cannot be negative")
     if args.cuda_graph and args.norm == "batch":
         raise UserError("--cuda_graph cannot capture a batch-norm chain (its warm-up would move the running "
                         "statistics): drop --cuda_graph or --norm batch")

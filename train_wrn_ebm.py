@@ -21,22 +21,19 @@ chain starts, with Adam):
 Each iteration maximises log p(y|x) on a labeled batch and, with samples x_q that Langevin chains draw from
 the replay buffer (`draw_samples`), log p(x) on a data batch (and optionally log p(x, y)); see `jem_loss`.
 """
-import argparse
 import copy
 import glob
 import math
 import os
-import signal
 import time
-from contextlib import contextmanager
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chain_init import ClassGaussians, UniformNoise
-from checkpoint import (checkpoint_state, find_resume_checkpoint, load_checkpoint, load_model_state,
-                        restore_rng_states, rng_states, write_checkpoint)
+from checkpoint import (checkpoint_state, load_checkpoint, load_model_state, restore_rng_states, rng_states,
+                        write_checkpoint)
 from data import batches_from, n_classes_of, plain_training_images, train_loaders
 from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
                          shutdown)
@@ -45,74 +42,11 @@ from plotting import class_rows, save_grid
 from precision import describe_hardware, resolve_amp
 from sample_quality import BufferQuality
 from sampler import ReplayBuffer, sample_q
-from train_flags import GAUSSIANS_FILE, PLOT_EVERY, build_parser, check_args, flags_given, needs_conditional_buffer, parse_args
+from stopping import Diverged, StopSignals, TrainingClock, has_diverged, weights_are_finite
+from train_flags import PLOT_EVERY, check_args, needs_conditional_buffer, parse_args, resumed_args
 from training import (chain_settings, evaluate_classifier, has_batch_norm, iteration_loss, make_optimizer,
                       scheduled_lr, set_lr, to_training_device, update)
 from utils import RunLog, SilentLog, UserError, prepare_save_dir, run_cli, seed_everything, select_device, write_json
-
-DIVERGENCE_THRESHOLD = 1e8  # |L| above this means the energies ran away (the paper's runs crashed here)
-
-
-def resumed_args(args, given):
-    """(flags, training state) of the run that --resume continues; the flags given now (the names in `given`)
-    win over the stored ones.
-
-    The device and the loader processes belong to this machine, not to the run, so they are not taken over.
-    """
-    path = find_resume_checkpoint(args.resume)
-    ckpt = load_checkpoint(path)
-    stored = ckpt.get("args")
-    if not isinstance(stored, dict) or "optimizer_state_dict" not in ckpt:
-        raise UserError(f"{path} holds no resumable training state (a file of the paper's code?); "
-                        "start from its weights with --load_path instead")
-    defaults = vars(parse_args([]))
-    given = {k: getattr(args, k) for k in given}
-    stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
-    merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **given, "resume": path}
-    return argparse.Namespace(**merged), ckpt
-
-
-class StopSignals:
-    """SIGTERM / SIGINT ask the run to stop after the current iteration (a second one stops at once)."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class TrainingClock:
-    """How long the run has trained: wall-clock and CPU seconds since the trainer was built, plus those of the
-    runs it resumes; evaluations (`paused`) do not count. The CPU seconds are this process's, all threads: with
-    one thread, a clock that a busy machine does not stretch."""
-
-    def __init__(self, train_seconds=0.0, cpu_seconds=0.0):
-        self.restart(train_seconds, cpu_seconds)
-
-    def restart(self, train_seconds, cpu_seconds):
-        self.before = {"train_seconds": train_seconds, "cpu_seconds": cpu_seconds}
-        self.since = {"train_seconds": time.perf_counter(), "cpu_seconds": time.process_time()}
-
-    def read(self):
-        now = {"train_seconds": time.perf_counter(), "cpu_seconds": time.process_time()}
-        return {k: self.before[k] + now[k] - self.since[k] for k in now}
-
-    @contextmanager
-    def paused(self):
-        stopped_at = self.read()
-        try:
-            yield
-        finally:
-            self.restart(**stopped_at)
 
 
 def format_terms(epoch, iteration, terms, lr):
@@ -145,7 +79,8 @@ class Trainer:
                                    if resume_state else ())
         self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
         self.model = to_training_device(build_model(args), device)
-        self.chain_init = self.make_chain_init()
+        self.gaussians_fingerprint = None
+        self.chain_init = self.make_chain_init(resume_state)
         shard_size = args.buffer_size // topology.world_size
         self.replay_buffer = ReplayBuffer(shard_size, args.n_classes, args.reinit_freq, device,
                                           chain_init=self.chain_init)
@@ -170,22 +105,24 @@ class Trainer:
 
     # ---- state -----------------------------------------------------------------------------------
 
-    def make_chain_init(self):
-        """--buffer_init: uniform noise, or the per-class Gaussians of the training images: fitted by rank 0
-        (read from the save dir on --resume, where the first run left them) and sent to every rank."""
+    def make_chain_init(self, resume_state):
+        """--buffer_init: uniform noise, or the per-class Gaussians of the training images, fitted by rank 0 and
+        sent to every rank. They are not saved (380 MB for CIFAR-10, ten times that for CIFAR-100): --resume fits
+        them again, and checks against the fingerprint in the checkpoint that the fit gave the same numbers."""
         if self.args.buffer_init == "uniform":
             return UniformNoise()
-        path = os.path.join(self.args.save_dir, GAUSSIANS_FILE)
         gaussians = None
         if self.topology.is_main:
-            if self.args.resume and os.path.exists(path):
-                gaussians = ClassGaussians.load(path, self.args.n_classes)
-            else:
-                tick = time.time()
-                gaussians = ClassGaussians.fit(plain_training_images(self.args, self.device), self.args.n_classes)
-                gaussians.save(path)
-                self.log.line(f"fitted {self.args.n_classes} class Gaussians to the training images in "
-                              f"{time.time() - tick:.1f}s; saved {path}")
+            tick = time.time()
+            gaussians = ClassGaussians.fit(plain_training_images(self.args, self.device), self.args.n_classes)
+            self.gaussians_fingerprint = gaussians.fingerprint()
+            stored = resume_state.get("class_gaussians_sha256") if resume_state else None
+            same = "" if stored is None else " (the same numbers as when the run started)" \
+                if stored == self.gaussians_fingerprint else \
+                (": they differ in rounding from those the run started with (another machine or thread count?), so "
+                 "this run will not repeat an uninterrupted one bit for bit")
+            self.log.line(f"fitted {self.args.n_classes} class Gaussians to the training images in "
+                          f"{time.time() - tick:.1f}s{same}")
         gaussians = broadcast(gaussians, self.topology)
         return gaussians.to(self.device)
 
@@ -217,7 +154,7 @@ class Trainer:
             args=vars(self.args), world_size=self.topology.world_size,
             epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, iteration=self.iteration,
             best_valid_acc=self.best_valid_acc, lr_scale=self.lr_scale, rollbacks=self.rollbacks,
-            **self.clock.read())
+            class_gaussians_sha256=self.gaussians_fingerprint, **self.clock.read())
 
     def load_state_dict(self, state):
         load_model_state(self.model, state["model_state_dict"], self.args.resume or "the last good state")
@@ -225,8 +162,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         for key in ("epoch", "iteration", "best_valid_acc", "lr_scale", "rollbacks"):
             setattr(self, key, state[key])
-        self.batch_in_epoch = batches_done_in_epoch(state, self.args.batch_size, self.topology.world_size)
-        if self.batch_in_epoch >= len(self.loaders["train"]):  # saved at the end of an epoch
+        self.batch_in_epoch = batches_done_in_epoch(state, epoch_batch_size(vars(self.args)),
+                                                    self.topology.world_size)
+        if self.batch_in_epoch >= len(self.epoch_streams()[0]):  # saved at the end of an epoch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if state["world_size"] == self.topology.world_size:
             restore_rng_states(state["rng_states"][self.topology.rank])
@@ -276,31 +214,43 @@ class Trainer:
             return f"--max_train_minutes {budget:g} used"
         return signals.received
 
+    def epoch_streams(self):
+        """(the loader an epoch passes over, the loader cycled alongside it): the p(x) and the labeled batches, or
+        the other way round with --epoch_over labeled (SADA-JEM)."""
+        px, labeled = self.loaders["train"], self.loaders["labeled"]
+        return (px, labeled) if self.args.epoch_over == "px" else (labeled, px)
+
     def train_epoch(self, signals):
         """Iterations to the end of the epoch: 'finished', 'stopped' (a signal) or 'rolled back'."""
         args, device = self.args, self.device
-        loader = self.loaders["train"]
+        loader, cycled = self.epoch_streams()
         loader.batch_sampler.start(self.epoch, self.batch_in_epoch)
-        labeled = batches_from(self.loaders["labeled"], self.iteration)
+        alongside = batches_from(cycled, self.iteration)
         bar = tqdm(loader, desc=f"epoch {self.epoch}", initial=self.batch_in_epoch, total=len(loader),
                    leave=False, disable=args.print_to_log or not self.topology.is_main)
         tick = time.time()
-        for x_data, _ in bar:
+        for batch in bar:  # each stream's batch drawn in the authors' order (their augmentations draw random numbers)
+            px_batch, labeled_batch = (batch, next(alongside)) if args.epoch_over == "px" else (next(alongside), batch)
             lr = scheduled_lr(args, self.epoch, self.iteration, self.lr_scale)
             set_lr(self.optimizer, lr)
-            x_data = x_data.to(device, non_blocking=True)
-            x_lab, y_lab = (t.to(device, non_blocking=True) for t in next(labeled))
+            x_data = px_batch[0].to(device, non_blocking=True)
+            x_lab, y_lab = (t.to(device, non_blocking=True) for t in labeled_batch)
             loss, terms, samples = iteration_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, args,
                                                   self.heads)
             loss_value = loss.item()
-            diverged = not abs(loss_value) <= DIVERGENCE_THRESHOLD  # also NaN
+            diverged = has_diverged(loss_value, terms, args)
             # One agreement per iteration: 2 = a rank diverged, 1 = a rank was asked to stop.
             stop = self.stop_reason(signals) is not None
             verdict = any_rank(2.0 if diverged else 1.0 if stop else 0.0, self.topology, device)
             if verdict == 2:
                 self.recover_from_divergence(loss_value)
                 return "rolled back"
-            update(self.model, self.optimizer, loss, samples, x_data, x_lab, y_lab, args, self.heads)
+            try:
+                update(self.model, self.optimizer, loss, samples, x_data, x_lab, y_lab, args, self.heads,
+                       check_loss=self.check_perturbed_loss)
+            except Diverged as diverged_inside:
+                self.recover_from_divergence(diverged_inside.loss_value, "SAM's loss at its perturbed weights")
+                return "rolled back"
 
             it = self.iteration
             self.iteration, self.batch_in_epoch = it + 1, self.batch_in_epoch + 1
@@ -370,23 +320,40 @@ class Trainer:
         self.record(kind="sample_quality", n_samples=len(self.replay_buffer), reference=self.args.fid_reference,
                     **scores)
 
+    def stop_after_divergence(self, where):
+        """Keep the last good state in last_good_before_divergence.pt: the weights before the diverging update or,
+        should they be no longer finite (a step whose loss was finite), the last checkpoint's; the line to show."""
+        good = next((state for state in (self.state_dict(), self.snapshot) if weights_are_finite(state)), None)
+        path = os.path.join(self.args.save_dir, "last_good_before_divergence.pt")
+        if good is None:
+            message = (f"training diverged at {where}, and no state with finite weights is left to keep: start "
+                       "again with a lower --lr or more --n_steps")
+        else:
+            if self.topology.is_main:
+                write_checkpoint(path, good)
+            message = (f"training diverged at {where}; the last good weights (iteration {good['iteration']}) are in "
+                       f"{path}: restart from them with --load_path {path} and a new --seed, or lower --lr / raise "
+                       "--n_steps, or use --on_diverge rollback")
+        self.log.line(message)
+        return message
+
     def record(self, **fields):
         """A metrics.jsonl record at this point of the run: its epoch, iteration and training clock, then `fields`."""
         self.log.record(**{"epoch": self.epoch, "iteration": self.iteration, **self.clock.read(), **fields})
 
-    def recover_from_divergence(self, loss_value):
+    def check_perturbed_loss(self, loss, terms):
+        """SAM's second loss, checked as the first before it is backpropagated (every rank raises together)."""
+        loss_value = loss.item()
+        if any_rank(float(has_diverged(loss_value, terms, self.args)), self.topology, self.device):
+            raise Diverged(loss_value)
+
+    def recover_from_divergence(self, loss_value, what="the loss"):
         """--on_diverge rollback: back to the last good state with new random numbers; else stop."""
         args = self.args
-        where = f"epoch {self.epoch} iteration {self.iteration} (loss {loss_value:.3g})"
-        self.record(kind="diverged", loss=loss_value)
+        where = f"epoch {self.epoch} iteration {self.iteration} ({what} {loss_value:.3g})"
+        self.record(kind="diverged", loss=loss_value, what=what)
         if args.on_diverge == "stop":
-            self.save("last_good_before_divergence.pt")
-            path = os.path.join(args.save_dir, "last_good_before_divergence.pt")
-            message = (f"training diverged at {where}; the weights before this update are in {path}: restart "
-                       f"from them with --load_path {path} and a new --seed, or lower --lr / raise --n_steps, "
-                       "or use --on_diverge rollback")
-            self.log.line(message)
-            raise UserError(message)
+            raise UserError(self.stop_after_divergence(where))
         if self.rollbacks >= args.max_rollbacks:
             message = (f"training diverged at {where} after {self.rollbacks} rollbacks (--max_rollbacks); "
                        f"lower --lr, raise --n_steps or add --energy_l2 0.1, then --resume {args.save_dir}")
@@ -402,6 +369,13 @@ class Trainer:
                       f"{self.epoch} iteration {self.iteration}, learning rate scale {lr_scale:g}")
 
 
+def epoch_batch_size(flags):
+    """Images per batch of the stream an epoch passes over, from a dict of flags (this run's or a checkpoint's)."""
+    if flags.get("epoch_over", "px") == "labeled":
+        return flags.get("labeled_batch_size") or flags["batch_size"]
+    return flags["batch_size"]
+
+
 def batches_done_in_epoch(state, batch_size, world_size):
     """A saved position inside its epoch, in per-process batches of this run.
 
@@ -410,7 +384,7 @@ def batches_done_in_epoch(state, batch_size, world_size):
     epoch (see data.ShuffledBatches), so the first images seen are the same images; a partial batch is
     trained again rather than skipped.
     """
-    images_seen = state["batch_in_epoch"] * state["args"]["batch_size"] * state["world_size"]
+    images_seen = state["batch_in_epoch"] * epoch_batch_size(state["args"]) * state["world_size"]
     return images_seen // (batch_size * world_size)
 
 
@@ -436,7 +410,7 @@ def main(argv=None):
         if args.load_path:
             raise UserError("--resume continues a run (weights, optimizer, buffer, position); --load_path starts a "
                             "new one from weights: use one of them")
-        args, resume_state = resumed_args(args, flags_given(build_parser(), argv))
+        args, resume_state = resumed_args(argv)
     topology = init_from_torchrun(args.device)
     try:
         if topology.is_main:

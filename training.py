@@ -129,16 +129,20 @@ def jem_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=
     return loss, terms
 
 
-def update(model, optimizer, loss, samples, x_data, x_lab, y_lab, args, heads=None):
+def update(model, optimizer, loss, samples, x_data, x_lab, y_lab, args, heads=None, check_loss=None):
     """Backpropagate the iteration's loss and step the optimizer.
 
     SAM takes a second gradient at its perturbed weights, from the same batches and samples; batch norm's
-    running statistics stay frozen for it (the first pass already counted this batch).
+    running statistics stay frozen for it (the first pass already counted this batch). `check_loss(loss, terms)`
+    sees that second loss before its backward pass, as the loop checks the first: it raises to stop the update
+    (SAM then puts the weights back and does not step).
     """
 
     def loss_again():
         with autocast(loss.device, args.amp), frozen_running_stats(model):
-            perturbed_loss, _ = jem_loss(model, samples, x_data, x_lab, y_lab, args, heads)
+            perturbed_loss, terms = jem_loss(model, samples, x_data, x_lab, y_lab, args, heads)
+        if check_loss is not None:
+            check_loss(perturbed_loss, terms)
         perturbed_loss.backward()
 
     optimizer.zero_grad(set_to_none=True)

@@ -127,3 +127,20 @@ def test_no_px_augment_serves_plain_p_x_batches_and_augmented_labeled_ones(tiny_
     args.px_augment = True  # the paper's default: p(x) batches are augmented too
     (x_data, _), (again, _) = first_batch_twice(train_loaders(args, torch.device("cpu"))["train"])
     assert not torch.equal(x_data, again)
+
+
+@pytest.mark.parametrize("recipe, noisy_eval", [("jem", True), ("jempp", False)])
+def test_jempp_evaluates_clean_images_while_its_training_images_keep_their_noise(tiny_image_folder, recipe,
+                                                                                   noisy_eval):
+    """JEM++'s transform_test adds no noise; the paper's test transform adds --sigma's."""
+    args = parse_train_args(["--recipe", recipe, "--dataset", tiny_image_folder, "--n_valid", "8", "--sigma", "0.5",
+                             "--batch_size", "4", "--n_workers", "0"])
+    args.n_classes = 10
+    loaders = train_loaders(args, torch.device("cpu"))
+    clean = load_dataset(tiny_image_folder, None, False, eval_transform(tiny_image_folder, 0.0))
+    x_test, _ = next(iter(loaders["test"]))
+    assert torch.equal(x_test, torch.stack([clean[i][0] for i in range(len(x_test))])) != noisy_eval
+    x_valid, _ = next(iter(loaders["valid"]))
+    assert (x_valid.abs().max() > 1) == noisy_eval  # noise of std 0.5 leaves [-1, 1]
+    x_data, _ = next(iter(loaders["train"]))
+    assert x_data.abs().max() > 1  # the training images keep --sigma

@@ -13,6 +13,7 @@ import eval_wrn_ebm
 import train_wrn_ebm
 import training
 from checkpoint import load_checkpoint
+from stopping import has_diverged
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +76,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeyp
 
 
 def test_sam_run_with_batch_norm_resumes_exactly(tiny, tmp_path, monkeypatch):
-    """SADA-JEM's pieces: SAM's momentum, batch norm's statistics and the plain p(x) stream all resume."""
-    sada = tiny + ["--optimizer", "sam", "--norm", "batch", "--no_px_augment", "--labeled_batch_size", "8"]
+    """SADA-JEM's pieces: SAM's momentum, batch norm's statistics, the plain p(x) stream and epochs over the
+    labeled batches all resume."""
+    sada = tiny + ["--optimizer", "sam", "--norm", "batch", "--no_px_augment", "--labeled_batch_size", "16",
+                   "--batch_size", "8", "--epoch_over", "labeled"]
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "straight")])
     interrupt_at(monkeypatch, 2 * 8 + 1)  # SAM calls the loss twice an iteration: stop in iteration 8
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "split")])
@@ -168,6 +171,68 @@ def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "after 2 rollbacks" in err and len(err.splitlines()) == 1
     assert len([r for r in records(tmp_path) if r["kind"] == "diverged"]) == 3
+
+
+def nan_at(monkeypatch, calls_to_spoil):
+    """Make jem_loss return NaN at the given 1-based call numbers (SAM calls it twice an iteration)."""
+    real_loss, calls = training.jem_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value, terms = real_loss(*args, **kwargs)
+        return (value * float("nan") if len(calls) in calls_to_spoil else value), terms
+
+    monkeypatch.setattr(training, "jem_loss", loss)
+
+
+def test_a_nan_in_sams_second_loss_stops_before_it_reaches_the_weights(tiny, tmp_path, monkeypatch, capsys):
+    nan_at(monkeypatch, {2 * 8})  # the second pass of iteration 7
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--optimizer", "sam", "--lr", "0.01"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "SAM's loss at its perturbed weights nan" in err
+    kept = load_checkpoint(str(tmp_path / "last_good_before_divergence.pt"))
+    assert kept["iteration"] == 7 and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values())
+
+
+def test_a_nan_in_sams_second_loss_rolls_back_like_any_divergence(tiny, tmp_path, monkeypatch):
+    nan_at(monkeypatch, {2 * 8})
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--optimizer", "sam", "--lr", "0.01",
+                               "--on_diverge", "rollback"])
+    diverged = [r for r in records(tmp_path) if r["kind"] == "diverged"]
+    assert [(r["iteration"], r["what"]) for r in diverged] == [(7, "SAM's loss at its perturbed weights")]
+    final = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
+    assert final["iteration"] == 12 and final["rollbacks"] == 1
+
+
+def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny, tmp_path, monkeypatch, capsys):
+    """A step can turn the weights to NaN while its loss was finite (the next loss shows it): the run then keeps
+    the last checkpoint's state, not the NaN weights."""
+    real_update, calls = train_wrn_ebm.update, []
+
+    def update_then_spoil(model, *args, **kwargs):
+        real_update(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 8:  # iteration 7, in epoch 1
+            with torch.no_grad():
+                model.f.conv1.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(train_wrn_ebm, "update", update_then_spoil)
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
+    assert "(iteration 6)" in capsys.readouterr().err
+    kept = load_checkpoint(str(tmp_path / "last_good_before_divergence.pt"))
+    assert kept["iteration"] == 6 and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values())
+
+
+def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold():
+    sada = train_wrn_ebm.parse_args(["--recipe", "sadajem"])
+    terms = {"l_p_x": torch.tensor(-2e5), "l_p_y_given_x": torch.tensor(1.0)}
+    assert has_diverged(-2e5 + 1, terms, sada)  # |p_x_weight * l_p_x| > 1e5, as SADA-JEM's run stopped
+    assert not has_diverged(-2e5 + 1, terms, train_wrn_ebm.parse_args([]))  # the paper's: |L| <= 1e8
+    assert not has_diverged(5e7, {"l_p_x": torch.tensor(3.0), "l_p_y_given_x": torch.tensor(5e7)}, sada)
+    assert has_diverged(float("nan"), {"l_p_x": torch.tensor(3.0)}, sada)  # NaN always
+    assert has_diverged(1e9, {}, train_wrn_ebm.parse_args([]))
 
 
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):

@@ -109,3 +109,20 @@ def test_frozen_running_stats_normalise_as_in_training_and_keep_the_statistics()
     tracking_out = model(x)  # a normal training pass: batch statistics, and the running ones move
     torch.testing.assert_close(frozen_out, tracking_out)
     assert not torch.equal(before["f.bn1.running_mean"], model.state_dict()["f.bn1.running_mean"])
+
+
+def test_a_closure_that_raises_leaves_the_weights_at_w_and_does_not_step():
+    """The training loop raises inside the closure when SAM's second loss diverged."""
+    params, loss_and_grad = toy_problem()
+    w = [p.detach().clone() for p in params]
+    optimizer = SAM(params, torch.optim.SGD, rho=RHO, adaptive=True, lr=LR, momentum=0.9)
+    optimizer.zero_grad()
+    loss_and_grad()
+
+    def diverged():
+        raise FloatingPointError("the loss at w + e is NaN")
+
+    with pytest.raises(FloatingPointError):
+        optimizer.step(diverged)
+    assert all(torch.equal(p.detach(), wi) for p, wi in zip(params, w))
+    assert not optimizer.state_dict()["state"]  # no momentum: the base optimizer never stepped

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import train_flags
 import train_wrn_ebm
 import training
 from checkpoint import load_checkpoint
@@ -144,6 +145,14 @@ def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypat
     (["--load_path", "/no/such/ckpt.pt"], "no checkpoint"),
     (["--optimizer", "sam", "--rho", "-1"], "--rho"),
     (["--labeled_batch_size", "200"], "--labeled_batch_size"),
+    (["--lr", "-1"], "--lr -1.0: it must be a number of at least 0"),
+    (["--sigma", "nan"], "--sigma nan"),
+    (["--reinit_freq", "1.5"], "from 0 to 1"),
+    (["--decay_epochs", "5", "-1"], "--decay_epochs -1"),
+    (["--seed", "-1"], "--seed"),
+    (["--recipe", "sadajem", "--optimizer", "adam"], "drop --optimizer adam"),
+    (["--recipe", "sadajem", "--sgld_std", "0.01"], "pass --sgld_std 0"),
+    (["--recipe", "sadajem", "--sgld_lr", "1", "--pyld_lr", "1"], "give one of them"),
 ])
 def test_bad_input_is_one_line(tiny, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -259,32 +268,60 @@ def test_the_jempp_published_command_gives_their_sampler():
 def test_recipe_defaults_yield_to_flags_given():
     paper = train_wrn_ebm.parse_args([])
     assert (paper.recipe, paper.in_steps, paper.sgld_lr, paper.buffer_init) == ("jem", 0, 1.0, "uniform")
-    sada = train_wrn_ebm.parse_args(["--recipe", "sadajem", "--n_steps", "7", "--sgld_std=0.01"])
-    assert (sada.n_steps, sada.sgld_std, sada.sgld_lr, sada.norm, sada.lr) == (7, 0.01, 0.0, "batch", 0.1)
-    assert (sada.in_steps, sada.pyld_lr, sada.eps, sada.n_epochs, sada.decay_epochs) == (1, 1.0, 1.0, 100, [30, 60, 90])
-    assert (sada.optimizer, sada.rho, sada.px_augment, sada.labeled_batch_size) == ("sam", 2.0, False, 128)
+    sada = train_wrn_ebm.parse_args(["--recipe", "sadajem", "--n_steps", "7", "--rho=0.05"])
+    assert (sada.n_steps, sada.rho, sada.sgld_lr, sada.sgld_std, sada.norm, sada.lr) == (7, 0.05, 0.0, 0.0, "batch", 0.1)
+    assert (sada.in_steps, sada.pyld_lr, sada.eps, sada.n_epochs, sada.decay_epochs) == \
+        (1, 1.0, 1.0, 200, [60, 120, 180])
+    assert (sada.optimizer, sada.px_augment, sada.labeled_batch_size, sada.epoch_over) == ("sam", False, 128, "labeled")
+    assert (sada.diverge_on, sada.diverge_threshold, sada.test_sigma) == ("p_x", 1e5, None)
     jempp = train_wrn_ebm.parse_args(["--recipe", "jempp"])  # their published command without its data path
     assert (jempp.norm, jempp.optimizer, jempp.lr, jempp.warmup_iters, jempp.decay_epochs) == \
         ("batch", "sgd", 0.1, 1000, [50, 100, 125])
+    assert (jempp.test_sigma, jempp.sigma, jempp.epoch_over, jempp.diverge_on) == (0.0, 0.03, "px", "loss")
     assert train_wrn_ebm.parse_args(["--recipe", "jempp", "--buffer_init", "uniform"]).buffer_init == "uniform"
     assert train_wrn_ebm.parse_args(["--model", "yopo", "--recipe", "jem"]).in_steps == 0  # an explicit recipe wins
 
 
 @pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
-def test_recipe_runs_end_to_end_and_resume_reuses_the_gaussians(tiny, tmp_path, recipe):
+def test_recipe_runs_end_to_end_and_resume_fits_the_same_gaussians_again(tiny, tmp_path, recipe):
     train(tiny, tmp_path, "--recipe", recipe, "--n_valid", "20", "--warmup_iters", "2", "--n_workers", "0",
           "--device", "cpu", "--plot_uncond", "--labeled_batch_size", "16")
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["recipe"] == recipe and args["buffer_init"] == "informative" and args["n_steps"] == 2
-    assert (args["norm"], args["optimizer"], args["px_augment"]) == \
-        {"jempp": ("batch", "sgd", True), "sadajem": ("batch", "sam", False)}[recipe]
-    gaussians = tmp_path / "class_gaussians.pt"
-    assert "fitted 10 class Gaussians" in (tmp_path / "log.txt").read_text()
-    assert torch.load(gaussians, weights_only=True)["mean"].shape == (10, 3 * 32 * 32)
-    fitted_at = os.path.getmtime(gaussians)
+    assert (args["norm"], args["optimizer"], args["px_augment"], args["epoch_over"]) == \
+        {"jempp": ("batch", "sgd", True, "px"), "sadajem": ("batch", "sam", False, "labeled")}[recipe]
+    assert not (tmp_path / "class_gaussians.pt").exists()  # 380 MB for CIFAR-10: fitted again, not stored
+    fingerprint = load_checkpoint(str(tmp_path / "last_ckpt.pt"))["class_gaussians_sha256"]
+    assert len(fingerprint) == 64
     train_wrn_ebm.main(["--resume", str(tmp_path), "--n_epochs", "2"])
-    assert os.path.getmtime(gaussians) == fitted_at  # read, not fitted again
-    assert load_checkpoint(str(tmp_path / "last_ckpt.pt"))["iteration"] == 12
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("fitted 10 class Gaussians") == 2 and "(the same numbers as when the run started)" in log
+    final = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
+    assert final["iteration"] == 12 and final["class_gaussians_sha256"] == fingerprint
+
+
+def test_every_numeric_flag_has_its_range_checked():
+    numeric = {a.dest for a in train_flags.build_parser()._actions if a.type in (int, float)}
+    assert numeric == set(train_flags.FLAG_RANGES)
+
+
+# SADA-JEM's published command (scripts/sadajem_cifar10.sh of sndnyang/SADAJEM), its script name dropped.
+SADAJEM_COMMAND = """--dataset cifar10 --lr .1 --optimizer sgd --px 1.0 --pyx 1.0 --sigma .0 --width 10 --depth 28
+    --plot_uncond --warmup_iters 1000 --model wrn --norm batch --print_every 100 --n_epochs 200
+    --decay_epochs 60 120 180 --n_steps 5 --sgld_lr 1 --sgld_std 0.0 --gpu-id 0""".split()
+
+
+def test_the_sadajem_published_command_after_the_recipe_means_what_it_meant_in_their_code():
+    args = train_wrn_ebm.parse_args(["--recipe", "sadajem"] + SADAJEM_COMMAND)
+    assert (args.optimizer, args.rho, args.lr, args.weight_decay) == ("sam", 2.0, 0.1, 5e-4)  # SGD, wrapped in SAM
+    # their step x <- clamp(x + 1 * clamp(g, -1, 1), -1, 1), once per step: one PYLD inner step, no outer one
+    assert (args.n_steps, args.in_steps, args.pyld_lr, args.eps, args.sgld_lr, args.sgld_std) == (5, 1, 1.0, 1.0, 0, 0)
+    # their epochs are passes over the labeled batches of 128
+    assert (args.n_epochs, args.decay_epochs, args.epoch_over, args.labeled_batch_size) == \
+        (200, [60, 120, 180], "labeled", 128)
+    assert (args.diverge_on, args.diverge_threshold, args.px_augment, args.sigma) == ("p_x", 1e5, False, 0.0)
+    recipe_alone = train_wrn_ebm.parse_args(["--recipe", "sadajem"])
+    assert training.chain_settings(args) == training.chain_settings(recipe_alone)
 
 
 def test_cuda_graph_refuses_batch_norm(tiny, tmp_path, capsys):
