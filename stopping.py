@@ -64,6 +64,10 @@ class TrainingClock:
         now = {"train_seconds": time.perf_counter(), "cpu_seconds": time.process_time()}
         return {k: self.before[k] + now[k] - self.since[k] for k in now}
 
+    def minutes(self, clock):
+        """Minutes of training on the clock --train_clock names: 'wall' or 'cpu'."""
+        return self.read()["train_seconds" if clock == "wall" else "cpu_seconds"] / 60
+
     @contextmanager
     def paused(self):
         stopped_at = self.read()

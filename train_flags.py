@@ -211,9 +211,16 @@ def build_parser():
     io.add_argument("--eval_every_iters", type=int, default=0,
                     help="also log validation/test accuracy every this many iterations (learning curves; the "
                          "epoch evaluations alone choose best_valid_ckpt.pt); 0: off")
+    io.add_argument("--eval_every_minutes", type=float, default=0,
+                    help="also log validation/test accuracy every this many minutes of training (--train_clock); "
+                         "0: off")
     io.add_argument("--max_train_minutes", type=float, default=0,
                     help="stop, as on SIGTERM (last_ckpt.pt written, --resume continues), once the run has trained "
-                         "this many minutes (the clock of metrics.jsonl's train_seconds); 0: no limit")
+                         "this many minutes (--train_clock), and log the held-out accuracy there; 0: no limit")
+    io.add_argument("--train_clock", choices=["wall", "cpu"], default="wall",
+                    help="the clock of the two flags above: wall-clock seconds of training (evaluations left out), "
+                         "or this process's CPU seconds (with OMP_NUM_THREADS=1, an idle core's wall-clock that "
+                         "other work on the machine does not stretch); metrics.jsonl records both")
     io.add_argument("--plot_uncond", action="store_true", help=f"save unconditional samples every {PLOT_EVERY} its")
     io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
     io.add_argument("--log_arg", type=str, default=None,
@@ -240,7 +247,8 @@ FLAG_RANGES = {
     "depth": (10, None), "width": (1, None), "dropout_rate": (0, 1), "n_steps": (0, None), "in_steps": (0, None),
     "buffer_size": (0, None), "reinit_freq": (0, 1), "sgld_lr": (0, None), "sgld_std": (0, None),
     "pyld_lr": (None, None), "eps": (0, None), "ckpt_every": (1, None), "ckpt_every_iters": (0, None),
-    "keep_last": (0, None), "eval_every": (1, None), "eval_every_iters": (0, None), "max_train_minutes": (0, None),
+    "keep_last": (0, None), "eval_every": (1, None), "eval_every_iters": (0, None), "eval_every_minutes": (0, None),
+    "max_train_minutes": (0, None),
     "fid_every": (0, None), "is_splits": (1, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None),
     "print_every": (1, None), "gpu_id": (0, None),
 }

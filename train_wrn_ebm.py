@@ -77,6 +77,9 @@ class Trainer:
         self.args, self.topology, self.device, self.log = args, topology, device, log
         self.clock = TrainingClock(*(resume_state.get(k, 0.0) for k in ("train_seconds", "cpu_seconds"))
                                    if resume_state else ())
+        # --eval_every_minutes: the periods of the clock evaluated so far (a resumed run goes on from its own)
+        self.eval_period = int(self.clock.minutes(args.train_clock) // args.eval_every_minutes) \
+            if args.eval_every_minutes else 0
         self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
         self.model = to_training_device(build_model(args), device)
         self.gaussians_fingerprint = None
@@ -210,9 +213,20 @@ class Trainer:
     def stop_reason(self, signals):
         """Why this process should stop after the current iteration (a signal, the time budget), or None."""
         budget = self.args.max_train_minutes
-        if signals.received is None and budget and self.clock.read()["train_seconds"] >= 60 * budget:
+        if signals.received is None and budget and self.clock.minutes(self.args.train_clock) >= budget:
             return f"--max_train_minutes {budget:g} used"
         return signals.received
+
+    def held_out_eval_due(self):
+        """--eval_every_iters / --eval_every_minutes: a learning-curve evaluation after this iteration?"""
+        every_iters, every_minutes = self.args.eval_every_iters, self.args.eval_every_minutes
+        if every_iters and self.iteration % every_iters == 0:
+            return True
+        if every_minutes:
+            period = int(self.clock.minutes(self.args.train_clock) // every_minutes)
+            due, self.eval_period = period > self.eval_period, period
+            return due
+        return False
 
     def epoch_streams(self):
         """(the loader an epoch passes over, the loader cycled alongside it): the p(x) and the labeled batches, or
@@ -265,7 +279,7 @@ class Trainer:
                                 **terms)
                 if (args.plot_uncond or args.plot_cond) and it % PLOT_EVERY == 0:
                     plot_samples(self.model, self.replay_buffer, args, self.epoch, it)
-            if args.eval_every_iters and self.iteration % args.eval_every_iters == 0 and self.topology.is_main:
+            if self.held_out_eval_due() and self.topology.is_main:
                 self.evaluate(end_of_epoch=False)
             if args.ckpt_every_iters and self.iteration % args.ckpt_every_iters == 0:
                 self.save(f"ckpt_iter_{self.iteration}.pt")

@@ -8,7 +8,7 @@ follows held-out accuracy and the energy gap f(x_data) - f(x_q) against training
     python scripts/time_to_accuracy.py --data ../shared/data/cifar10_subset --minutes 10 --out runs/tta_cifar
 
 Every run is `train_wrn_ebm.py` with `--max_train_minutes` (its clock leaves out the evaluations) and
-`--eval_every_iters`, as a subprocess of `--threads` CPU threads, `--parallel` at a time; a finished run
+`--eval_every_minutes`, as a subprocess of `--threads` CPU threads, `--parallel` at a time; a finished run
 (its `done.json`) is not run again and one cut short is resumed, so the command can be re-run. It writes
 OUT/<config>/seed<N>/ (the runs), OUT/results.json (every curve and the summary) and OUT/time_to_accuracy.png
 (accuracy and energy gap against minutes: the mean over seeds, the band from the lowest to the highest),
@@ -69,9 +69,10 @@ def parse_args(argv=None):
                         help="the accuracy to reach (default: the baseline's mean at the end of its budget)")
     parser.add_argument("--metric", choices=["test_acc", "valid_acc"], default="test_acc")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="wall: the run's wall-clock training seconds; cpu: its CPU seconds (with one thread, "
-                             "the same on an idle core and not stretched by a busy machine)")
-    parser.add_argument("--eval_every_iters", type=int, default=50, help="held-out accuracy every this many iterations")
+                        help="train_wrn_ebm.py's --train_clock, of the budget and the curves: wall-clock seconds of "
+                             "training, or the run's CPU seconds (with --threads 1, an idle core's wall-clock that "
+                             "other work on the machine does not stretch)")
+    parser.add_argument("--evals", type=int, default=20, help="held-out evaluations per run, evenly over its budget")
     parser.add_argument("--base_flags", default=BASE_FLAGS, help="train_wrn_ebm.py flags shared by every run")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run (OMP_NUM_THREADS)")
@@ -90,8 +91,8 @@ def run_dir(args, config, seed):
 def train_command(args, config, seed):
     flags = shlex.split(args.base_flags) + shlex.split(CONFIGS[config])
     flags += ["--dataset", args.data, "--seed", str(seed), "--max_train_minutes", f"{args.minutes:g}",
-              "--eval_every_iters", str(args.eval_every_iters), "--print_every", "10", "--print_to_log",
-              "--save_dir", run_dir(args, config, seed)]
+              "--train_clock", args.clock, "--eval_every_minutes", f"{args.minutes / args.evals:g}",
+              "--print_every", "10", "--print_to_log", "--save_dir", run_dir(args, config, seed)]
     flags += ["--data_root", args.data_root] if args.data_root else []
     flags += ["--device", args.device] if args.device else []
     return [PYTHON, os.path.join(REPO, "train_wrn_ebm.py"), *flags]

@@ -22,7 +22,7 @@ def records(save_dir):
         return [json.loads(line) for line in fh]
 
 
-def test_a_time_budget_stops_the_run_evaluates_it_and_the_clock_resumes(tiny_image_folder, tmp_path):
+def test_a_time_budget_stops_the_run_evaluates_it_and_the_clocks_resume(tiny_image_folder, tmp_path):
     run = str(tmp_path / "run")
     train_wrn_ebm.main(["--dataset", tiny_image_folder, *TINY, "--max_train_minutes", "0.05", "--eval_every_iters",
                         "3", "--save_dir", run])
@@ -36,10 +36,14 @@ def test_a_time_budget_stops_the_run_evaluates_it_and_the_clock_resumes(tiny_ima
     with open(os.path.join(run, "log.txt")) as fh:
         assert "--max_train_minutes 0.05 used" in fh.read()
 
-    train_wrn_ebm.main(["--resume", run, "--max_train_minutes", "0.08"])
-    resumed = records(run)[len(first):]
-    assert min(r["train_seconds"] for r in resumed if "train_seconds" in r) >= last["train_seconds"]
-    assert max(r.get("iteration", 0) for r in resumed) > last["iteration"]
+    # the same run continued on the CPU clock, with evaluations by time
+    train_wrn_ebm.main(["--resume", run, "--max_train_minutes", "0.08", "--train_clock", "cpu",
+                        "--eval_every_minutes", "0.005", "--eval_every_iters", "0"])
+    resumed = [r for r in records(run)[len(first):] if r["kind"] != "run"]
+    assert min(r["train_seconds"] for r in resumed) >= last["train_seconds"]
+    assert max(r["iteration"] for r in resumed) > last["iteration"]
+    by_time = [r for r in resumed if r["kind"] == "eval" and not r["end_of_epoch"]]
+    assert len(by_time) >= 3 and max(r["cpu_seconds"] for r in resumed) >= 0.08 * 60
 
 
 def test_curves_step_to_the_latest_value_and_end_at_the_budget():
@@ -51,7 +55,7 @@ def test_curves_step_to_the_latest_value_and_end_at_the_budget():
 def test_time_to_accuracy_end_to_end_two_configs_two_seeds(tiny_image_folder, tmp_path, capsys):
     out = str(tmp_path / "tta")
     flags = ["--data", tiny_image_folder, "--out", out, "--configs", "jem", "clf", "--seeds", "1", "2",
-             "--minutes", "0.02", "--eval_every_iters", "2", "--base_flags", " ".join(TINY[:-3]), "--device", "cpu"]
+             "--minutes", "0.02", "--evals", "4", "--base_flags", " ".join(TINY[:-3]), "--device", "cpu"]
     summary = tta.main(flags)
     printed = capsys.readouterr().out
     with open(os.path.join(out, "results.json")) as fh:
