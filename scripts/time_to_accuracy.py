@@ -158,7 +158,8 @@ def read_run(save_dir, metric, clock):
         "accuracy": [r[metric] for r in evals],
         "gap_minutes": [r[CLOCKS[clock]] / 60 for r in train if "f_data" in r],
         "energy_gap": [r["f_data"] - r["f_q"] for r in train if "f_data" in r],
-        "iterations": last.get("iteration"), "train_seconds": last.get("train_seconds"),
+        "iterations": last.get("iteration"), "clock_seconds": last.get(CLOCKS[clock]),
+        "train_seconds": last.get("train_seconds"),
         "cpu_seconds": last.get("cpu_seconds"), "hardware": hardware,
         "rollbacks": sum(r["kind"] == "diverged" for r in records),
     }
@@ -189,7 +190,7 @@ def summarize(args, runs):
             "low": np.nanmin(curves, 0).tolist(), "high": np.nanmax(curves, 0).tolist(),
             "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
             "final_min": float(min(finals)), "final_max": float(max(finals)),
-            "iterations_per_minute": float(np.mean([r["iterations"] / (r["train_seconds"] / 60)
+            "iterations_per_minute": float(np.mean([r["iterations"] / (r["clock_seconds"] / 60)
                                                     for r in by_seed.values()])),
             "wall_over_cpu": float(np.mean([r["train_seconds"] / r["cpu_seconds"] for r in by_seed.values()])),
             "rollbacks": sum(r["rollbacks"] for r in by_seed.values()),
@@ -213,13 +214,15 @@ def print_table(args, target, summary, hardware):
     print(f"{hardware}\n{len(args.seeds)} seeds, {args.minutes:g} minutes of training each ({args.clock} clock), "
           f"{args.metric}; target {target:.4f} (" + ("given" if args.target is not None else
                                                    f"{args.baseline}'s mean at the end") + ")")
-    print(f"{'config':<14} {'it/min':>7} {'final acc: mean':>16} {'sd':>6} {'min-max':>12} {'min to target':>14} "
-          f"{'vs ' + args.baseline:>10}")
+    print(f"{'config':<14} {'it/min':>7} {'wall/cpu':>8} {'final acc: mean':>16} {'sd':>6} {'min-max':>12} "
+          f"{'min to target':>14} {'time / ' + args.baseline + chr(39) + 's':>12} {'speed-up':>9}")
     for config, s in summary.items():
         reach = "not reached" if s["minutes_to_target"] is None else f"{s['minutes_to_target']:.2f}"
-        speedup = "—" if s["speedup_to_target"] is None else f"{s['speedup_to_target']:.2f}x"
-        print(f"{config:<14} {s['iterations_per_minute']:>7.1f} {s['final_mean']:>16.4f} {s['final_std']:>6.3f} "
-              f"{s['final_min']:>5.3f}-{s['final_max']:<6.3f} {reach:>14} {speedup:>10}")
+        ratio, speedup = ("—", "—") if s["speedup_to_target"] is None else \
+            (f"{1 / s['speedup_to_target']:.2f}", f"{s['speedup_to_target']:.2f}x")
+        print(f"{config:<14} {s['iterations_per_minute']:>7.1f} {s['wall_over_cpu']:>8.2f} {s['final_mean']:>16.4f} "
+              f"{s['final_std']:>6.3f} {s['final_min']:>5.3f}-{s['final_max']:<6.3f} {reach:>14} {ratio:>12} "
+              f"{speedup:>9}")
 
 
 def plot(args, target, summary, runs, path):
