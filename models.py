@@ -7,6 +7,7 @@
 With `uncond=True` the p(x) score comes from a separate scalar head instead (`energy_output`), and
 the model cannot sample class-conditionally.
 """
+import torch
 import torch.nn as nn
 
 from utils import UserError
@@ -35,10 +36,11 @@ class JEM(nn.Module):
         return logits, self.px_score(features, logits)
 
     def px_score(self, features, logits):
-        """-E(x) in float32, also from bf16 logits (--amp): the energy gap is a small difference of two of them."""
+        """-E(x) in float32 at least, also from bf16 logits (--amp): the energy gap is a small difference of two of
+        them. A float64 model keeps float64 (the attack's gradient checks by finite differences need it)."""
         if self.uncond:
-            return self.energy_output(features).squeeze(1).float()
-        return logits.float().logsumexp(1)
+            return at_least_float32(self.energy_output(features).squeeze(1))
+        return at_least_float32(logits).logsumexp(1)
 
     def forward(self, x, y=None):
         """-E(x) when y is None, else -E(x, y) = f(x)[y]. Shape (N,)."""
@@ -46,7 +48,11 @@ class JEM(nn.Module):
             return self.heads(x)[1]
         if self.uncond:
             raise ValueError("an unconditional JEM (--uncond) has no class-conditional energy")
-        return self.classify(x).float().gather(1, y[:, None]).squeeze(1)
+        return at_least_float32(self.classify(x)).gather(1, y[:, None]).squeeze(1)
+
+
+def at_least_float32(tensor):
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class Heads(nn.Module):
