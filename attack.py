@@ -81,7 +81,8 @@ def add_attack_flags(parser):
                        help="start PGD at a uniformly random point of the eps-ball (default on)")
     group.add_argument("--n_steps_refine", type=int, default=0,
                        help="SGLD steps on log p(x) the defended classifier takes before classifying "
-                            "(the paper: 0, 1 or 10; default %(default)s); uses --sgld_lr and --sgld_std")
+                            "(the paper: 0, 1 or 10; default %(default)s); uses --sgld_lr and --sgld_std, or the "
+                            "PYLD step of a model trained with it")
     group.add_argument("--n_dup_chains", type=int, default=5,
                        help="noisy copies of each input refined separately; their logits are averaged "
                             "(default %(default)s)")
@@ -115,17 +116,19 @@ class RefinedClassifier:
 
     A chain is z_0 = 2x - 1 + sigma * N(0, I), then z_{t+1} = z_t + sgld_lr * d log p(z_t)/dz_t +
     sgld_std * N(0, I) for n_steps_refine steps, with log p = model(z) (logsumexp of the logits, or the
-    energy head of an --uncond model); its logits are model.classify(z_T). The model should be in eval mode
-    with frozen parameters (run_attack sees to both). `gradient` is how the attack differentiates through
-    the refinement: "exact" or "straight_through" (see the module docstring).
+    energy head of an --uncond model); its logits are model.classify(z_T). A model trained with JEM++'s PYLD
+    chain (`pyld`: in_steps, pyld_lr, eps) is refined with that chain's step instead (`refine_step`). The model
+    should be in eval mode with frozen parameters (run_attack sees to both). `gradient` is how the attack
+    differentiates through the refinement: "exact" or "straight_through" (see the module docstring).
 
     At most max_chains_per_pass chains go through the network at once. Every chain's noise comes from a
     generator seeded from `rng`, so a pass can be replayed exactly (see `group_scaled_loss_gradient`).
     """
 
     def __init__(self, model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std, max_chains_per_pass, rng,
-                 gradient="exact"):
+                 gradient="exact", pyld=None):
         self.model = model
+        self.pyld = pyld
         self.sigma = sigma
         self.n_steps_refine = n_steps_refine
         self.n_dup_chains = n_dup_chains
@@ -152,11 +155,24 @@ class RefinedClassifier:
             for _ in range(self.n_steps_refine):
                 z = chains if through_steps else chains.detach().requires_grad_(True)
                 score_grad, = torch.autograd.grad(self.model(z).sum(), z, create_graph=through_steps)
-                chains = chains + self.sgld_lr * score_grad + self.sgld_std * noise(chains)
+                chains = self.refine_step(chains, score_grad, noise)
         if not differentiable:
             chains = chains.detach()
         with torch.set_grad_enabled(differentiable):
             return self.model.classify(chains).view(len(x), n_chains, -1)
+
+    def refine_step(self, chains, score_grad, noise):
+        """One step of the model's sampler, out of place so that the exact gradient can pass through it: the
+        paper's SGLD step, or PYLD's (sampler.pyld_step): the gradient clipped to [-eps, eps], an optional outer
+        step of sgld_lr and in_steps inner steps of pyld_lr, each clamped to [-1, 1], then the noise."""
+        if self.pyld is None:
+            return chains + self.sgld_lr * score_grad + self.sgld_std * noise(chains)
+        clipped = score_grad.clamp(-self.pyld["eps"], self.pyld["eps"])
+        if self.sgld_lr > 0:
+            chains = (chains + self.sgld_lr * clipped).clamp(-1, 1)
+        for _ in range(self.pyld["in_steps"]):
+            chains = (chains + self.pyld["pyld_lr"] * clipped).clamp(-1, 1)
+        return chains + self.sgld_std * noise(chains) if self.sgld_std > 0 else chains
 
     def image_groups(self, n_images):
         """Slices of the batch whose chains fit in one pass (single images when one image's do not)."""
@@ -333,8 +349,10 @@ def run_attack(args, model, replay_buffer, device):
     check_attack_args(args)
     eps_list = sorted(set(args.eps or DEFAULT_EPS[args.distance]))
     rng = torch.Generator().manual_seed(args.seed)
+    pyld = dict(in_steps=args.in_steps, pyld_lr=args.pyld_lr, eps=args.pyld_eps) \
+        if args.in_steps > 0 and args.pyld_lr > 0 else None  # a model trained with PYLD (eval_sampling.py)
     classifier = RefinedClassifier(model, args.sigma, args.n_steps_refine, args.n_dup_chains, args.sgld_lr,
-                                   args.sgld_std, args.max_chains_per_pass, rng, args.attack_grad)
+                                   args.sgld_std, args.max_chains_per_pass, rng, args.attack_grad, pyld)
     loader = attack_loader(args, model.n_classes, device)
     n_images = len(loader.dataset)
     bar = tqdm(total=n_images * sum(eps > 0 for eps in eps_list), unit="img", desc=f"PGD {args.distance}",
@@ -357,7 +375,7 @@ def run_attack(args, model, replay_buffer, device):
         "n_images": n_images,
         "settings": {name: getattr(args, name) for name in (
             "dataset", "n_steps_pgd_attack", "pgd_step_factor", "random_start", "n_steps_refine", "n_dup_chains",
-            "attack_grad", "sigma", "sgld_lr", "sgld_std", "seed")},
+            "attack_grad", "sigma", "sgld_lr", "sgld_std", "in_steps", "pyld_lr", "pyld_eps", "seed")},
     }
     os.makedirs(args.save_dir, exist_ok=True)
     plot_path = os.path.join(args.save_dir, "attack.png")

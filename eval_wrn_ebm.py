@@ -26,7 +26,6 @@ Offline, on the training quickstart's checkpoint (no download):
 Every mode is one function `mode(args, model, replay_buffer, device) -> dict of results`, chosen from MODES.
 """
 import argparse
-import math
 import os
 
 import numpy as np
@@ -41,32 +40,39 @@ from chain_init import IMAGE_SHAPE
 from checkpoint import describe_state_dict, load_checkpoint, load_model_state
 from data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader
 from models import build_model
-from plotting import save_grid, save_histograms, save_reliability_diagram
+from plotting import save_histograms, save_reliability_diagram
 from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches,
                             inception_weights_path, load_buffer_file, load_reference, score_sample_quality,
                             tensor_batches)
-from sampler import ReplayBuffer, sample_q, sgld
+from eval_sampling import (add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples,
+                           describe_sampler, sample_as_trained, uncond_samples)
 from precision import autocast, describe_hardware, resolve_amp
+from sampler import ReplayBuffer, sgld
+from train_flags import check_ranges, flags_given
 from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, prepare_save_dir, run_cli,
                    seed_everything, select_device, write_json)
 
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the paper's figure)
-PER_ROW = 10  # images per class row in the cond_samples grids
-MAX_CLASS_GRIDS = 100  # cond_samples grids at most (the paper's code saved 100)
 MODEL_FLAGS = ("depth", "width", "norm", "uncond")
 PAPER_MODEL = {"depth": 28, "width": 10, "norm": None, "uncond": False, "n_classes": 10}  # WRN-28-10, CIFAR-10
 FROM_CHECKPOINT = object()  # default of the model flags: take the value from the checkpoint
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
         epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored arguments, else "
-               "the shapes of its weights, else the paper's WRN-28-10 without norm.")
+               "the shapes of its weights, else the paper's WRN-28-10 without norm. A model of a later recipe is "
+               "sampled as it was trained (eval_sampling.py): the sampler flags not given default to its training's.")
     parser.add_argument("--eval", choices=list(MODES), default="OOD", help="what to evaluate")
-    parser.add_argument("--load_path", type=str, required=True,
-                        help="checkpoint of this project or of the paper's code")
+    parser.add_argument("--load_path", type=str, default=None,
+                        help="checkpoint of this project or of the paper's code (every mode but sample_quality of "
+                             "a --samples file or folder needs one)")
     parser.add_argument("--save_dir", type=str, default="./experiment/eval",
                         help="where <mode>.json, figures and samples go")
 
@@ -103,26 +109,33 @@ def parse_args(argv=None):
     add_model_flags(parser)
     parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
     add_sampler_flags(parser, n_steps=0, buffer_size=0)
+    add_recipe_sampler_flags(parser)
+    parser.set_defaults(pyld_eps=1.0, chains_in_train_mode=False, training_data=None)  # see sample_as_trained
     add_system_flags(parser)
     add_attack_flags(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+# Every numeric flag's range (train_flags.check_ranges); the model flags are checked once the checkpoint gave them.
+EVAL_FLAG_RANGES = {
+    "sigma": (0, None), "max_images": (1, None), "batch_size": (1, None), "n_sample_steps": (0, None),
+    "is_splits": (1, None), "depth": (10, None), "width": (1, None), "n_steps": (0, None), "buffer_size": (0, None),
+    "reinit_freq": (0, 1), "sgld_lr": (0, None), "sgld_std": (0, None), "in_steps": (0, None),
+    "pyld_lr": (None, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None), "print_every": (1, None),
+    "eps": (0, None), "n_steps_pgd_attack": (0, None), "pgd_step_factor": (0, None), "n_steps_refine": (0, None),
+    "n_dup_chains": (1, None), "n_eval": (1, None), "max_chains_per_pass": (1, None),
+}
 
 
 def check_args(args):
-    """Impossible flag combinations, reported before the checkpoint or any data is read."""
-    for flag in ("batch_size", "print_every"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    for flag in ("n_steps", "buffer_size", "n_sample_steps"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} cannot be negative")
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError("--max_images must be at least 1 (leave it out to use every image)")
+    """Numbers out of range and impossible flag combinations, reported before the checkpoint or any data is read."""
+    check_ranges(args, EVAL_FLAG_RANGES)
+    if args.load_path is None and not (args.eval == "sample_quality" and args.samples != "buffer"):
+        raise UserError(f"--eval {args.eval} needs --load_path MODEL.pt (a checkpoint of this project or of the "
+                        "paper's code)")
     if args.eval == "logp_hist" and not args.datasets:
         raise UserError("logp_hist needs --datasets NAME [NAME ...], e.g. --datasets cifar10 svhn")
     if args.eval == "sample_quality":
-        if args.is_splits < 1:
-            raise UserError("--is_splits must be at least 1 (the papers: 10)")
         args.inception_weights = inception_weights_path(args.inception_weights)  # before the checkpoint is read
     if args.eval == "uncond_samples" or (args.eval == "cond_samples" and args.fresh_samples):
         if args.n_steps < 1:
@@ -155,12 +168,14 @@ def replay_buffer_from(ckpt, args, device):
     return ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=images.float())
 
 
-def load_jem(args, device):
-    """(model in eval mode on device, replay buffer) from --load_path; fills in the model flags."""
+def load_jem(args, device, given=()):
+    """(model in eval mode on device, replay buffer) from --load_path; fills in the model flags, and the sampler
+    flags not `given` on the command line (sample_as_trained)."""
     ckpt = load_checkpoint(args.load_path)
     if not isinstance(ckpt["model_state_dict"], dict):
         raise UserError(f"{args.load_path}: model_state_dict is not a state dict")
     resolve_model_flags(args, ckpt)
+    sample_as_trained(args, ckpt, given)
     model = build_model(args)
     load_model_state(model, ckpt["model_state_dict"], args.load_path)
     model.requires_grad_(False)  # evaluation differentiates with respect to inputs only
@@ -271,11 +286,12 @@ def expected_calibration_error(confidences, correct, n_bins=ECE_BINS):
 
 def classify_dataset(args, model, device):
     """Logits and labels of every image of --dataset; with --n_steps > 0 the images first take that many
-    SGLD steps on log p(x), the paper's test-time refinement."""
+    steps on log p(x), the paper's test-time refinement (with the model's own sampler, eval_sampling.py)."""
     logits, labels = [], []
     for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device, args.dataset):
         if args.n_steps > 0:
-            x = sgld(model, x, args.n_steps, args.sgld_lr, args.sgld_std)
+            with chains_as_trained(model, args):
+                x = sgld(model, x, **chain_settings(args))
         with torch.no_grad():
             logits.append(model.classify(x).float())
         labels.append(y)
@@ -329,97 +345,6 @@ def logp_hist(args, model, replay_buffer, device):
     return {"score_fn": args.score_fn, "figures": figures,
             "datasets": {name: {"n_images": len(s), "mean": float(s.mean()), "std": float(s.std())}
                          for name, s in plotted.items()}}
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling modes.
-
-def advance_buffer(args, model, replay_buffer, grid_prefix):
-    """--n_sample_steps rounds of sample_q on --batch_size chains drawn from the buffer, as the paper's code.
-
-    Every --print_every-th round's samples are saved as a grid. Returns the grid paths and, when the buffer
-    is empty (--buffer_size 0: every round's chains start from fresh noise), every round's samples.
-    """
-    grids, short_run = [], []
-    for round_ in tqdm(range(args.n_sample_steps), desc="sampling rounds", disable=args.print_to_log):
-        samples = sample_q(model, replay_buffer, args.batch_size, n_steps=args.n_steps, sgld_lr=args.sgld_lr,
-                           sgld_std=args.sgld_std)
-        if len(replay_buffer) == 0:
-            short_run.append(samples.cpu())
-        if round_ % args.print_every == 0:
-            grids.append(f"{grid_prefix}_{round_:06d}.png")
-            save_grid(grids[-1], samples)
-    return grids, short_run
-
-
-def save_buffer(args, images, **extra):
-    path = os.path.join(args.save_dir, f"{args.eval}_buffer.pt")
-    torch.save({"replay_buffer": images.detach().cpu(), **extra}, path)
-    return path
-
-
-def sample_fresh_buffer(args, model, device):
-    """A uniform buffer of --buffer_size advanced --n_sample_steps rounds (grids along the way).
-
-    With --buffer_size 0 the samples of every round (--n_sample_steps x --batch_size images) stand in for it.
-    """
-    fresh = ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device)
-    grids, short_run = advance_buffer(args, model, fresh, grid_prefix=os.path.join(args.save_dir, "uncond_samples"))
-    if short_run:
-        fresh = ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=torch.cat(short_run))
-    return fresh, grids
-
-
-def uncond_samples(args, model, replay_buffer, device):
-    """Unconditional samples from a fresh buffer; the final buffer and a grid of its first 100 images."""
-    fresh, grids = sample_fresh_buffer(args, model, device)
-    final_grid = os.path.join(args.save_dir, "uncond_samples_final.png")
-    save_grid(final_grid, fresh.images[:100])
-    return {"n_samples": len(fresh), "grids": grids, "final_grid": final_grid,
-            "buffer": save_buffer(args, fresh.images)}
-
-
-@torch.no_grad()
-def classify_images(model, images):
-    """Predicted class and its logit f(x)[y] (log p(x, y) + const) for each image."""
-    logits = torch.cat([model.classify(batch).float() for batch in images.split(EVAL_BATCH_SIZE)])
-    best, predicted = logits.max(1)
-    return predicted, best
-
-
-def save_class_grids(args, images, predicted, scores):
-    """Grids of one row per predicted class, PER_ROW images a row, highest log p(x, y) first: grid g holds
-    each class's ranks g*PER_ROW .. (g+1)*PER_ROW-1. Classes short of images get white cells."""
-    ranked = []
-    for c in range(args.n_classes):
-        members = (predicted == c).nonzero().squeeze(1)
-        ranked.append(images[members[scores[members].argsort(descending=True)]].cpu())
-    blank = torch.ones(PER_ROW, *IMAGE_SHAPE)
-    n_grids = min(MAX_CLASS_GRIDS, math.ceil(max(len(members) for members in ranked) / PER_ROW))
-    grids = []
-    for g in range(n_grids):
-        rows = [torch.cat([members[g * PER_ROW:(g + 1) * PER_ROW], blank])[:PER_ROW] for members in ranked]
-        grids.append(os.path.join(args.save_dir, f"cond_samples_{g:03d}.png"))
-        save_grid(grids[-1], torch.cat(rows), nrow=PER_ROW)
-    return grids
-
-
-def cond_samples(args, model, replay_buffer, device):
-    """Classify every buffer image and save grids with one row per predicted class.
-
-    The buffer is the checkpoint's or, with --fresh_samples, a new one sampled as uncond_samples does.
-    """
-    if args.fresh_samples:
-        replay_buffer, _ = sample_fresh_buffer(args, model, device)
-    elif len(replay_buffer) == 0:
-        raise UserError(f"{args.load_path} has no replay buffer: sample one with --fresh_samples --buffer_size N "
-                        "--n_steps T")
-    predicted, scores = classify_images(model, replay_buffer.images)
-    grids = save_class_grids(args, replay_buffer.images, predicted, scores)
-    return {"buffer_source": "fresh" if args.fresh_samples else "checkpoint", "n_samples": len(replay_buffer),
-            "class_counts": torch.bincount(predicted, minlength=args.n_classes).tolist(), "grids": grids,
-            "buffer": save_buffer(args, replay_buffer.images, predicted_class=predicted.cpu(),
-                                  score=scores.cpu())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,7 +411,8 @@ def summary_line(mode, results):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    parser = build_parser()
+    args, given = parser.parse_args(argv), flags_given(parser, argv)
     check_args(args)
     prepare_save_dir(args.save_dir)
     device = select_device(args.device)
@@ -496,9 +422,14 @@ def main(argv=None):
     log = RunLog(args.save_dir, quiet=args.print_to_log, append=True)  # append: the dir may hold a training log
     resolve_amp(args, device, log.line)
     args.hardware = describe_hardware(device)
-    model, replay_buffer = load_jem(args, device)
-    log.line(f"{args.eval}: WRN-{args.depth}-{args.width} ({args.n_classes} classes, norm {args.norm}"
-             f"{', uncond' if args.uncond else ''}) from {args.load_path} on {device}")
+    if args.load_path is None:  # sample_quality of a file or a folder: no model (check_args)
+        model, replay_buffer = None, None
+        log.line(f"{args.eval}: {args.samples} on {device}")
+    else:
+        model, replay_buffer = load_jem(args, device, given)
+        log.line(f"{args.eval}: WRN-{args.depth}-{args.width} ({args.n_classes} classes, norm {args.norm}"
+                 f"{', uncond' if args.uncond else ''}) from {args.load_path} on {device}; sampler of "
+                 f"--recipe {args.recipe}: {describe_sampler(args)}")
     with autocast(device, args.amp):
         results = MODES[args.eval](args, model, replay_buffer, device)
     write_json(os.path.join(args.save_dir, f"{args.eval}.json"), {**results, "args": vars(args)})

@@ -256,12 +256,12 @@ FLAG_RANGES = {
 
 def check_ranges(args, ranges):
     """One line for the first flag of `ranges` whose value (each value, for a list) is out of its range or not a
-    finite number; a flag left at None (its default) is not checked."""
+    finite number; a flag left at a placeholder (None, or evaluation's "from the checkpoint") is not checked."""
     for flag, (low, high) in ranges.items():
         values = getattr(args, flag)
         for value in values if isinstance(values, list) else [values]:
-            if value is not None and not (math.isfinite(value) and (low is None or value >= low)
-                                          and (high is None or value <= high)):
+            if isinstance(value, (int, float)) and not (math.isfinite(value) and (low is None or value >= low)
+                                                        and (high is None or value <= high)):
                 raise UserError(f"--{flag} {value}: it must be {range_in_words(low, high)}")
 
 

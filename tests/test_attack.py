@@ -11,6 +11,7 @@ import eval_wrn_ebm
 from attack import RefinedClassifier, add_attack_flags, pgd_attack, run_attack
 from data import make_synthetic
 from models import JEM
+from sampler import sgld
 from utils import UserError
 
 CPU = torch.device("cpu")
@@ -328,3 +329,16 @@ def test_overlay_refuses_mixed_norms_and_foreign_files(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"accuracy": 0.5}))
     with pytest.raises(UserError, match="no attack result"):
         attack.main([str(tmp_path / "other.json")])
+
+
+def test_a_pyld_model_is_refined_with_its_pyld_step(model):
+    """The defence of a model trained with PYLD takes the sampler's PYLD step (no noise: the same chain)."""
+    x = torch.rand(2, 3, 32, 32)
+    pyld = dict(in_steps=3, pyld_lr=0.2, eps=0.01)
+    classifier = RefinedClassifier(model, 0.0, 2, 1, 0.5, 0.0, 64, torch.Generator().manual_seed(0), "exact", pyld)
+    refined = sgld(model, x * 2 - 1, n_steps=2, sgld_lr=0.5, sgld_std=0.0, **pyld)
+    torch.testing.assert_close(classifier.logits(x), model.classify(refined))
+    sgld_refined = sgld(model, x * 2 - 1, n_steps=2, sgld_lr=0.5, sgld_std=0.0)
+    assert not torch.allclose(model.classify(refined), model.classify(sgld_refined))
+    grad = classifier.scaled_loss_gradient(x, torch.tensor([1, 2]))  # the exact gradient passes the clamps
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

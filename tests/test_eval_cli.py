@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import eval_sampling
 import eval_wrn_ebm
+import train_wrn_ebm
 from data import load_eval_dataset
+from chain_init import ClassGaussians
 from models import JEM
+from test_chain_init import quick_fit
+from test_checkpoint import authors_state_dict
 from utils import run_cli
 
 SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset")
@@ -36,8 +41,8 @@ def count_chains(monkeypatch):
         calls.append((n, None if y is None else y.cpu()))
         return sample_q(model, replay_buffer, n, y, **sgld)
 
-    sample_q = eval_wrn_ebm.sample_q
-    monkeypatch.setattr(eval_wrn_ebm, "sample_q", recording_sample_q)
+    sample_q = eval_sampling.sample_q
+    monkeypatch.setattr(eval_sampling, "sample_q", recording_sample_q)
     return calls
 
 
@@ -252,3 +257,118 @@ def test_real_cifar_subset_as_an_image_folder(tiny_checkpoint, tmp_path):
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "OOD", "--dataset", SHARED_CIFAR,
                       "--ood_dataset", "cifar_interp")
     assert result["n_in"] == N_IMAGES and 0 <= result["auroc"] <= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Models of the later recipes are sampled as they were trained.
+
+@pytest.fixture(scope="module")
+def jempp_checkpoint(tiny_image_folder, tmp_path_factory):
+    """A WRN-10-1 trained for two iterations with --recipe jempp (batch norm, PYLD, informative starts)."""
+    save_dir = tmp_path_factory.mktemp("jempp_run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
+        train_wrn_ebm.main(["--recipe", "jempp", "--dataset", tiny_image_folder, "--depth", "10", "--width", "1",
+                            "--n_steps", "1", "--batch_size", "16", "--n_epochs", "1", "--n_valid", "8",
+                            "--buffer_size", "20", "--n_workers", "0", "--device", "cpu", "--save_dir",
+                            str(save_dir), "--print_to_log"])
+    return str(save_dir / "last_ckpt.pt")
+
+
+def chain_settings_of_every_call(monkeypatch):
+    calls = []
+
+    def recording_sample_q(model, replay_buffer, n, y=None, **settings):
+        calls.append({**settings, "training": model.training, "restarts": type(replay_buffer.chain_init).__name__})
+        return sample_q(model, replay_buffer, n, y, **settings)
+
+    sample_q = eval_sampling.sample_q
+    monkeypatch.setattr(eval_sampling, "sample_q", recording_sample_q)
+    return calls
+
+
+def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistics(jempp_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    calls = chain_settings_of_every_call(monkeypatch)
+    fitted = []
+
+    def recording_fit(loader, n_classes):
+        fitted.append(loader)
+        return quick_fit(loader, n_classes)
+
+    monkeypatch.setattr(ClassGaussians, "fit", staticmethod(recording_fit))
+    statistics = {k: v for k, v in torch.load(jempp_checkpoint, weights_only=True)["model_state_dict"].items()
+                  if "running" in k}
+    real_load_jem, loaded = eval_wrn_ebm.load_jem, []
+    monkeypatch.setattr(eval_wrn_ebm, "load_jem", lambda *a: loaded.append(real_load_jem(*a)) or loaded[-1])
+    result = run_eval(jempp_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20", "--n_steps", "2",
+                      "--n_sample_steps", "2", "--batch_size", "8")
+    expected = dict(n_steps=2, sgld_lr=0.0, sgld_std=0.0, in_steps=5, pyld_lr=0.2, eps=1.0, train_mode=True,
+                    training=True, restarts="ClassGaussians")
+    assert calls == [expected] * 2  # PYLD on batch statistics, fresh chains from the class Gaussians
+    args = result["args"]
+    assert (args["recipe"], args["sigma"], args["norm"], args["buffer_init"]) == ("jempp", 0.03, "batch", "informative")
+    model = loaded[0][0]
+    assert not model.training and all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
+    assert len(fitted) == 1 and len(fitted[0].dataset) == 32  # its training split: 40 images, 8 held out
+
+    calls.clear()  # a flag given wins over the training's
+    run_eval(jempp_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20", "--n_steps", "1",
+             "--n_sample_steps", "1", "--batch_size", "8", "--in_steps", "2", "--buffer_init", "uniform")
+    assert (calls[0]["in_steps"], calls[0]["pyld_lr"], calls[0]["restarts"]) == (2, 0.2, "UniformNoise")
+
+
+def test_the_papers_model_keeps_the_papers_evaluation_sampler(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = chain_settings_of_every_call(monkeypatch)
+    run_eval(tiny_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20", "--n_steps", "1",
+             "--n_sample_steps", "1", "--batch_size", "8")
+    assert calls == [dict(n_steps=1, sgld_lr=1.0, sgld_std=0.01, in_steps=0, pyld_lr=0.2, eps=1.0, train_mode=False,
+                          training=False, restarts="UniformNoise")]
+
+
+@pytest.mark.parametrize("recipe, yopo, sampler", [
+    ("jempp", True, dict(in_steps=5, pyld_lr=0.2, sgld_lr=0.0, sgld_std=0.0, sigma=0.03)),
+    ("sadajem", False, dict(in_steps=1, pyld_lr=1.0, sgld_lr=0.0, sgld_std=0.0, sigma=0.0))])
+def test_a_published_jempp_or_sadajem_file_evaluates_with_its_recipe(tmp_path, recipe, yopo, sampler):
+    """Their two keys in their layout (no f.linear; JEM++'s yopo aliases), batch norm found from the keys."""
+    torch.manual_seed(0)
+    theirs = JEM(depth=10, width=1, norm="batch")
+    theirs(torch.randn(8, 3, 32, 32))  # running statistics of a batch
+    path = str(tmp_path / f"{recipe}.pt")
+    torch.save({"model_state_dict": authors_state_dict(theirs.eval(), yopo),
+                "replay_buffer": torch.rand(20, 3, 32, 32) * 2 - 1}, path)
+    result = run_eval(path, tmp_path, "--eval", "test_clf", "--dataset", "synthetic", "--recipe", recipe)
+    args = result["args"]
+    assert (args["norm"], args["depth"], args["width"]) == ("batch", 10, 1)
+    assert {k: args[k] for k in sampler} == sampler and args["chains_in_train_mode"]
+    dataset = load_eval_dataset("synthetic", None, 0.0)
+    x = torch.stack([dataset[i][0] for i in range(N_IMAGES)])
+    if sampler["sigma"] == 0:  # their test images without noise: the logits of a direct pass
+        y = torch.tensor([dataset[i][1] for i in range(N_IMAGES)])
+        with torch.no_grad():
+            expected = F.cross_entropy(theirs.classify(x), y)
+        assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sample_quality_of_a_folder_needs_no_checkpoint(tiny_image_folder, tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(eval_wrn_ebm, "inception_weights_path", lambda path: "weights.pth")
+    monkeypatch.setitem(eval_wrn_ebm.MODES, "sample_quality", lambda *a: seen.append(a[1:3]) or {"fid": 1.0})
+    eval_wrn_ebm.main(["--eval", "sample_quality", "--samples", tiny_image_folder, "--save_dir", str(tmp_path),
+                       "--device", "cpu", "--print_to_log"])
+    assert seen == [(None, None)]  # no model, no buffer
+    for argv in (["--eval", "sample_quality"], ["--eval", "test_clf"]):
+        with pytest.raises(SystemExit):
+            run_cli(eval_wrn_ebm.main, argv + ["--save_dir", str(tmp_path), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs --load_path MODEL.pt" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sigma", "nan"], "--sigma nan"), (["--reinit_freq", "2"], "from 0 to 1"),
+    (["--n_dup_chains", "0"], "--n_dup_chains 0")])
+def test_numbers_out_of_range_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        run_cli(eval_wrn_ebm.main, ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -1,0 +1,203 @@
+"""How evaluation samples from a model, and the two evaluation modes that sample (uncond_samples, cond_samples).
+
+A model is sampled the way it was trained. A checkpoint that a later recipe trained (--recipe jempp or sadajem,
+or any PYLD chain) stores its training flags, and its chains run here with them: its step (PYLD's clipped and
+clamped steps, its step sizes and noise), its chain starts (per-class Gaussians, fitted again to its training
+images) and, with batch norm, on the chain's batch statistics as in training (the running statistics stay as the
+checkpoint holds them). Its test images get its training noise (--sigma), as its authors' evaluation scripts did.
+A published JEM++ or SADA-JEM file stores no flags: `--recipe jempp|sadajem` names its training. The paper's
+models keep the evaluation flags of the paper's script (--sgld_lr 1 --sgld_std 0.01 by default). A flag given on
+the command line always wins.
+"""
+import math
+import os
+from argparse import Namespace
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+import train_flags
+from chain_init import IMAGE_SHAPE, ClassGaussians, UniformNoise
+from data import EVAL_SETS, plain_training_images
+from optimizers import frozen_running_stats
+from plotting import save_grid
+from sampler import ReplayBuffer, sample_q
+from utils import UserError
+
+TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "sigma")  # read from the training
+EVAL_BATCH_SIZE = 100  # images per batch when classifying a buffer
+PER_ROW = 10  # images per class row in the cond_samples grids
+MAX_CLASS_GRIDS = 100  # cond_samples grids at most (the paper's code saved 100)
+
+
+def add_recipe_sampler_flags(parser):
+    group = parser.add_argument_group("the sampler of a later recipe (default: the checkpoint's training)")
+    group.add_argument("--recipe", choices=sorted(train_flags.RECIPES), default="jem",
+                       help="sample as this recipe trained (for files that store no training flags, e.g. JEM++'s and "
+                            "SADA-JEM's published models); default: the checkpoint's recipe, else jem")
+    group.add_argument("--in_steps", type=int, default=0, help="PYLD inner steps per step (0: SGLD)")
+    group.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size")
+    group.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
+                       help="starts of fresh chains: uniform noise, or per-class Gaussians of the training images")
+
+
+def sample_as_trained(args, ckpt, given):
+    """Set the sampler flags not `given` on the command line to those of the model's training (see the module
+    docstring); also args.pyld_eps (PYLD's clip), args.chains_in_train_mode and args.training_data."""
+    stored = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    if "recipe" not in given:
+        args.recipe = stored.get("recipe", "jem")
+    trained = trained_flags(args.recipe, "recipe" in given, stored)
+    for flag in TRAINED_FLAGS:
+        if flag not in given and flag in trained:
+            setattr(args, flag, trained[flag])
+    args.pyld_eps = trained.get("eps", 1.0)
+    args.chains_in_train_mode = bool(trained) and args.norm == "batch"
+    args.training_data = {k: stored[k] for k in ("dataset", "n_valid", "labels_per_class") if k in stored} or None
+
+
+def trained_flags(recipe, recipe_given, stored):
+    """The training flags of a later recipe's model: --recipe's own when given, else the checkpoint's when its
+    chains were PYLD; {} for the paper's models (and the paper's recipe)."""
+    if recipe_given:
+        return vars(train_flags.parse_args(["--recipe", recipe])) if recipe != "jem" else {}
+    if stored.get("recipe", "jem") != "jem" or stored.get("in_steps", 0) > 0:
+        return stored
+    return {}
+
+
+def chain_settings(args):
+    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std, in_steps=args.in_steps,
+                pyld_lr=args.pyld_lr, eps=args.pyld_eps)
+
+
+def describe_sampler(args):
+    """The chain step in a few words, for the log."""
+    if args.in_steps > 0 and args.pyld_lr > 0:
+        step = (f"PYLD, {args.in_steps} inner steps of {args.pyld_lr:g} along the gradient clipped to "
+                f"+-{args.pyld_eps:g}{f' after a step of {args.sgld_lr:g}' if args.sgld_lr > 0 else ''}")
+    else:
+        step = f"SGLD, step {args.sgld_lr:g}"
+    mode = ", batch statistics" if args.chains_in_train_mode else ""
+    return (f"{step}, noise {args.sgld_std:g}{mode}; fresh chains from {args.buffer_init} starts; "
+            f"test noise {args.sigma:g}")
+
+
+@contextmanager
+def chains_as_trained(model, args):
+    """The model in training mode with its running statistics frozen while chains run, when its chains ran on
+    batch statistics in training (a later recipe with batch norm); else as it is, in eval mode."""
+    if not args.chains_in_train_mode:
+        yield
+        return
+    model.train()
+    try:
+        with frozen_running_stats(model):
+            yield
+    finally:
+        model.eval()
+
+
+def fresh_chain_starts(args, device):
+    """Where fresh chains start: uniform noise, or (--buffer_init informative) the class Gaussians of the training
+    images: those the checkpoint names, else the training split of --dataset's set, all of it."""
+    if args.buffer_init == "uniform":
+        return UniformNoise()
+    data = args.training_data or {"dataset": EVAL_SETS.get(args.dataset, (args.dataset,))[0], "n_valid": 0}
+    flags = Namespace(**{"labels_per_class": -1, **data, "data_root": args.data_root, "n_classes": args.n_classes,
+                         "n_workers": args.n_workers})
+    return ClassGaussians.fit(plain_training_images(flags, device), args.n_classes).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampling modes.
+
+def advance_buffer(args, model, replay_buffer, grid_prefix):
+    """--n_sample_steps rounds of sample_q on --batch_size chains drawn from the buffer, as the paper's code.
+
+    Every --print_every-th round's samples are saved as a grid. Returns the grid paths and, when the buffer
+    is empty (--buffer_size 0: every round's chains start from fresh noise), every round's samples.
+    """
+    grids, short_run = [], []
+    for round_ in tqdm(range(args.n_sample_steps), desc="sampling rounds", disable=args.print_to_log):
+        with chains_as_trained(model, args):
+            samples = sample_q(model, replay_buffer, args.batch_size, train_mode=args.chains_in_train_mode,
+                               **chain_settings(args))
+        if len(replay_buffer) == 0:
+            short_run.append(samples.cpu())
+        if round_ % args.print_every == 0:
+            grids.append(f"{grid_prefix}_{round_:06d}.png")
+            save_grid(grids[-1], samples)
+    return grids, short_run
+
+
+def save_buffer(args, images, **extra):
+    path = os.path.join(args.save_dir, f"{args.eval}_buffer.pt")
+    torch.save({"replay_buffer": images.detach().cpu(), **extra}, path)
+    return path
+
+
+def sample_fresh_buffer(args, model, device):
+    """A buffer of --buffer_size fresh starts advanced --n_sample_steps rounds (grids along the way).
+
+    With --buffer_size 0 the samples of every round (--n_sample_steps x --batch_size images) stand in for it.
+    """
+    starts = fresh_chain_starts(args, device)
+    fresh = ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device, chain_init=starts)
+    grids, short_run = advance_buffer(args, model, fresh, grid_prefix=os.path.join(args.save_dir, "uncond_samples"))
+    if short_run:
+        fresh = ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=torch.cat(short_run))
+    return fresh, grids
+
+
+def uncond_samples(args, model, replay_buffer, device):
+    """Unconditional samples from a fresh buffer; the final buffer and a grid of its first 100 images."""
+    fresh, grids = sample_fresh_buffer(args, model, device)
+    final_grid = os.path.join(args.save_dir, "uncond_samples_final.png")
+    save_grid(final_grid, fresh.images[:100])
+    return {"n_samples": len(fresh), "grids": grids, "final_grid": final_grid,
+            "buffer": save_buffer(args, fresh.images)}
+
+
+@torch.no_grad()
+def classify_images(model, images):
+    """Predicted class and its logit f(x)[y] (log p(x, y) + const) for each image."""
+    logits = torch.cat([model.classify(batch).float() for batch in images.split(EVAL_BATCH_SIZE)])
+    best, predicted = logits.max(1)
+    return predicted, best
+
+
+def save_class_grids(args, images, predicted, scores):
+    """Grids of one row per predicted class, PER_ROW images a row, highest log p(x, y) first: grid g holds
+    each class's ranks g*PER_ROW .. (g+1)*PER_ROW-1. Classes short of images get white cells."""
+    ranked = []
+    for c in range(args.n_classes):
+        members = (predicted == c).nonzero().squeeze(1)
+        ranked.append(images[members[scores[members].argsort(descending=True)]].cpu())
+    blank = torch.ones(PER_ROW, *IMAGE_SHAPE)
+    n_grids = min(MAX_CLASS_GRIDS, math.ceil(max(len(members) for members in ranked) / PER_ROW))
+    grids = []
+    for g in range(n_grids):
+        rows = [torch.cat([members[g * PER_ROW:(g + 1) * PER_ROW], blank])[:PER_ROW] for members in ranked]
+        grids.append(os.path.join(args.save_dir, f"cond_samples_{g:03d}.png"))
+        save_grid(grids[-1], torch.cat(rows), nrow=PER_ROW)
+    return grids
+
+
+def cond_samples(args, model, replay_buffer, device):
+    """Classify every buffer image and save grids with one row per predicted class.
+
+    The buffer is the checkpoint's or, with --fresh_samples, a new one sampled as uncond_samples does.
+    """
+    if args.fresh_samples:
+        replay_buffer, _ = sample_fresh_buffer(args, model, device)
+    elif len(replay_buffer) == 0:
+        raise UserError(f"{args.load_path} has no replay buffer: sample one with --fresh_samples --buffer_size N "
+                        "--n_steps T")
+    predicted, scores = classify_images(model, replay_buffer.images)
+    grids = save_class_grids(args, replay_buffer.images, predicted, scores)
+    return {"buffer_source": "fresh" if args.fresh_samples else "checkpoint", "n_samples": len(replay_buffer),
+            "class_counts": torch.bincount(predicted, minlength=args.n_classes).tolist(), "grids": grids,
+            "buffer": save_buffer(args, replay_buffer.images, predicted_class=predicted.cpu(),
+                                  score=scores.cpu())}
