@@ -401,6 +401,39 @@ def eval_image_folder(path, transform):
     return class_folders(folder, transform)
 
 
+def shorter_side_to_32(width, height):
+    """(height, width) of an image after T.Resize(32): the shorter side 32, the longer one scaled and truncated."""
+    short, long = sorted((width, height))
+    resized = int(32 * long / short)
+    return (resized, 32) if width <= height else (32, resized)
+
+
+def image_paths(dataset):
+    """The image files of an image-folder data set (through Subset and cifar_interp's mixes), else []."""
+    while isinstance(dataset, (Subset, InterpolatedPairs)):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.base
+    if isinstance(dataset, ImageFiles):
+        return dataset.paths
+    return [path for path, _ in getattr(dataset, "samples", [])]
+
+
+def odd_size_message(dataset):
+    """The line for a folder whose images, their shorter side resized to 32 (CelebA's rule, which keeps the aspect
+    ratio), differ in size: the first odd file and the size the first image set. Reads image headers only."""
+    from PIL import Image
+    expected, first = None, None
+    for path in image_paths(dataset):
+        with Image.open(path) as image:
+            size = shorter_side_to_32(*image.size)
+        if expected is None:
+            expected, first = size, path
+        elif size != expected:
+            return (f"{path} is {size[1]}x{size[0]} pixels once its shorter side is resized to 32 (aspect kept, as "
+                    f"the paper read CelebA), but {first} is {expected[1]}x{expected[0]}: a batch needs one size, so "
+                    "use a folder of images of one shape (aligned CelebA: 178x218)")
+    return "the images of the data set differ in size after resizing, so they cannot be batched"
+
+
 def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test", normalize=True):
     """A test-time data set by any name evaluation accepts, with the test transform (noise `sigma`).
 

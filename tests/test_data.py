@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader
+import torchvision.transforms as T
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from data import load_dataset, make_synthetic, n_classes_of, split_indices, train_loaders, train_transform
+from data import (load_dataset, load_eval_dataset, make_synthetic, n_classes_of, odd_size_message, shorter_side_to_32,
+                  split_indices, train_loaders, train_transform)
 from data import test_transform as eval_transform  # (a name starting with test_ would be collected)
 from train_wrn_ebm import parse_args as parse_train_args
 from utils import UserError
@@ -76,6 +78,22 @@ def test_image_folder_resized_to_32(tmp_path):
     assert n_classes_of(str(tmp_path)) == 3
     x, y = load_dataset(str(tmp_path), None, False, eval_transform(str(tmp_path), 0.0))[2]
     assert x.shape == (3, 32, 32) and y == 2
+
+
+@pytest.mark.parametrize("size", [(178, 218), (218, 178), (33, 100), (64, 64), (31, 47)])
+def test_the_odd_size_rule_is_torchvisions_resize_of_the_shorter_side(size):
+    resized = T.Resize(32)(Image.new("RGB", size))
+    assert shorter_side_to_32(*size) == (resized.height, resized.width)
+
+
+def test_images_of_mixed_shapes_resized_as_celeba_are_one_line_naming_the_first_odd_file(tmp_path):
+    for i, size in enumerate([(178, 218), (178, 218), (200, 200), (178, 218)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+    celeba = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path))
+    with pytest.raises(RuntimeError, match="equal size"):  # what torch's collate says
+        next(iter(DataLoader(celeba, batch_size=4)))
+    message = odd_size_message(Subset(celeba, range(4)))
+    assert f"{tmp_path / '2.png'} is 32x32 pixels" in message and f"{tmp_path / '0.png'} is 32x39" in message
 
 
 def test_missing_data_names_the_folder_and_flag(tmp_path, monkeypatch):

@@ -230,6 +230,19 @@ def test_a_missing_data_set_gets_one_line_before_any_scoring(tiny_checkpoint, tm
     assert stop.value.code == 2 and err.count("\n") == 1 and message in err
 
 
+def test_a_celeba_folder_of_mixed_shapes_is_one_line_naming_the_odd_file(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i, size in enumerate([(178, 218)] * 3 + [(100, 100)]):
+        Image.new("RGB", size).save(folder / f"{i}.png")
+    with pytest.raises(SystemExit):
+        run_cli(eval_wrn_ebm.main, ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), "--device", "cpu",
+                                    "--eval", "OOD", "--dataset", "synthetic", "--ood_dataset", "celeba",
+                                    "--celeba_root", str(folder), "--max_images", "8", "--print_to_log"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder / '3.png'} is 32x32 pixels" in err and "32x39" in err
+
+
 def test_classification_needs_labels_of_the_models_classes(tiny_checkpoint, tmp_path, capsys):
     loose = tmp_path / "loose"
     loose.mkdir()
