@@ -318,6 +318,38 @@ def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_pa
     assert final["epoch"] == 2 and final["iteration"] == 12 + 12 and final["world_size"] == 1
 
 
+QUICK_FIT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import train_wrn_ebm
+from chain_init import ClassGaussians
+from test_chain_init import quick_fit
+
+ClassGaussians.fit = staticmethod(quick_fit)  # the real fit costs seconds per run; its refit is tested elsewhere
+train_wrn_ebm.main(sys.argv[1:])
+"""
+
+
+def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians(tiny, tmp_path):
+    """Rank 0 fits the class Gaussians and sends them to rank 1; a resumed two-process run fits them again and
+    finds the fingerprint its checkpoint holds."""
+    script = tmp_path / "quick_fit.py"
+    script.write_text(QUICK_FIT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    flags = tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8", "--buffer_init", "informative",
+                    "--n_epochs", "1"]
+    for command in (torchrun + flags, torchrun + ["--resume", str(tmp_path / "run"), "--n_epochs", "2"]):
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count("fitted 10 class Gaussians") == 2 and "(the same numbers as when the run started)" in log
+    assert "resumed" in log and "at epoch 1, iteration 6" in log
+    final = load_checkpoint(str(tmp_path / "run" / "last_ckpt.pt"))
+    assert (final["world_size"], final["iteration"], len(final["rng_states"])) == (2, 12, 2)
+    assert final["args"]["buffer_init"] == "informative"
+
+
 def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     """JEM++'s batch-norm recipe (training-mode passes, PYLD, informative starts): a run stopped by SIGTERM
     and resumed ends bit for bit where an uninterrupted one does, running statistics included."""
