@@ -120,12 +120,15 @@ class Trainer:
             gaussians = ClassGaussians.fit(plain_training_images(self.args, self.device), self.args.n_classes)
             self.gaussians_fingerprint = gaussians.fingerprint()
             stored = resume_state.get("class_gaussians_sha256") if resume_state else None
-            same = "" if stored is None else " (the same numbers as when the run started)" \
-                if stored == self.gaussians_fingerprint else \
-                (": they differ in rounding from those the run started with (another machine or thread count?), so "
-                 "this run will not repeat an uninterrupted one bit for bit")
+            if stored is None:
+                refit = ""
+            elif stored == self.gaussians_fingerprint:
+                refit = " (the same numbers as when the run started)"
+            else:
+                refit = (": they differ in rounding from those the run started with (another machine or thread "
+                         "count?), so this run will not repeat an uninterrupted one bit for bit")
             self.log.line(f"fitted {self.args.n_classes} class Gaussians to the training images in "
-                          f"{time.time() - tick:.1f}s{same}")
+                          f"{time.time() - tick:.1f}s{refit}")
         gaussians = broadcast(gaussians, self.topology)
         return gaussians.to(self.device)
 

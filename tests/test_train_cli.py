@@ -269,7 +269,8 @@ def test_recipe_defaults_yield_to_flags_given():
     paper = train_wrn_ebm.parse_args([])
     assert (paper.recipe, paper.in_steps, paper.sgld_lr, paper.buffer_init) == ("jem", 0, 1.0, "uniform")
     sada = train_wrn_ebm.parse_args(["--recipe", "sadajem", "--n_steps", "7", "--rho=0.05"])
-    assert (sada.n_steps, sada.rho, sada.sgld_lr, sada.sgld_std, sada.norm, sada.lr) == (7, 0.05, 0.0, 0.0, "batch", 0.1)
+    assert (sada.n_steps, sada.rho, sada.sgld_lr, sada.sgld_std, sada.norm, sada.lr) == \
+        (7, 0.05, 0.0, 0.0, "batch", 0.1)
     assert (sada.in_steps, sada.pyld_lr, sada.eps, sada.n_epochs, sada.decay_epochs) == \
         (1, 1.0, 1.0, 200, [60, 120, 180])
     assert (sada.optimizer, sada.px_augment, sada.labeled_batch_size, sada.epoch_over) == ("sam", False, 128, "labeled")
