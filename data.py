@@ -283,6 +283,10 @@ def train_loaders(args, device, rank=0, world_size=1):
     train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
                                           args.n_classes)
     labeled_batch_size = args.labeled_batch_size or args.batch_size
+    if len(train) < args.batch_size * world_size:
+        raise UserError(f"only {len(train)} training images for p(x) batches of {args.batch_size}"
+                        f"{f' on each of {world_size} processes' if world_size > 1 else ''}: an epoch would train "
+                        "nothing; use a smaller --batch_size or --n_valid")
     if len(labeled) < labeled_batch_size * world_size:
         raise UserError(f"only {len(labeled)} labeled training images for batches of {labeled_batch_size}"
                         f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a smaller "

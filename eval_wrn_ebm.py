@@ -25,7 +25,6 @@ Offline, on the training quickstart's checkpoint (no download):
 
 Every mode is one function `mode(args, model, replay_buffer, device) -> dict of results`, chosen from MODES.
 """
-import argparse
 import os
 
 import numpy as np
@@ -48,7 +47,7 @@ from eval_sampling import (add_recipe_sampler_flags, chain_settings, chains_as_t
                            describe_sampler, sample_as_trained, uncond_samples)
 from precision import autocast, describe_hardware, resolve_amp
 from sampler import ReplayBuffer, sgld
-from train_flags import check_ranges, flags_given
+from train_flags import OneLineErrors, check_ranges, flags_given
 from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, prepare_save_dir, run_cli,
                    seed_everything, select_device, write_json)
 
@@ -64,7 +63,7 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
         epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored arguments, else "
                "the shapes of its weights, else the paper's WRN-28-10 without norm. A model of a later recipe is "

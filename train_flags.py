@@ -115,8 +115,16 @@ def flags_given(parser, argv=None):
     return {name for name, value in vars(probe).items() if value is not placeholder}
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse with its errors (an unknown flag, a bad choice, a word for a number) in one line, as every other
+    bad input: without the usage summary, which for these scripts runs to forty lines."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists every flag)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train a JEM (Grathwohl et al., ICLR 2020).")
+    parser = OneLineErrors(description="Train a JEM (Grathwohl et al., ICLR 2020).")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
                         help="defaults of the paper (jem), JEM++ (jempp, Yang & Ji 2021) or SADA-JEM (sadajem, "
                              "Yang et al. 2023) for every flag not given; see docs/recipes.md")

@@ -153,6 +153,9 @@ def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypat
     (["--recipe", "sadajem", "--optimizer", "adam"], "drop --optimizer adam"),
     (["--recipe", "sadajem", "--sgld_std", "0.01"], "pass --sgld_std 0"),
     (["--recipe", "sadajem", "--sgld_lr", "1", "--pyld_lr", "1"], "give one of them"),
+    (["--batch_size", "200", "--labeled_batch_size", "8"], "an epoch would train nothing"),
+    (["--norm", "bacth"], "invalid norm value: 'bacth'"),  # argparse's own errors are one line too
+    (["--n_epochs", "ten"], "invalid int value"),
 ])
 def test_bad_input_is_one_line(tiny, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
