@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 def build_parser():
     parser = OneLineErrors(
-        description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
+        prog="eval_wrn_ebm.py", description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
         epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored arguments, else "
                "the shapes of its weights, else the paper's WRN-28-10 without norm. A model of a later recipe is "
                "sampled as it was trained (eval_sampling.py): the sampler flags not given default to its training's.")

@@ -124,7 +124,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = OneLineErrors(description="Train a JEM (Grathwohl et al., ICLR 2020).")
+    parser = OneLineErrors(prog="train_wrn_ebm.py", description="Train a JEM (Grathwohl et al., ICLR 2020).")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
                         help="defaults of the paper (jem), JEM++ (jempp, Yang & Ji 2021) or SADA-JEM (sadajem, "
                              "Yang et al. 2023) for every flag not given; see docs/recipes.md")
