@@ -385,3 +385,8 @@ def test_numbers_out_of_range_are_one_line(tiny_checkpoint, tmp_path, capsys, fl
         run_cli(eval_wrn_ebm.main, ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), *flags])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_every_numeric_flag_has_its_range_checked():
+    numeric = {a.dest for a in eval_wrn_ebm.build_parser()._actions if a.type in (int, float)}
+    assert numeric == set(eval_wrn_ebm.EVAL_FLAG_RANGES)
