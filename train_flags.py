@@ -1,5 +1,5 @@
-"""train_wrn_ebm.py's command line: its flags, the later recipes' presets (--recipe), and the checks of flag
-combinations that cannot work.
+"""train_wrn_ebm.py's command line: its flags, the later recipes' presets (--recipe), the range of every number
+(FLAG_RANGES) and the checks of flag combinations that cannot work.
 
 Flags and defaults are the paper's code's (its command lines run unchanged); `--recipe jempp` / `--recipe
 sadajem` fill in JEM++'s and SADA-JEM's published settings for every flag not given (docs/recipes.md).
