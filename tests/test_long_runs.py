@@ -12,8 +12,10 @@ import torch
 import eval_wrn_ebm
 import train_wrn_ebm
 import training
+from chain_init import ClassGaussians
 from checkpoint import load_checkpoint
 from stopping import has_diverged
+from test_chain_init import quick_fit
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -350,7 +352,16 @@ def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians
     assert final["args"]["buffer_init"] == "informative"
 
 
-def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def quick_gaussians():
+    """ClassGaussians.fit stubbed (test_chain_init.quick_fit) by a patch of its own, which monkeypatch.undo()
+    leaves in place: the run and its resume fit alike."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
+        yield
+
+
+def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_path, monkeypatch, quick_gaussians):
     """JEM++'s batch-norm recipe (training-mode passes, PYLD, informative starts): a run stopped by SIGTERM
     and resumed ends bit for bit where an uninterrupted one does, running statistics included."""
     flags = tiny + ["--recipe", "jempp", "--norm", "batch", "--optimizer", "sgd", "--lr", "0.05",
