@@ -309,7 +309,7 @@ def train_loaders(args, device, rank=0, world_size=1):
 
 def plain_training_images(args, device):
     """The training split (validation held out) as it is, without augmentation or noise, in batches: what
-    --buffer_init informative fits its class Gaussians to. Loaded only then, not on every run."""
+    --buffer_init informative fits its class Gaussians to, and --eval_train scores. Loaded only then."""
     dataset = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
     train, _, _ = split_indices(targets_of(dataset), args.n_valid, args.labels_per_class, args.n_classes)
     return make_loader(Subset(dataset, train), 500, False, device, loader_workers(args, device))

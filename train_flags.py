@@ -219,6 +219,9 @@ def build_parser():
     io.add_argument("--eval_every_iters", type=int, default=0,
                     help="also log validation/test accuracy every this many iterations (learning curves; the "
                          "epoch evaluations alone choose best_valid_ckpt.pt); 0: off")
+    io.add_argument("--eval_train", action="store_true",
+                    help="evaluations also report the accuracy on the training split (clean images, no augmentation, "
+                         "validation held out): how well the model fits what it trains on")
     io.add_argument("--eval_every_minutes", type=float, default=0,
                     help="also log validation/test accuracy every this many minutes of training (--train_clock); "
                          "0: off")

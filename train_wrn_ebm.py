@@ -81,6 +81,8 @@ class Trainer:
         self.eval_period = int(self.clock.minutes(args.train_clock) // args.eval_every_minutes) \
             if args.eval_every_minutes else 0
         self.loaders = train_loaders(args, device, topology.rank, topology.world_size)
+        if args.eval_train:
+            self.loaders["train_clean"] = plain_training_images(args, device)
         self.model = to_training_device(build_model(args), device)
         self.gaussians_fingerprint = None
         self.chain_init = self.make_chain_init(resume_state)
@@ -309,12 +311,14 @@ class Trainer:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def evaluate(self, end_of_epoch=True):
-        """Validation and test accuracy, logged; returns the validation accuracy (-inf without a split).
+        """Validation and test accuracy (and with --eval_train the training split's), logged; returns the
+        validation accuracy (-inf without a split).
 
         Its time is not training time: the clock stops meanwhile."""
+        splits = {"valid": "valid", "test": "test", **({"train": "train_clean"} if self.args.eval_train else {})}
         with self.clock.paused():
-            results = {split: evaluate_classifier(self.model, self.loaders[split], self.device)
-                       for split in ("valid", "test")}
+            results = {split: evaluate_classifier(self.model, self.loaders[loader], self.device)
+                       for split, loader in splits.items()}
         record = dict(kind="eval", end_of_epoch=end_of_epoch)
         message = [f"epoch {self.epoch}" if end_of_epoch else f"epoch {self.epoch} it {self.iteration}"]
         for split, result in results.items():

@@ -1,39 +1,42 @@
 """The paper's JEM, JEM++, SADA-JEM and the plain classifier on real images, on a CPU, in one command.
 
-Trains the same small Wide-ResNet once per recipe on the same data, each for the same wall-clock budget
-(--minutes; the run is stopped with SIGTERM, which makes train_wrn_ebm.py save and exit), then runs the
-project's own evaluations on every model and gathers their JSON outputs into one markdown table:
+Trains the same small Wide-ResNet once per recipe and seed on the same data, each for the same training time
+(--minutes) or the same number of epochs (--epochs, the converged regime), then runs the project's own
+evaluations on every model and gathers their JSON outputs into one markdown table (mean and range over seeds):
 
-    .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/study
+    .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/study --minutes 6
+    .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/converged \
+        --epochs 60 --seeds 1 2 3 --amp --models clf jem sadajem --figs_prefix converged_
 
-The recipes (RECIPES below): `jem`, the paper's objective with short SGLD chains (Adam); `jempp` and
-`sadajem`, train_wrn_ebm.py's --recipe presets for JEM++ and SADA-JEM; `clf`, the same network trained as a
-plain classifier (--p_x_weight 0). Everything goes through the project's command lines (train_wrn_ebm.py,
-eval_wrn_ebm.py, attack.py) as subprocesses; this file only builds their arguments, runs --parallel models
-at a time (one CPU thread each) and reads what they wrote. It writes
-- OUT/<model>/: the training runs (checkpoints, logs) and OUT/<model>/eval/<mode>/ the evaluations;
+The recipes: `jem`, the paper's objective with short SGLD chains (Adam); `jempp` and `sadajem`,
+train_wrn_ebm.py's --recipe presets for JEM++ and SADA-JEM; `clf`, the same network trained as a plain
+classifier (--p_x_weight 0). Everything goes through the project's command lines (train_wrn_ebm.py,
+eval_wrn_ebm.py, attack.py) as subprocesses; this file only builds their arguments and runs --parallel of them at
+a time (one CPU thread each); scripts/study_report.py reads what they wrote. It writes
+- OUT/<model>/seed<N>/: the training runs (checkpoints, logs) and OUT/<model>/seed<N>/eval/<mode>/ the evaluations;
 - OUT/ood/: the offline out-of-distribution sets (MNIST test digits, uniform noise) as image folders;
 - OUT/results.md (also printed) and OUT/results.json: the table, the wall times and the commands;
-- --figs_dir (default figs/): small copies of the figures the evaluations drew.
+- --figs_dir (default figs/): small copies of the figures, and reliability diagrams and accuracy against
+  training time across models and seeds.
 
-A training run that used its budget (OUT/<model>/budget.json) is not repeated, and one that was cut short
-is resumed for the rest of its budget, so the command can be re-run to redo the evaluations alone.
+A training run that finished (OUT/<model>/seed<N>/done.json) is not repeated, and one that was cut short (the
+machine stopped, the command was interrupted) continues from its last checkpoint: the command can be re-run, in
+this session or a later one, and does only what is left.
 """
 import argparse
 import json
 import os
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its report module, also when imported by path
+from study_report import LABELS, SAMPLERS, SCORES, build_table, copy_figures, run_dir  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
-OOD_SETS = ("cifar_interp", "mnist", "noise")
-SCORES = ("px", "py", "pxgrad")
 MNIST_RAW = os.path.join(REPO, "..", "shared", "data", "mnist", "MNIST", "raw")
 
 
@@ -49,33 +52,30 @@ def recipe_flags(args, name):
     }[name]
 
 
-RECIPES = {  # name: label in the table
-    "jem": "JEM (paper's objective, Adam)",
-    "jempp": "JEM++ (--recipe jempp)",
-    "sadajem": "SADA-JEM (--recipe sadajem)",
-    "clf": "classifier (p_x_weight 0)",
-}
-SAMPLERS = ("jem", "jempp", "sadajem")  # the energy models, which have a replay buffer worth showing
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="JEM, JEM++, SADA-JEM and the plain classifier: train each for the "
-                                                 "same wall-clock budget, evaluate each, one table")
+                                                 "same budget over several seeds, evaluate each, one table")
     parser.add_argument("--data", required=True,
                         help="image folder with train/<class>/ and test/<class>/ (e.g. ../shared/data/cifar10_subset)")
     parser.add_argument("--out", default="runs/study", help="where runs, evaluations and the table go")
     parser.add_argument("--figs_dir", default=os.path.join(REPO, "figs"), help="where the small figures are copied")
-    parser.add_argument("--seed", type=int, default=1, help="seed of training and of every evaluation")
-    parser.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+    parser.add_argument("--figs_prefix", default="", help="prefix of the figure files' names in --figs_dir")
+    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[1],
+                        help="seeds of training and of every evaluation: each model is trained once per seed")
+    parser.add_argument("--models", nargs="+", choices=list(LABELS), default=list(LABELS),
                         help="run only these (the table shows every model found in --out)")
-    parser.add_argument("--parallel", type=int, default=2, help="models trained and evaluated at a time, one "
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained and evaluated at a time, one "
                                                                 "CPU thread each")
     parser.add_argument("--mnist_raw", default=MNIST_RAW,
                         help="folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz); "
                              "missing: MNIST is left out of the OOD sets")
     parser.add_argument("--n_ood_images", type=int, default=1000, help="images of each OOD folder (MNIST, noise)")
     # --- the budget and the network, the same for every model
-    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget of each model")
+    parser.add_argument("--minutes", type=float, default=8.0,
+                        help="training time of each run (train_wrn_ebm.py's --max_train_minutes)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="train each run for this many epochs instead of --minutes (the converged regime)")
+    parser.add_argument("--amp", action="store_true", help="train in bf16 mixed precision (evaluations stay float32)")
     parser.add_argument("--depth", type=int, default=10, help="Wide-ResNet depth (6n+4)")
     parser.add_argument("--width", type=int, default=1, help="Wide-ResNet widen factor")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -106,7 +106,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def run(cmd, log_path, cwd=None):
     """Run one command with one CPU thread, its output to log_path; the wall time in seconds.
 
-    One thread each: --parallel models run side by side on a 2-core machine, and SGLD's small batches gain
+    One thread each: --parallel runs go side by side on a 2-core machine, and SGLD's small batches gain
     little from a second thread."""
     start = time.time()
     with open(log_path, "a") as log:
@@ -118,62 +118,48 @@ def run(cmd, log_path, cwd=None):
     return time.time() - start
 
 
-def run_for(cmd, seconds, log_path):
-    """Run a training command for at most `seconds`, then SIGTERM it (it saves last_ckpt.pt and exits)."""
-    with open(log_path, "a") as log:
-        log.write(f"$ {shlex.join(cmd)}  # for {seconds:.0f} s\n")
-        log.flush()
-        process = subprocess.Popen(cmd, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            process.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait()
-    if process.returncode != 0:
-        raise RuntimeError(f"failed (exit {process.returncode}): {shlex.join(cmd)}; see {log_path}")
-
-
-def train_command(args, name):
-    """The training command of one recipe, from the start."""
-    # n_epochs is a ceiling that the budget stops long before; the stop itself writes last_ckpt.pt
+def train_command(args, name, seed):
+    """The training command of one recipe and seed, from the start."""
+    # Without --epochs, n_epochs is a ceiling that the time budget reaches long before.
+    budget = ["--n_epochs", str(args.epochs)] if args.epochs else \
+        ["--n_epochs", "1000", "--max_train_minutes", f"{args.minutes:g}"]
     return [os.path.join(REPO, "train_wrn_ebm.py"), "--dataset", args.data, "--n_valid", str(args.n_valid),
             "--depth", str(args.depth), "--width", str(args.width), "--batch_size", str(args.batch_size),
-            "--n_epochs", "1000", "--warmup_iters", str(args.warmup_iters), "--p_y_given_x_weight", "1",
+            *budget, "--warmup_iters", str(args.warmup_iters), "--p_y_given_x_weight", "1",
             "--p_x_y_weight", "0", "--buffer_size", str(args.buffer_size), "--reinit_freq", "0.05",
             *recipe_flags(args, name), "--on_diverge", "rollback", "--rollback_lr_scale", "0.5", "--seed",
-            str(args.seed), "--device", "cpu", "--print_every", "50", "--print_to_log", "--ckpt_every", "1000",
-            "--plot_uncond", "--save_dir", os.path.join(args.out, name)]
+            str(seed), "--device", "cpu", "--print_every", "50", "--print_to_log", "--ckpt_every", "1000",
+            "--eval_train", *(["--amp"] if args.amp else []), "--plot_uncond",
+            "--save_dir", run_dir(args.out, name, seed)]
 
 
-def train_within_budget(args, name, log):
-    """Train until the model has had --minutes of wall-clock training in all (resuming a run cut short);
-    a spent budget (OUT/name/budget.json) is not redone. Returns the training command."""
-    save_dir = os.path.join(args.out, name)
-    marker, cmd = os.path.join(save_dir, "budget.json"), train_command(args, name)
+def train_to_the_end(args, name, seed, log):
+    """Train one run to the end of its budget: not again once done (done.json), from its last checkpoint
+    when it was cut short. Returns the training command."""
+    save_dir = run_dir(args.out, name, seed)
+    marker, cmd = os.path.join(save_dir, "done.json"), train_command(args, name, seed)
     if not os.path.exists(marker):
-        used = 0.0
         if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):
-            used = training_summary(args, name)["seconds"]
-            run_for([PYTHON, cmd[0], "--resume", save_dir, "--print_to_log"], max(args.minutes * 60 - used, 1), log)
+            run([PYTHON, cmd[0], "--resume", save_dir, "--print_to_log"], log)
         else:
-            run_for([PYTHON, *cmd], args.minutes * 60, log)
-        with open(marker, "w") as f:
-            json.dump({"minutes": args.minutes}, f)
+            run([PYTHON, *cmd], log)
+        with open(marker, "w") as fh:
+            json.dump({"command": shlex.join(["python", *cmd])}, fh)
     return shlex.join(["python", *cmd])
 
 
-def eval_commands(args, name, ood_folders):
+def eval_commands(args, name, seed, ood_folders):
     """(label, command, cwd) of every evaluation of one model; their outputs go to OUT/name/eval/<label>/.
 
     The OOD and histogram runs work inside OUT/ood so that the sets are named by short relative paths
     (`cifar10_test`, `mnist`, `noise`) in the JSON files and the histogram's legend."""
-    ckpt = os.path.join(args.out, name, "last_ckpt.pt")
+    ckpt = os.path.join(run_dir(args.out, name, seed), "last_ckpt.pt")
     ood_dir = os.path.join(args.out, "ood")
 
     def ev(label, mode, *flags, cwd=None):
-        save_dir = os.path.join(args.out, name, "eval", label)
+        save_dir = os.path.join(run_dir(args.out, name, seed), "eval", label)
         return label, [PYTHON, os.path.join(REPO, "eval_wrn_ebm.py"), "--load_path", ckpt, "--eval", mode,
-                       "--save_dir", save_dir, "--device", "cpu", "--seed", str(args.seed), "--print_to_log",
+                       "--save_dir", save_dir, "--device", "cpu", "--seed", str(seed), "--print_to_log",
                        *flags], cwd
 
     commands = [ev("test_clf", "test_clf", "--dataset", args.data),
@@ -219,147 +205,27 @@ def make_ood_folders(args):
         print(f"no MNIST IDX files in {args.mnist_raw}: MNIST is left out", flush=True)
     if not os.path.isdir(os.path.join(ood_dir, "noise")):
         run([PYTHON, os.path.join(REPO, "scripts", "noise_folder.py"), os.path.join(ood_dir, "noise"),
-             "--n_images", str(args.n_ood_images), "--seed", str(args.seed)], log)
+             "--n_images", str(args.n_ood_images), "--seed", str(args.seeds[0])], log)
     names.append("noise")
     return names
 
 
-def run_model(args, name, ood_folders, times, commands_run):
-    """Train one model, then run its evaluations one after another; wall times into `times`."""
-    log = os.path.join(args.out, f"{name}.driver.log")
-    os.makedirs(os.path.join(args.out, name), exist_ok=True)
+def run_model(args, name, seed, ood_folders, times, commands_run):
+    """Train one run, then its evaluations one after another; wall times into `times`."""
+    save_dir = run_dir(args.out, name, seed)
+    os.makedirs(save_dir, exist_ok=True)
+    log = os.path.join(save_dir, "driver.log")
     start = time.time()
-    commands_run.append(train_within_budget(args, name, log))
-    times[f"{name}/train"] = time.time() - start
-    for label, cmd, cwd in eval_commands(args, name, ood_folders):
+    commands_run.append(train_to_the_end(args, name, seed, log))
+    times[f"{name}/seed{seed}/train"] = time.time() - start
+    for label, cmd, cwd in eval_commands(args, name, seed, ood_folders):
+        done = os.path.join(save_dir, "eval", label, "done")
         commands_run.append((f"(cd {cwd} && " if cwd else "") + shlex.join(cmd) + (")" if cwd else ""))
-        times[f"{name}/{label}"] = run(cmd, log, cwd=cwd)
-        print(f"{name}: {label} done in {times[f'{name}/{label}']:.0f}s", flush=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# The table.
-
-def result(args, name, label, mode):
-    """The JSON an evaluation wrote, or None when it did not run."""
-    path = os.path.join(args.out, name, "eval", label, f"{mode}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def training_summary(args, name):
-    """Iterations, epochs completed, last validation accuracy and wall seconds of a training run, from its files."""
-    records = [json.loads(line) for line in open(os.path.join(args.out, name, "metrics.jsonl"))]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    # log lines start with "[  123.4s]", the seconds since that process started; a resumed run starts again
-    # from 0, so the wall time is the sum of each process's last stamp
-    seconds, last = 0.0, 0.0
-    for line in open(os.path.join(args.out, name, "log.txt")):
-        if not (line.startswith("[") and "s]" in line):
+        if os.path.exists(done):
             continue
-        stamp = float(line[1:line.index("s]")])
-        if stamp < last:
-            seconds += last
-        last = stamp
-    seconds += last
-    lines = open(os.path.join(args.out, name, "log.txt")).read().splitlines()
-    rollbacks = sum("rollback" in line.lower() for line in lines)
-    # a run stopped by the budget ends mid-epoch: its log says after which iteration
-    stops = [int(m.group(1)) + 1 for line in lines if (m := re.search(r"stopped after iteration (\d+)", line))]
-    iterations = max(stops) if stops else evals[-1]["iteration"] if evals else None
-    return {"iterations": iterations, "epochs": len(evals),
-            "valid_acc": evals[-1]["valid_acc"] if evals else None, "seconds": seconds, "rollback_lines": rollbacks}
-
-
-def fmt(value, digits=3):
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def build_table(args, ood_folders):
-    """The markdown table, the models side by side, and the numbers behind it."""
-    names = [n for n in RECIPES if os.path.exists(os.path.join(args.out, n, "metrics.jsonl"))]
-    rows, numbers = [], {n: {} for n in names}
-
-    def row(what, key, getter, paper=""):
-        values = []
-        for n in names:
-            try:
-                value = getter(n)
-            except (TypeError, KeyError, IndexError):
-                value = None
-            numbers[n][key] = value
-            values.append(value)
-        rows.append((what, values, paper))
-
-    row("training iterations (epochs)", "iterations",
-        lambda n: training_summary(args, n)["iterations"], "200 epochs")
-    row("training wall time, minutes", "train_minutes",
-        lambda n: training_summary(args, n)["seconds"] / 60, "days on a GPU")
-    row("seconds per iteration", "seconds_per_iteration",
-        lambda n: training_summary(args, n)["seconds"] / training_summary(args, n)["iterations"], "")
-    row("validation accuracy (last epoch)", "valid_acc", lambda n: training_summary(args, n)["valid_acc"], "")
-    row("test accuracy", "test_acc", lambda n: result(args, n, "test_clf", "test_clf")["accuracy"],
-        ".929 / .958 (JEM++ .941, SADA-JEM .955)")
-    row("test cross-entropy", "test_nll", lambda n: result(args, n, "test_clf", "test_clf")["loss"], "")
-    row("ECE, 15 bins", "ece", lambda n: result(args, n, "calibration", "calibration")["ece"],
-        "JEM several times lower (CIFAR-100)")
-    paper_interp = {"px": ".65 / — (JEM++ .77, SADA-JEM .83)", "py": ".75 / .77", "pxgrad": ".78 / —"}
-    for ood_set in ood_folders:
-        for score in SCORES:
-            row(f"OOD AUROC, {ood_set}, {score}", f"auroc_{ood_set}_{score}",
-                lambda n, o=ood_set, s=score: result(args, n, f"ood_{o}_{s}", "OOD")["auroc"],
-                paper_interp[score] if ood_set == "cifar_interp" else "")
-    eps = [f"{e:g}" for e in args.attack_eps]
-    for label, what in (("attack_refine0", "no refinement"), ("attack_refine1", "1 SGLD step, 5 chains")):
-        for i, e in enumerate(eps):
-            row(f"robust acc. L∞ ε={e}/255, {what}", f"{label}_eps{e}",
-                lambda n, l=label, i=i: result(args, n, l, "attack")["robust_accuracy"][i],
-                "JEM falls off more slowly" if i == len(eps) - 1 else "")
-
-    lines = ["| | " + " | ".join(RECIPES[n] for n in names) + " | papers, WRN-28-10, full CIFAR-10 (JEM / classifier) |",
-             "|---|" + "---|" * len(names) + "---|"]
-    for what, values, paper in rows:
-        shown = [fmt(v, 1 if "minutes" in what else 3) for v in values]
-        if what.startswith("training iterations"):
-            shown = [f"{v} ({training_summary(args, n)['epochs']})" if v is not None else "—"
-                     for v, n in zip(values, names)]
-        lines.append(f"| {what} | " + " | ".join(shown) + f" | {paper} |")
-    return "\n".join(lines) + "\n", numbers
-
-
-# --------------------------------------------------------------------------------------------------
-# Figures.
-
-# copy name: (model, evaluation folder, file the evaluation wrote). The uncond_samples grids stay in OUT: at
-# this scale they are near-noise, which PNG cannot compress (about 300 KB each).
-FIGURES = {
-    **{f"calibration_{n}.png": (n, "calibration", "reliability_diagram.png") for n in RECIPES},
-    **{f"logp_hist_{n}.png": (n, "logp_hist", "logp_hist.png") for n in RECIPES},
-    **{f"cond_samples_{n}.png": (n, "cond_samples", "cond_samples_000.png") for n in SAMPLERS},
-}
-ATTACK_CURVES = [("clf", "attack_refine0", "classifier"), ("jem", "attack_refine0", "JEM, no refinement"),
-                 *[(n, "attack_refine1", f"{RECIPES[n].split(' (')[0]}, 1 SGLD step x 5 chains") for n in SAMPLERS]]
-
-
-def copy_figures(args):
-    """Copy the evaluations' own PNGs into --figs_dir and draw the robust-accuracy overlay with attack.py."""
-    os.makedirs(args.figs_dir, exist_ok=True)
-    copied = []
-    for target, (name, label, file) in FIGURES.items():
-        source = os.path.join(args.out, name, "eval", label, file)
-        if os.path.exists(source):
-            shutil.copyfile(source, os.path.join(args.figs_dir, target))
-            copied.append(target)
-    runs = [(os.path.join(args.out, n, "eval", label), text) for n, label, text in ATTACK_CURVES
-            if os.path.exists(os.path.join(args.out, n, "eval", label, "attack.json"))]
-    if runs:
-        cmd = [PYTHON, os.path.join(REPO, "attack.py"), *[r for r, _ in runs], "--out",
-               os.path.join(args.figs_dir, "attack_linf.png"), "--labels", *[t for _, t in runs]]
-        run(cmd, os.path.join(args.out, "figures.log"))
-        copied.append("attack_linf.png")
-    return copied
+        times[f"{name}/seed{seed}/{label}"] = run(cmd, log, cwd=cwd)
+        open(done, "w").close()
+        print(f"{name} seed {seed}: {label} done in {times[f'{name}/seed{seed}/{label}']:.0f}s", flush=True)
 
 
 def main(argv=None):
@@ -372,31 +238,35 @@ def main(argv=None):
     start = time.time()
     ood_folders = make_ood_folders(args)
 
-    times, commands_run, failures = {}, {n: [] for n in args.models}, []
+    jobs = [(name, seed) for seed in args.seeds for name in args.models]
+    times, commands_run, failures = {}, {f"{n}/seed{s}": [] for n, s in jobs}, []
     slots = threading.Semaphore(args.parallel)
 
-    def worker(name):
+    def worker(name, seed):
         with slots:
             try:
-                run_model(args, name, ood_folders, times, commands_run[name])
+                run_model(args, name, seed, ood_folders, times, commands_run[f"{name}/seed{seed}"])
             except RuntimeError as e:
-                failures.append(f"{name}: {e}")
+                failures.append(f"{name} seed {seed}: {e}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in args.models]
+    threads = [threading.Thread(target=worker, args=job) for job in jobs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
 
-    figures = copy_figures(args)
-    table, numbers = build_table(args, ood_folders)
+    names = [n for n in LABELS if any(os.path.exists(os.path.join(run_dir(args.out, n, s), "metrics.jsonl"))
+                                      for s in args.seeds)]
+    figures = copy_figures(args, names, PYTHON)
+    table, numbers = build_table(args, names, ood_folders)
     total = time.time() - start
-    text = (f"{table}\nWall time of this command: {total / 60:.1f} minutes (each step: results.json).\n"
+    text = (f"{table}\nEach cell: the mean over seeds {', '.join(map(str, args.seeds))} (lowest–highest). Wall time "
+            f"of this command: {total / 60:.1f} minutes (each step: results.json).\n"
             f"Figures in {args.figs_dir}: {', '.join(figures)}\n")
     if failures:
         text += "\nFAILED:\n" + "\n".join(failures) + "\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n## Commands\n\n```\n" + "\n".join(c for n in args.models for c in commands_run[n]) + "\n```\n")
+        f.write(text + "\n## Commands\n\n```\n" + "\n".join(c for cs in commands_run.values() for c in cs) + "\n```\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"numbers": numbers, "seconds": times, "total_seconds": total, "figures": figures,
                    "commands": commands_run, "failures": failures, "args": vars(args)}, f, indent=2)
