@@ -156,6 +156,7 @@ def read_run(save_dir, metric, clock):
     return {
         "minutes": [r[CLOCKS[clock]] / 60 for r in evals],
         "accuracy": [r[metric] for r in evals],
+        "eval_iterations": [r["iteration"] for r in evals],
         "gap_minutes": [r[CLOCKS[clock]] / 60 for r in train if "f_data" in r],
         "energy_gap": [r["f_data"] - r["f_q"] for r in train if "f_data" in r],
         "iterations": last.get("iteration"), "clock_seconds": last.get(CLOCKS[clock]),
@@ -195,6 +196,13 @@ def summarize(args, runs):
             "wall_over_cpu": float(np.mean([r["train_seconds"] / r["cpu_seconds"] for r in by_seed.values()])),
             "rollbacks": sum(r["rollbacks"] for r in by_seed.values()),
         }
+    # Quality apart from speed: every configuration's accuracy after as many iterations as the slowest run made
+    common = min(r["eval_iterations"][-1] for by_seed in runs.values() for r in by_seed.values())
+    for config, by_seed in runs.items():
+        at_common = [np.interp(common, r["eval_iterations"], r["accuracy"]) for r in by_seed.values()]
+        summary[config].update(common_iterations=int(common), accuracy_at_common_iterations=float(np.mean(at_common)),
+                               accuracy_at_common_iterations_min=float(min(at_common)),
+                               accuracy_at_common_iterations_max=float(max(at_common)))
     target = args.target if args.target is not None else summary[args.baseline]["final_mean"]
     for config, s in summary.items():
         mean = np.asarray(s["mean"])
@@ -214,25 +222,31 @@ def print_table(args, target, summary, hardware):
     print(f"{hardware}\n{len(args.seeds)} seeds, {args.minutes:g} minutes of training each ({args.clock} clock), "
           f"{args.metric}; target {target:.4f} (" + ("given" if args.target is not None else
                                                    f"{args.baseline}'s mean at the end") + ")")
+    common = next(iter(summary.values()))["common_iterations"]
     print(f"{'config':<14} {'it/min':>7} {'wall/cpu':>8} {'final acc: mean':>16} {'sd':>6} {'min-max':>12} "
-          f"{'min to target':>14} {'time / ' + args.baseline + chr(39) + 's':>12} {'speed-up':>9}")
+          f"{f'acc @ {common} it':>14} {'min to target':>14} {'/ budget':>9} {'time / ' + args.baseline + chr(39) + 's':>12} "
+          f"{'speed-up':>9}")
     for config, s in summary.items():
-        reach = "not reached" if s["minutes_to_target"] is None else f"{s['minutes_to_target']:.2f}"
+        reach, share = ("not reached", "—") if s["minutes_to_target"] is None else \
+            (f"{s['minutes_to_target']:.2f}", f"{s['minutes_to_target'] / args.minutes:.2f}")
         ratio, speedup = ("—", "—") if s["speedup_to_target"] is None else \
             (f"{1 / s['speedup_to_target']:.2f}", f"{s['speedup_to_target']:.2f}x")
         print(f"{config:<14} {s['iterations_per_minute']:>7.1f} {s['wall_over_cpu']:>8.2f} {s['final_mean']:>16.4f} "
-              f"{s['final_std']:>6.3f} {s['final_min']:>5.3f}-{s['final_max']:<6.3f} {reach:>14} {ratio:>12} "
-              f"{speedup:>9}")
+              f"{s['final_std']:>6.3f} {s['final_min']:>5.3f}-{s['final_max']:<6.3f} "
+              f"{s['accuracy_at_common_iterations']:>14.4f} {reach:>14} {share:>9} {ratio:>12} {speedup:>9}")
 
 
 def plot(args, target, summary, runs, path):
-    """Accuracy (mean over seeds, band from lowest to highest) and the energy gap against minutes of training."""
-    fig = Figure(figsize=(11, 4.2))
-    acc_ax, gap_ax = fig.subplots(1, 2)
+    """Accuracy against minutes of training (mean over seeds, band from lowest to highest) and against iterations
+(every seed), and the energy gap against minutes (mean over seeds)."""
+    fig = Figure(figsize=(15, 4.2))
+    acc_ax, iter_ax, gap_ax = fig.subplots(1, 3)
     for i, (config, s) in enumerate(summary.items()):
         color = f"C{i}"
         acc_ax.plot(s["grid_minutes"], s["mean"], color=color, label=config)
         acc_ax.fill_between(s["grid_minutes"], s["low"], s["high"], color=color, alpha=0.15, linewidth=0)
+        for j, r in enumerate(runs[config].values()):
+            iter_ax.plot(r["eval_iterations"], r["accuracy"], color=color, linewidth=0.8, label=config if j == 0 else None)
         grid = np.asarray(s["grid_minutes"])
         gaps = [on_grid(r["gap_minutes"], r["energy_gap"], grid) for r in runs[config].values() if r["energy_gap"]]
         if gaps:  # a plain classifier has none
@@ -240,6 +254,8 @@ def plot(args, target, summary, runs, path):
     acc_ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
     acc_ax.set(xlabel=f"minutes of training ({args.clock} clock)", ylabel=f"held-out accuracy ({args.metric})",
                title=f"{os.path.basename(os.path.normpath(args.data))}: {len(args.seeds)} seeds")
+    iter_ax.set(xlabel="iterations", ylabel=f"held-out accuracy ({args.metric})",
+                title="the same runs against iterations (quality apart from speed)")
     gap_ax.axhline(0, color="grey", linewidth=0.8)
     gap_ax.set(xlabel=f"minutes of training ({args.clock} clock)", ylabel="energy gap f(x_data) - f(x_q)",
                title="energy gap (mean over seeds)")
