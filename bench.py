@@ -278,7 +278,8 @@ def check_same_step(config, device, opts):
     """Relative errors of the project's step (and of the fast one) against the paper's.
 
     Stops the benchmark unless the project's default step gives the paper's loss, gradients and buffer
-    update to float32 rounding (torch.testing.assert_close's float32 tolerances, element by element).
+    update to float32 rounding (torch.testing.assert_close's float32 tolerances, element by element; the
+    buffer's pixels to 1e-4).
     The norm-wise relative errors it reports reach 1e-4 for some gradients: the p(x) gradient is a
     difference of two near-equal terms, which magnifies rounding; the paper's own step moves as much
     when only its memory layout changes.
@@ -291,7 +292,10 @@ def check_same_step(config, device, opts):
                            buffer_images, opts.seed)
     for name in paper:
         try:
-            torch.testing.assert_close(project[name], paper[name])
+            # The chains' pixels pass through n_steps gradient steps, each taken at a point that rounding moved a
+            # little: they may differ by more than float32's rtol, but far less than 1e-4, 1/80 of an 8-bit level.
+            tolerance = dict(rtol=0, atol=1e-4) if name == "buffer" else {}
+            torch.testing.assert_close(project[name], paper[name], **tolerance)
         except AssertionError as e:
             raise SystemExit(f"the project's step differs from the paper's on {config} in {name}: {e}")
     errors = {"project": summarize(relative_errors(paper, project))}
