@@ -89,6 +89,17 @@ class RunLog:
         self.metrics.close()
 
 
+def read_metrics(save_dir):
+    """The records of a run's metrics.jsonl in order; where a resumed run logged an iteration again, the later
+    record of each kind wins."""
+    latest = {}
+    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
+        for line in fh:
+            record = json.loads(line)
+            latest[(record["kind"], record.get("iteration"), record.get("end_of_epoch"))] = record
+    return sorted(latest.values(), key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
+
+
 class SilentLog:
     """The log of ranks other than 0 in a distributed run: rank 0 alone writes."""
 

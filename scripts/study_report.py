@@ -13,6 +13,9 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on headless servers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the repository's modules
+from utils import read_metrics  # noqa: E402  (needs the path above)
+
 LABELS = {  # name: label in the table
     "jem": "JEM (paper's objective, Adam)",
     "jempp": "JEM++ (--recipe jempp)",
@@ -29,19 +32,9 @@ def run_dir(out, name, seed):
     return os.path.join(out, name, f"seed{seed}")
 
 
-def records(save_dir):
-    """metrics.jsonl of a run; where a resumed run repeated iterations, the later record of each wins."""
-    latest = {}
-    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            r = json.loads(line)
-            latest[(r["kind"], r.get("iteration"), r.get("end_of_epoch"))] = r
-    return sorted(latest.values(), key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
-
-
 def training_summary(save_dir):
     """What a training run did: iterations, epochs, minutes of training, and its last evaluation's accuracies."""
-    rs = records(save_dir)
+    rs = read_metrics(save_dir)
     timed = [r for r in rs if "train_seconds" in r]
     evals = [r for r in rs if r["kind"] == "eval"]
     last_eval = evals[-1] if evals else {}
@@ -168,7 +161,7 @@ def reliability_figure(args, names, path):
 
 def accuracy_curves(save_dir, key):
     """(minutes of training, accuracy) at every evaluation of a run that has `key` (test_acc, train_acc)."""
-    points = [(r["train_seconds"] / 60, r[key]) for r in records(save_dir) if r["kind"] == "eval" and key in r]
+    points = [(r["train_seconds"] / 60, r[key]) for r in read_metrics(save_dir) if r["kind"] == "eval" and key in r]
     return [p[0] for p in points], [p[1] for p in points]
 
 

@@ -30,6 +30,8 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
+sys.path.insert(0, REPO)  # the repository's modules
+from utils import read_metrics  # noqa: E402  (needs the path above)
 
 # Shared by every configuration: a small network, the paper's batch, a short warm-up for a short budget; the
 # epoch count is a ceiling that the time budget reaches long before.
@@ -136,19 +138,9 @@ def train_all(args):
 # --------------------------------------------------------------------------------------------------
 # Reading the runs.
 
-def read_records(save_dir):
-    """metrics.jsonl of a run; where a resumed run repeated iterations, the later record of each wins."""
-    latest = {}
-    with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
-        for line in fh:
-            record = json.loads(line)
-            latest[(record["kind"], record.get("iteration"), record.get("end_of_epoch"))] = record
-    return sorted(latest.values(), key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
-
-
 def read_run(save_dir, metric, clock):
     """A run's accuracy and energy-gap curves against minutes of training, and what it did."""
-    records = read_records(save_dir)
+    records = read_metrics(save_dir)
     evals = [r for r in records if r["kind"] == "eval" and r.get(metric) is not None]
     train = [r for r in records if r["kind"] == "train"]
     hardware = next((r["hardware"] for r in records if r["kind"] == "run"), None)
