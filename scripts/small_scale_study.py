@@ -52,6 +52,18 @@ def recipe_flags(args, name):
     }[name]
 
 
+# --epochs E: each recipe's learning-rate decays at the same fractions of the run as in its paper (JEM: 160 and
+# 180 of 200 epochs; JEM++: 50, 100, 125 of 150; SADA-JEM: 60, 120, 180 of 200), so every run ends converging.
+DECAY_FRACTIONS = {"jem": (0.8, 0.9), "clf": (0.8, 0.9), "jempp": (1 / 3, 2 / 3, 5 / 6), "sadajem": (0.3, 0.6, 0.9)}
+
+
+def decay_flags(args, name):
+    """--decay_epochs of a run of --epochs (the recipe's own --decay_rate stays); none for a time budget."""
+    if not args.epochs:
+        return []
+    return ["--decay_epochs", *[str(max(1, round(f * args.epochs))) for f in DECAY_FRACTIONS[name]]]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="JEM, JEM++, SADA-JEM and the plain classifier: train each for the "
                                                  "same budget over several seeds, evaluate each, one table")
@@ -72,7 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--n_ood_images", type=int, default=1000, help="images of each OOD folder (MNIST, noise)")
     # --- the budget and the network, the same for every model
     parser.add_argument("--minutes", type=float, default=8.0,
-                        help="training time of each run (train_wrn_ebm.py's --max_train_minutes)")
+                        help="training time of each run (train_wrn_ebm.py's --max_train_minutes, on its CPU clock)")
     parser.add_argument("--epochs", type=int, default=0,
                         help="train each run for this many epochs instead of --minutes (the converged regime)")
     parser.add_argument("--amp", action="store_true", help="train in bf16 mixed precision (evaluations stay float32)")
@@ -119,16 +131,18 @@ def run(cmd, log_path, cwd=None):
 
 
 def train_command(args, name, seed):
-    """The training command of one recipe and seed, from the start."""
+    """The training command of one recipe and seed, from the start. Time is on each run's CPU clock: with one
+    thread, an idle core's wall-clock time that runs side by side do not stretch."""
     # Without --epochs, n_epochs is a ceiling that the time budget reaches long before.
     budget = ["--n_epochs", str(args.epochs)] if args.epochs else \
         ["--n_epochs", "1000", "--max_train_minutes", f"{args.minutes:g}"]
     return [os.path.join(REPO, "train_wrn_ebm.py"), "--dataset", args.data, "--n_valid", str(args.n_valid),
             "--depth", str(args.depth), "--width", str(args.width), "--batch_size", str(args.batch_size),
-            *budget, "--warmup_iters", str(args.warmup_iters), "--p_y_given_x_weight", "1",
+            *budget, *decay_flags(args, name), "--warmup_iters", str(args.warmup_iters), "--p_y_given_x_weight", "1",
             "--p_x_y_weight", "0", "--buffer_size", str(args.buffer_size), "--reinit_freq", "0.05",
             *recipe_flags(args, name), "--on_diverge", "rollback", "--rollback_lr_scale", "0.5", "--seed",
-            str(seed), "--device", "cpu", "--print_every", "50", "--print_to_log", "--ckpt_every", "1000",
+            str(seed), "--device", "cpu", "--train_clock", "cpu", "--print_every", "50", "--print_to_log",
+            "--ckpt_every", "1000",
             "--eval_train", *(["--amp"] if args.amp else []), "--plot_uncond",
             "--save_dir", run_dir(args.out, name, seed)]
 

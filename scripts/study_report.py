@@ -33,15 +33,16 @@ def run_dir(out, name, seed):
 
 
 def training_summary(save_dir):
-    """What a training run did: iterations, epochs, minutes of training, and its last evaluation's accuracies."""
+    """What a training run did: iterations, epochs, minutes of training (the run's CPU clock: one thread, so an
+    idle core's wall-clock), and its last evaluation's accuracies."""
     rs = read_metrics(save_dir)
     timed = [r for r in rs if "train_seconds" in r]
     evals = [r for r in rs if r["kind"] == "eval"]
     last_eval = evals[-1] if evals else {}
     return {"iterations": max(r["iteration"] for r in timed), "epochs": sum(bool(r.get("end_of_epoch", True))
                                                                               for r in evals),
-            "train_minutes": max(r["train_seconds"] for r in timed) / 60,
-            "seconds_per_iteration": max(r["train_seconds"] for r in timed) / max(1, max(r["iteration"] for r in timed)),
+            "train_minutes": max(r["cpu_seconds"] for r in timed) / 60,
+            "seconds_per_iteration": max(r["cpu_seconds"] for r in timed) / max(1, max(r["iteration"] for r in timed)),
             "train_acc": last_eval.get("train_acc"), "valid_acc": last_eval.get("valid_acc"),
             "rollbacks": sum(r["kind"] == "diverged" for r in rs)}
 
@@ -73,7 +74,8 @@ def table_rows(args, ood_folders):
     rows = [
         ("training epochs", "epochs", lambda d: training_summary(d)["epochs"], "200 epochs"),
         ("training iterations", "iterations", lambda d: training_summary(d)["iterations"], ""),
-        ("training minutes (evaluations left out)", "train_minutes", lambda d: training_summary(d)["train_minutes"],
+        ("training minutes (one CPU thread, evaluations left out)", "train_minutes",
+         lambda d: training_summary(d)["train_minutes"],
          "days on a GPU"),
         ("seconds per iteration", "seconds_per_iteration", lambda d: training_summary(d)["seconds_per_iteration"], ""),
         ("training accuracy (last epoch, clean images)", "train_acc", lambda d: training_summary(d)["train_acc"], ""),
@@ -161,7 +163,7 @@ def reliability_figure(args, names, path):
 
 def accuracy_curves(save_dir, key):
     """(minutes of training, accuracy) at every evaluation of a run that has `key` (test_acc, train_acc)."""
-    points = [(r["train_seconds"] / 60, r[key]) for r in read_metrics(save_dir) if r["kind"] == "eval" and key in r]
+    points = [(r["cpu_seconds"] / 60, r[key]) for r in read_metrics(save_dir) if r["kind"] == "eval" and key in r]
     return [p[0] for p in points], [p[1] for p in points]
 
 

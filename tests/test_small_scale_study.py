@@ -32,6 +32,7 @@ def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(
     fresh = commands[-1]
     assert fresh[fresh.index("--n_epochs") + 1] == "3" and fresh[fresh.index("--seed") + 1] == "2"
     assert "--amp" in fresh and "--eval_train" in fresh and "--max_train_minutes" not in fresh
+    assert fresh[fresh.index("--decay_epochs") + 1:fresh.index("--decay_epochs") + 3] == ["2", "3"]  # 0.8, 0.9 of 3
     os.remove(os.path.join(save_dir, "done.json"))
     open(os.path.join(save_dir, "last_ckpt.pt"), "w").close()  # cut short: continue it
     study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
@@ -80,16 +81,18 @@ def test_the_table_reads_every_seed_and_the_figures_are_drawn(tmp_path):
     bins = [{"lower": 0.0, "upper": 1.0, "count": 5, "accuracy": 0.6, "confidence": 0.7}]
     for seed, acc in ((1, 0.5), (2, 0.7)):
         write_run(out, "clf", seed, bins, [
-            {"kind": "train", "iteration": 0, "train_seconds": 1.0},
-            {"kind": "eval", "iteration": 65, "end_of_epoch": True, "train_seconds": 60.0, "valid_acc": acc,
+            {"kind": "train", "iteration": 0, "train_seconds": 1.0, "cpu_seconds": 1.0},
+            {"kind": "eval", "iteration": 65, "end_of_epoch": True, "train_seconds": 60.0, "cpu_seconds": 60.0,
+             "valid_acc": acc,
              "test_acc": acc, "train_acc": 1.0},
-            {"kind": "eval", "iteration": 130, "end_of_epoch": True, "train_seconds": 120.0, "valid_acc": acc,
+            {"kind": "eval", "iteration": 130, "end_of_epoch": True, "train_seconds": 130.0, "cpu_seconds": 120.0,
+             "valid_acc": acc,
              "test_acc": acc, "train_acc": 1.0}])
     args = study.parse_args(["--data", out, "--out", out, "--seeds", "1", "2", "--figs_dir", str(tmp_path / "figs")])
     table, numbers = report.build_table(args, ["clf"], ["cifar_interp"])
     assert numbers["clf"]["valid_acc"] == [0.5, 0.7] and numbers["clf"]["epochs"] == [2, 2]
     assert "| validation accuracy (last epoch) | 0.600 (0.500–0.700) |" in table
-    assert "| training minutes (evaluations left out) | 2.0 (2.0–2.0) |" in table
+    assert "| training minutes (one CPU thread, evaluations left out) | 2.0 (2.0–2.0) |" in table
     assert numbers["clf"]["test_acc"] == [None, None]  # no test_clf evaluation ran: a dash, not an error
     assert report.reliability_figure(args, ["clf"], str(tmp_path / "r.png"))
     assert report.accuracy_time_figure(args, ["clf"], str(tmp_path / "a.png"))
