@@ -210,10 +210,14 @@ class Trainer:
                 stop = outcome == "stopped" or any_rank(float(self.stop_reason(signals) is not None), self.topology,
                                                         self.device)
                 if stop:
-                    self.log.line(f"{self.stop_reason(signals) or 'another process asked to stop'}: stopped after "
+                    reason = self.stop_reason(signals)
+                    self.log.line(f"{reason or 'another process asked to stop'}: stopped after "
                                   f"iteration {self.iteration - 1}; continue with --resume {self.args.save_dir}")
+                    self.record(kind="end", reason="budget" if reason and reason.startswith("--max_train") else
+                                "signal")
                     return
         self.log.line(f"done: {self.iteration} iterations, best validation accuracy {self.best_valid_acc:.4f}")
+        self.record(kind="end", reason="done")
 
     def stop_reason(self, signals):
         """Why this process should stop after the current iteration (a signal, the time budget), or None."""

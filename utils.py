@@ -100,6 +100,18 @@ def read_metrics(save_dir):
     return sorted(latest.values(), key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
 
 
+def run_ended(save_dir, reasons=("done", "budget")):
+    """Whether the run in save_dir reached its end: its last start ended with one of `reasons` ('done': every
+    epoch; 'budget': --max_train_minutes; 'signal': stopped early, to be resumed)."""
+    path = os.path.join(save_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        kinds = [json.loads(line) for line in fh]
+    ends = [r for r in kinds if r["kind"] in ("run", "end")]
+    return bool(ends) and ends[-1]["kind"] == "end" and ends[-1]["reason"] in reasons
+
+
 class SilentLog:
     """The log of ranks other than 0 in a distributed run: rank 0 alone writes."""
 

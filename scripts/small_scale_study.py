@@ -19,9 +19,9 @@ a time (one CPU thread each); scripts/study_report.py reads what they wrote. It 
 - --figs_dir (default figs/): small copies of the figures, and reliability diagrams and accuracy against
   training time across models and seeds.
 
-A training run that finished (OUT/<model>/seed<N>/done.json) is not repeated, and one that was cut short (the
-machine stopped, the command was interrupted) continues from its last checkpoint: the command can be re-run, in
-this session or a later one, and does only what is left.
+A training run that got to its end (its metrics.jsonl says so) is not repeated, and one that was cut short (the
+machine stopped, the command was interrupted) continues from its last checkpoint; an evaluation that wrote its
+results is not run again: the command can be re-run, in this session or a later one, and does only what is left.
 """
 import argparse
 import json
@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its report module, also when imported by path
 from study_report import LABELS, SAMPLERS, SCORES, build_table, copy_figures, run_dir  # noqa: E402
+from utils import run_ended  # noqa: E402  (study_report puts the repository on the path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -148,17 +149,17 @@ def train_command(args, name, seed):
 
 
 def train_to_the_end(args, name, seed, log):
-    """Train one run to the end of its budget: not again once done (done.json), from its last checkpoint
-    when it was cut short. Returns the training command."""
+    """Train one run to the end of its budget: not again once it got there, from its last checkpoint when it was
+    cut short. Returns the training command."""
     save_dir = run_dir(args.out, name, seed)
-    marker, cmd = os.path.join(save_dir, "done.json"), train_command(args, name, seed)
-    if not os.path.exists(marker):
+    cmd = train_command(args, name, seed)
+    if not run_ended(save_dir):
         if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):
             run([PYTHON, cmd[0], "--resume", save_dir, "--print_to_log"], log)
         else:
             run([PYTHON, *cmd], log)
-        with open(marker, "w") as fh:
-            json.dump({"command": shlex.join(["python", *cmd])}, fh)
+        if not run_ended(save_dir):  # a signal stopped it early: it saved, and a re-run continues it
+            raise RuntimeError(f"{save_dir} stopped before the end of its budget; run the study again to continue")
     return shlex.join(["python", *cmd])
 
 

@@ -9,7 +9,8 @@ follows held-out accuracy and the energy gap f(x_data) - f(x_q) against training
 
 Every run is `train_wrn_ebm.py` with `--max_train_minutes` (its clock leaves out the evaluations) and
 `--eval_every_minutes`, as a subprocess of `--threads` CPU threads, `--parallel` at a time; a finished run
-(its `done.json`) is not run again and one cut short is resumed, so the command can be re-run. It writes
+(its metrics.jsonl says it reached its budget) is not run again and one cut short is resumed, so the command
+can be re-run. It writes
 OUT/<config>/seed<N>/ (the runs), OUT/results.json (every curve and the summary) and OUT/time_to_accuracy.png
 (accuracy and energy gap against minutes: the mean over seeds, the band from the lowest to the highest),
 and prints, per configuration, the final accuracy and the time the mean curve needs to reach the target:
@@ -31,7 +32,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 sys.path.insert(0, REPO)  # the repository's modules
-from utils import read_metrics  # noqa: E402  (needs the path above)
+from utils import read_metrics, run_ended  # noqa: E402  (needs the path above)
 
 # Shared by every configuration: a small network, the paper's batch, a short warm-up for a short budget; the
 # epoch count is a ceiling that the time budget reaches long before.
@@ -105,8 +106,7 @@ def train_command(args, config, seed):
 def train_once(args, config, seed, print_lock):
     """One run to the end of its budget: skipped when done, resumed when cut short."""
     save_dir = run_dir(args, config, seed)
-    done = os.path.join(save_dir, "done.json")
-    if os.path.exists(done):
+    if run_ended(save_dir):
         return
     cmd = train_command(args, config, seed)
     if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):
@@ -119,8 +119,8 @@ def train_once(args, config, seed, print_lock):
         returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed (exit {returncode}); see {save_dir}/driver.log")
-    with open(done, "w") as fh:
-        json.dump({"command": shlex.join(cmd), "minutes": args.minutes}, fh)
+    if not run_ended(save_dir):  # a signal stopped it early: it saved, and a re-run continues it
+        raise RuntimeError(f"{config} seed {seed} stopped before the end of its budget; run the command again")
     with print_lock:
         print(f"{config} seed {seed}: done", flush=True)
 

@@ -24,16 +24,23 @@ report = load_script("study_report")
 def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(tmp_path, monkeypatch):
     args = study.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--epochs", "3",
                              "--seeds", "1", "2", "--amp"])
-    commands = []
-    monkeypatch.setattr(study, "run", lambda cmd, log, cwd=None: commands.append(cmd) or 0.0)
     save_dir = report.run_dir(args.out, "clf", 2)
     os.makedirs(save_dir)
-    study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))  # nothing there: from the start
+    commands, endings = [], ["signal", "done"]  # the first run is stopped early, the second ends
+
+    def fake_training(cmd, log, cwd=None):
+        commands.append(cmd)
+        with open(os.path.join(save_dir, "metrics.jsonl"), "a") as fh:
+            fh.write(json.dumps({"kind": "run"}) + "\n" + json.dumps({"kind": "end", "reason": endings.pop(0)}) + "\n")
+        return 0.0
+
+    monkeypatch.setattr(study, "run", fake_training)
+    with pytest.raises(RuntimeError, match="run the study again"):  # nothing there: from the start, cut short
+        study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
     fresh = commands[-1]
     assert fresh[fresh.index("--n_epochs") + 1] == "3" and fresh[fresh.index("--seed") + 1] == "2"
     assert "--amp" in fresh and "--eval_train" in fresh and "--max_train_minutes" not in fresh
     assert fresh[fresh.index("--decay_epochs") + 1:fresh.index("--decay_epochs") + 3] == ["2", "3"]  # 0.8, 0.9 of 3
-    os.remove(os.path.join(save_dir, "done.json"))
     open(os.path.join(save_dir, "last_ckpt.pt"), "w").close()  # cut short: continue it
     study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
     assert commands[-1][2:4] == ["--resume", save_dir]

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 import train_wrn_ebm
+from utils import run_ended
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(ROOT, "scripts", "time_to_accuracy.py"))
@@ -24,29 +25,46 @@ def records(save_dir):
 
 def test_a_time_budget_stops_the_run_evaluates_it_and_the_clocks_resume(tiny_image_folder, tmp_path):
     run = str(tmp_path / "run")
-    train_wrn_ebm.main(["--dataset", tiny_image_folder, *TINY, "--max_train_minutes", "0.05", "--eval_every_iters",
-                        "3", "--eval_train", "--save_dir", run])
+    # the CPU clock: a busy machine (CI's, a developer's) does not take the budget's iterations away
+    train_wrn_ebm.main(["--dataset", tiny_image_folder, *TINY, "--max_train_minutes", "0.05", "--train_clock", "cpu",
+                        "--eval_every_iters", "3", "--eval_train", "--save_dir", run])
     first = records(run)
     assert first[0]["kind"] == "run" and "bf16" in first[0]["hardware"]
     evals = [r for r in first if r["kind"] == "eval"]
     assert any(r["iteration"] % 3 == 0 and not r["end_of_epoch"] for r in evals)
-    last = max((r for r in first if r["kind"] != "run"), key=lambda r: r["train_seconds"])
+    last = max((r for r in first if r["kind"] not in ("run", "end")), key=lambda r: r["train_seconds"])
     # the weights the budget bought are evaluated: at the stop, or at the end of the epoch the stop came in
-    assert last["kind"] == "eval" and "test_acc" in last and 2 <= last["train_seconds"] < 30
-    assert last["iteration"] == max(r["iteration"] for r in first if r["kind"] != "run")
+    assert last["kind"] == "eval" and "test_acc" in last and 2 <= last["cpu_seconds"] < 30
+    assert last["iteration"] == max(r["iteration"] for r in first if r["kind"] not in ("run", "end"))
     assert all(0 <= r["train_acc"] <= 1 for r in evals)  # --eval_train: the training split's accuracy too
     assert all(r["cpu_seconds"] > 0 for r in first if "cpu_seconds" in r)
     with open(os.path.join(run, "log.txt")) as fh:
         assert "--max_train_minutes 0.05 used" in fh.read()
+    assert first[-1] == {**first[-1], "kind": "end", "reason": "budget"} and run_ended(run)
 
-    # the same run continued on the CPU clock, with evaluations by time
-    train_wrn_ebm.main(["--resume", run, "--max_train_minutes", "0.08", "--train_clock", "cpu",
-                        "--eval_every_minutes", "0.005", "--eval_every_iters", "0"])
-    resumed = [r for r in records(run)[len(first):] if r["kind"] != "run"]
+    # the same run continued, with evaluations by time
+    train_wrn_ebm.main(["--resume", run, "--max_train_minutes", "0.08", "--eval_every_minutes", "0.005",
+                        "--eval_every_iters", "0"])
+    resumed = [r for r in records(run)[len(first):] if r["kind"] not in ("run", "end")]
     assert min(r["train_seconds"] for r in resumed) >= last["train_seconds"]
     assert max(r["iteration"] for r in resumed) > last["iteration"]
     by_time = [r for r in resumed if r["kind"] == "eval" and not r["end_of_epoch"]]
     assert len(by_time) >= 3 and max(r["cpu_seconds"] for r in resumed) >= 0.08 * 60
+
+
+def test_a_run_has_ended_when_its_last_start_got_to_its_end(tmp_path):
+    def write(*records):
+        with open(tmp_path / "metrics.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+
+    start, train = {"kind": "run"}, {"kind": "train", "iteration": 0}
+    assert not run_ended(str(tmp_path))  # nothing there yet
+    write(start, train, {"kind": "end", "reason": "signal"})
+    assert not run_ended(str(tmp_path))  # stopped early: to be resumed
+    write(start, train, {"kind": "end", "reason": "signal"}, start, {"kind": "end", "reason": "done"})
+    assert run_ended(str(tmp_path))
+    write(start, {"kind": "end", "reason": "budget"}, start, train)  # resumed with a larger budget, not ended yet
+    assert not run_ended(str(tmp_path))
 
 
 def test_curves_step_to_the_latest_value_and_end_at_the_budget():
@@ -75,8 +93,7 @@ def test_time_to_accuracy_end_to_end_two_configs_two_seeds(tiny_image_folder, tm
     with open(os.path.join(out, "time_to_accuracy.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    done = os.path.join(out, "jem", "seed1", "done.json")
-    stamp = os.path.getmtime(done)
-    tta.main(flags)  # a finished run is not trained again
-    assert os.path.getmtime(done) == stamp and len(records(os.path.join(out, "jem", "seed1"))) == \
-        len([line for line in open(os.path.join(out, "jem", "seed1", "metrics.jsonl"))])
+    metrics = os.path.join(out, "jem", "seed1", "metrics.jsonl")
+    stamp = os.path.getmtime(metrics)
+    tta.main(flags)  # a run that reached its budget is not trained again
+    assert os.path.getmtime(metrics) == stamp
