@@ -6,6 +6,8 @@ follows held-out accuracy and the energy gap f(x_data) - f(x_q) against training
 
     python scripts/time_to_accuracy.py --data synthetic --minutes 5 --seeds 1 2 3 --out runs/tta_synthetic
     python scripts/time_to_accuracy.py --data ../shared/data/cifar10_subset --minutes 10 --out runs/tta_cifar
+    python scripts/time_to_accuracy.py --data cifar10 --configs jem jem-fast jempp jempp-amp --parallel 1 \
+        --minutes 30 --out runs/tta_gpu        # one GPU: one run at a time, on the wall clock
 
 Every run is `train_wrn_ebm.py` with `--max_train_minutes` (its clock leaves out the evaluations) and
 `--eval_every_minutes`, as a subprocess of `--threads` CPU threads, `--parallel` at a time; a finished run
