@@ -50,7 +50,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from data import check_labeled, load_eval_dataset, make_loader
-from sampler import frozen_parameters
+from sampler import frozen_parameters, uncached_autocast
 from utils import UserError, run_cli
 
 EPS_UNITS = {  # --eps value -> perturbation size in [0, 1] pixel space
@@ -151,7 +151,9 @@ class RefinedClassifier:
         chains = x.repeat_interleave(n_chains, dim=0) * 2 - 1  # the model reads pixels in [-1, 1]
         chains = chains + self.sigma * noise(chains)
         through_steps = differentiable and self.gradient == "exact"
-        with torch.enable_grad():  # the SGLD steps need d log p / dz even when nothing else does
+        # The SGLD steps need d log p / dz even when nothing else does; under --amp, autocast would keep a bf16
+        # copy of every step's z (a new leaf) until the whole evaluation ends.
+        with torch.enable_grad(), uncached_autocast(x.device.type):
             for _ in range(self.n_steps_refine):
                 z = chains if through_steps else chains.detach().requires_grad_(True)
                 score_grad, = torch.autograd.grad(self.model(z).sum(), z, create_graph=through_steps)

@@ -46,7 +46,7 @@ from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_
 from eval_sampling import (add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples,
                            describe_sampler, sample_as_trained, uncond_samples)
 from precision import autocast, describe_hardware, resolve_amp
-from sampler import ReplayBuffer, sgld
+from sampler import ReplayBuffer, sgld, uncached_autocast
 from train_flags import OneLineErrors, check_ranges, flags_given
 from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, prepare_save_dir, run_cli,
                    seed_everything, select_device, write_json)
@@ -230,7 +230,8 @@ def py_score(model, x):
 def pxgrad_score(model, x):
     """-||d log p(x) / dx||_2 per example: flat regions of the density are typical of the data."""
     x = x.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(model(x).sum(), x)
+    with uncached_autocast(x.device.type):  # under --amp, no bf16 copy of every batch kept to the end
+        grad, = torch.autograd.grad(model(x).sum(), x)
     return -grad.flatten(1).norm(dim=1)
 
 
