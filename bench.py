@@ -22,8 +22,9 @@ For each named configuration it builds one randomly initialised model and gives 
 
 First it checks, from one seed, that the project's default step computes the paper's loss,
 gradients and updated replay buffer (to float32 rounding; it stops if not), and reports how far the
-fast flags move them; a recipe's step computes other things, so its configs skip the check. Then it times the sides alternately, iteration by iteration, so that a
-machine shared with other work slows both alike, and prints per configuration and side:
+fast flags move them; a recipe's step computes other things, so its configs skip the check. Then it
+times the sides alternately, iteration by iteration, so that a machine shared with other work slows
+both alike, and prints per configuration and side:
 
   s/iter      median wall-clock seconds of one training iteration (SGLD chain, loss, backward, step)
   SGLD img/s  images through the sampler per second: batch_size * n_steps / (s/iter)
@@ -435,7 +436,8 @@ def bench_config(name, device, opts):
     results = {}
     for side in names:
         median, n_steps = medians[side], side_steps(side, config)
-        results[side] = {"n_steps": n_steps, "seconds_per_iter": median, "sgld_images_per_s": config.batch_size * n_steps / median,
+        results[side] = {"n_steps": n_steps, "seconds_per_iter": median,
+                         "sgld_images_per_s": config.batch_size * n_steps / median,
                          "peak_memory_mib": memory[side] / 2 ** 20, "speedup": medians["paper"] / median,
                          "seconds": seconds[side]}
     return {"config": name, **asdict(config), "sides": results, "check": errors, "profile": profiled}

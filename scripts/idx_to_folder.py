@@ -27,7 +27,8 @@ def read_idx(path, magic, header_bytes):
         raw = f.read()
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        sys.exit(f"{path}: magic number {found}, expected {magic}: not an IDX {'image' if magic == IMAGES_MAGIC else 'label'} file")
+        kind = "image" if magic == IMAGES_MAGIC else "label"
+        sys.exit(f"{path}: magic number {found}, expected {magic}: not an IDX {kind} file")
     dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range((header_bytes - 4) // 4)]
     return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(dims)
 

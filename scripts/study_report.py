@@ -95,7 +95,7 @@ def table_rows(args, ood_folders):
     for label, what in (("attack_refine0", "no refinement"), ("attack_refine1", "1 SGLD step, 5 chains")):
         for i, e in enumerate(eps):
             rows.append((f"robust acc. L∞ ε={e}/255, {what}", f"{label}_eps{e}",
-                         lambda d, l=label, i=i: result(d, l, "attack")["robust_accuracy"][i],
+                         lambda d, run=label, i=i: result(d, run, "attack")["robust_accuracy"][i],
                          "JEM falls off more slowly" if i == len(eps) - 1 else ""))
     return rows
 

@@ -183,7 +183,8 @@ def summarize(args, runs):
         summary[config] = {
             "seeds": sorted(by_seed), "grid_minutes": grid.tolist(), "mean": np.nanmean(curves, 0).tolist(),
             "low": np.nanmin(curves, 0).tolist(), "high": np.nanmax(curves, 0).tolist(),
-            "final_mean": float(np.mean(finals)), "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+            "final_mean": float(np.mean(finals)),
+            "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
             "final_min": float(min(finals)), "final_max": float(max(finals)),
             "iterations_per_minute": float(np.mean([r["iterations"] / (r["clock_seconds"] / 60)
                                                     for r in by_seed.values()])),
@@ -217,9 +218,9 @@ def print_table(args, target, summary, hardware):
           f"{args.metric}; target {target:.4f} (" + ("given" if args.target is not None else
                                                    f"{args.baseline}'s mean at the end") + ")")
     common = next(iter(summary.values()))["common_iterations"]
+    baseline_column = f"time / {args.baseline}'s"
     print(f"{'config':<14} {'it/min':>7} {'wall/cpu':>8} {'final acc: mean':>16} {'sd':>6} {'min-max':>12} "
-          f"{f'acc @ {common} it':>14} {'min to target':>14} {'/ budget':>9} {'time / ' + args.baseline + chr(39) + 's':>12} "
-          f"{'speed-up':>9}")
+          f"{f'acc @ {common} it':>14} {'min to target':>14} {'/ budget':>9} {baseline_column:>12} {'speed-up':>9}")
     for config, s in summary.items():
         reach, share = ("not reached", "—") if s["minutes_to_target"] is None else \
             (f"{s['minutes_to_target']:.2f}", f"{s['minutes_to_target'] / args.minutes:.2f}")
@@ -240,7 +241,8 @@ def plot(args, target, summary, runs, path):
         acc_ax.plot(s["grid_minutes"], s["mean"], color=color, label=config)
         acc_ax.fill_between(s["grid_minutes"], s["low"], s["high"], color=color, alpha=0.15, linewidth=0)
         for j, r in enumerate(runs[config].values()):
-            iter_ax.plot(r["eval_iterations"], r["accuracy"], color=color, linewidth=0.8, label=config if j == 0 else None)
+            iter_ax.plot(r["eval_iterations"], r["accuracy"], color=color, linewidth=0.8,
+                         label=config if j == 0 else None)
         grid = np.asarray(s["grid_minutes"])
         gaps = [on_grid(r["gap_minutes"], r["energy_gap"], grid) for r in runs[config].values() if r["energy_gap"]]
         if gaps:  # a plain classifier has none

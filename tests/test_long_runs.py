@@ -240,7 +240,7 @@ def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
     real_loss = training.jem_loss
     monkeypatch.setattr(training, "jem_loss",
-                        lambda *a, **k: (lambda l, t: (l * float("nan"), t))(*real_loss(*a, **k)))
+                        lambda *a, **k: (lambda loss, terms: (loss * float("nan"), terms))(*real_loss(*a, **k)))
     with pytest.raises(SystemExit):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
     assert "diverged" in capsys.readouterr().err
