@@ -77,6 +77,9 @@ def parse_args(argv=None):
                         help="seeds of training and of every evaluation: each model is trained once per seed")
     parser.add_argument("--models", nargs="+", choices=list(LABELS), default=list(LABELS),
                         help="run only these (the table shows every model found in --out)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train and evaluate nothing: the table and figures of what OUT holds for --models "
+                             "and --seeds (e.g. after runs of different seeds for different models)")
     parser.add_argument("--parallel", type=int, default=2, help="runs trained and evaluated at a time, one "
                                                                 "CPU thread each")
     parser.add_argument("--mnist_raw", default=MNIST_RAW,
@@ -243,6 +246,16 @@ def run_model(args, name, seed, ood_folders, times, commands_run):
         print(f"{name} seed {seed}: {label} done in {times[f'{name}/seed{seed}/{label}']:.0f}s", flush=True)
 
 
+def earlier_results(out):
+    """What earlier invocations wrote to results.json: a study run piecewise (over sessions, or different seeds for
+    different models) keeps every step's wall time and command."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
@@ -264,20 +277,23 @@ def main(argv=None):
             except RuntimeError as e:
                 failures.append(f"{name} seed {seed}: {e}")
 
-    threads = [threading.Thread(target=worker, args=job) for job in jobs]
+    threads = [] if args.report_only else [threading.Thread(target=worker, args=job) for job in jobs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    earlier = earlier_results(args.out)
+    times = {**earlier.get("seconds", {}), **times}
+    commands_run = {**earlier.get("commands", {}), **{run: cmds for run, cmds in commands_run.items() if cmds}}
 
     names = [n for n in LABELS if any(os.path.exists(os.path.join(run_dir(args.out, n, s), "metrics.jsonl"))
                                       for s in args.seeds)]
     figures = copy_figures(args, names, PYTHON)
     table, numbers = build_table(args, names, ood_folders)
     total = time.time() - start
-    text = (f"{table}\nEach cell: the mean over seeds {', '.join(map(str, args.seeds))} (lowest–highest). Wall time "
-            f"of this command: {total / 60:.1f} minutes (each step: results.json).\n"
-            f"Figures in {args.figs_dir}: {', '.join(figures)}\n")
+    text = (f"{table}\nEach cell: the mean over seeds {', '.join(map(str, args.seeds))} (lowest–highest). "
+            + ("" if args.report_only else f"Wall time of this command: {total / 60:.1f} minutes. ")
+            + f"Each step's wall time: results.json.\nFigures in {args.figs_dir}: {', '.join(figures)}\n")
     if failures:
         text += "\nFAILED:\n" + "\n".join(failures) + "\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -172,10 +172,9 @@ def accuracy_time_figure(args, names, path):
     fig = Figure(figsize=(6.5, 4.2), layout="tight")
     ax = fig.subplots()
     for i, name in enumerate(names):
-        for j, seed in enumerate(args.seeds):
-            d = run_dir(args.out, name, seed)
-            if not os.path.exists(os.path.join(d, "metrics.jsonl")):
-                continue
+        dirs = [run_dir(args.out, name, seed) for seed in args.seeds]
+        dirs = [d for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+        for j, d in enumerate(dirs):
             for key, style in (("test_acc", "-"), ("train_acc", ":")):
                 minutes, acc = accuracy_curves(d, key)
                 label = f"{SHORT[name]} ({'test' if key == 'test_acc' else 'train'})" if j == 0 else None

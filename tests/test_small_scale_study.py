@@ -104,3 +104,30 @@ def test_the_table_reads_every_seed_and_the_figures_are_drawn(tmp_path):
     assert report.reliability_figure(args, ["clf"], str(tmp_path / "r.png"))
     assert report.accuracy_time_figure(args, ["clf"], str(tmp_path / "a.png"))
     assert all(os.path.getsize(tmp_path / f) > 0 for f in ("r.png", "a.png"))
+
+
+def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_commands(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "out"
+    for split in ("train", "test"):
+        os.makedirs(data / split)
+    os.makedirs(out / "ood" / "noise")  # made by an earlier invocation
+    bins = [{"lower": 0.0, "upper": 1.0, "count": 5, "accuracy": 0.6, "confidence": 0.7}]
+    write_run(str(out), "clf", 3, bins, [{"kind": "eval", "iteration": 65, "end_of_epoch": True,
+                                          "train_seconds": 60.0, "cpu_seconds": 60.0, "valid_acc": 0.4}])
+    with open(out / "results.json", "w") as fh:  # what the invocation that trained seed 3 wrote
+        json.dump({"seconds": {"clf/seed3/train": 61.0}, "commands": {"clf/seed3": ["python train_wrn_ebm.py"]}}, fh)
+
+    def no_running(*a, **k):
+        raise AssertionError("--report_only ran a command")
+
+    monkeypatch.setattr(study, "run", no_running)
+    assert study.main(["--data", str(data), "--out", str(out), "--seeds", "1", "3", "--report_only",
+                       "--models", "clf", "jem", "--mnist_raw", str(tmp_path / "none"),
+                       "--figs_dir", str(tmp_path / "figs")]) == 0
+    with open(out / "results.json") as fh:
+        written = json.load(fh)
+    assert written["seconds"] == {"clf/seed3/train": 61.0}
+    assert written["commands"] == {"clf/seed3": ["python train_wrn_ebm.py"]}
+    assert written["numbers"]["clf"]["valid_acc"] == [None, 0.4] and "jem" not in written["numbers"]
+    with open(out / "results.md") as fh:
+        assert "| validation accuracy (last epoch) | 0.400 |" in fh.read()
