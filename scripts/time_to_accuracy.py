@@ -214,20 +214,21 @@ def summarize(args, runs):
 # The report.
 
 def print_table(args, target, summary, hardware):
-    print(f"{hardware}\n{len(args.seeds)} seeds, {args.minutes:g} minutes of training each ({args.clock} clock), "
-          f"{args.metric}; target {target:.4f} (" + ("given" if args.target is not None else
-                                                   f"{args.baseline}'s mean at the end") + ")")
+    where = "given" if args.target is not None else f"{args.baseline}'s mean at the end"
+    print(f"{hardware}\nseeds {' '.join(map(str, args.seeds))} (those found of each), {args.minutes:g} minutes of "
+          f"training each ({args.clock} clock), {args.metric}; target {target:.4f} ({where})")
     common = next(iter(summary.values()))["common_iterations"]
     baseline_column = f"time / {args.baseline}'s"
-    print(f"{'config':<14} {'it/min':>7} {'wall/cpu':>8} {'final acc: mean':>16} {'sd':>6} {'min-max':>12} "
-          f"{f'acc @ {common} it':>14} {'min to target':>14} {'/ budget':>9} {baseline_column:>12} {'speed-up':>9}")
+    print(f"{'config':<14} {'seeds':>5} {'it/min':>7} {'wall/cpu':>8} {'final acc: mean':>16} {'sd':>6} "
+          f"{'min-max':>12} {f'acc @ {common} it':>14} {'min to target':>14} {'/ budget':>9} {baseline_column:>12} "
+          f"{'speed-up':>9}")
     for config, s in summary.items():
         reach, share = ("not reached", "—") if s["minutes_to_target"] is None else \
             (f"{s['minutes_to_target']:.2f}", f"{s['minutes_to_target'] / args.minutes:.2f}")
         ratio, speedup = ("—", "—") if s["speedup_to_target"] is None else \
             (f"{1 / s['speedup_to_target']:.2f}", f"{s['speedup_to_target']:.2f}x")
-        print(f"{config:<14} {s['iterations_per_minute']:>7.1f} {s['wall_over_cpu']:>8.2f} {s['final_mean']:>16.4f} "
-              f"{s['final_std']:>6.3f} {s['final_min']:>5.3f}-{s['final_max']:<6.3f} "
+        print(f"{config:<14} {len(s['seeds']):>5} {s['iterations_per_minute']:>7.1f} {s['wall_over_cpu']:>8.2f} "
+              f"{s['final_mean']:>16.4f} {s['final_std']:>6.3f} {s['final_min']:>5.3f}-{s['final_max']:<6.3f} "
               f"{s['accuracy_at_common_iterations']:>14.4f} {reach:>14} {share:>9} {ratio:>12} {speedup:>9}")
 
 
@@ -249,7 +250,7 @@ def plot(args, target, summary, runs, path):
             gap_ax.plot(grid, np.nanmean(np.stack(gaps), 0), color=color, label=config)
     acc_ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
     acc_ax.set(xlabel=f"minutes of training ({args.clock} clock)", ylabel=f"held-out accuracy ({args.metric})",
-               title=f"{os.path.basename(os.path.normpath(args.data))}: {len(args.seeds)} seeds")
+               title=f"{os.path.basename(os.path.normpath(args.data))}: mean and range over seeds")
     iter_ax.set(xlabel="iterations", ylabel=f"held-out accuracy ({args.metric})",
                 title="the same runs against iterations (quality apart from speed)")
     gap_ax.axhline(0, color="grey", linewidth=0.8)
