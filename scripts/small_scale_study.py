@@ -91,6 +91,10 @@ def parse_args(argv=None):
                         help="training time of each run (train_wrn_ebm.py's --max_train_minutes, on its CPU clock)")
     parser.add_argument("--epochs", type=int, default=0,
                         help="train each run for this many epochs instead of --minutes (the converged regime)")
+    parser.add_argument("--train_per_class", type=int, default=0,
+                        help="train on the first K images of each class of --data's train/ (by file name; --n_valid "
+                             "of them are held out for validation): a set small enough for the classifier to over-fit "
+                             "within the budget. 0: every image")
     parser.add_argument("--amp", action="store_true", help="train in bf16 mixed precision (evaluations stay float32)")
     parser.add_argument("--depth", type=int, default=10, help="Wide-ResNet depth (6n+4)")
     parser.add_argument("--width", type=int, default=1, help="Wide-ResNet widen factor")
@@ -140,7 +144,7 @@ def train_command(args, name, seed):
     # Without --epochs, n_epochs is a ceiling that the time budget reaches long before.
     budget = ["--n_epochs", str(args.epochs)] if args.epochs else \
         ["--n_epochs", "1000", "--max_train_minutes", f"{args.minutes:g}"]
-    return [os.path.join(REPO, "train_wrn_ebm.py"), "--dataset", args.data, "--n_valid", str(args.n_valid),
+    return [os.path.join(REPO, "train_wrn_ebm.py"), "--dataset", training_folder(args), "--n_valid", str(args.n_valid),
             "--depth", str(args.depth), "--width", str(args.width), "--batch_size", str(args.batch_size),
             *budget, *decay_flags(args, name), "--warmup_iters", str(args.warmup_iters), "--p_y_given_x_weight", "1",
             "--p_x_y_weight", "0", "--buffer_size", str(args.buffer_size), "--reinit_freq", "0.05",
@@ -149,6 +153,28 @@ def train_command(args, name, seed):
             "--ckpt_every", "1000",
             "--eval_train", *(["--amp"] if args.amp else []), "--plot_uncond",
             "--save_dir", run_dir(args.out, name, seed)]
+
+
+def training_folder(args):
+    """The image folder the models train on: --data, or OUT/train<K>_per_class with --train_per_class K."""
+    return os.path.join(args.out, f"train{args.train_per_class}_per_class") if args.train_per_class else args.data
+
+
+def make_training_folder(args):
+    """OUT/train<K>_per_class: train/<class>/ links to the first K images of each class, test/ a link to --data's."""
+    folder = training_folder(args)
+    if folder == args.data or os.path.isdir(folder):
+        return
+    train = os.path.join(args.data, "train")
+    classes = {name: sorted(os.listdir(os.path.join(train, name))) for name in sorted(os.listdir(train))}
+    for name, files in classes.items():  # all checked before anything is made
+        if len(files) < args.train_per_class:
+            sys.exit(f"{train}/{name}: {len(files)} images, fewer than --train_per_class {args.train_per_class}")
+    for name, files in classes.items():
+        os.makedirs(os.path.join(folder, "train", name))
+        for file in files[:args.train_per_class]:
+            os.symlink(os.path.join(train, name, file), os.path.join(folder, "train", name, file))
+    os.symlink(os.path.join(args.data, "test"), os.path.join(folder, "test"))
 
 
 def train_to_the_end(args, name, seed, log):
@@ -265,6 +291,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     ood_folders = make_ood_folders(args)
+    make_training_folder(args)
 
     jobs = [(name, seed) for seed in args.seeds for name in args.models]
     times, commands_run, failures = {}, {f"{n}/seed{s}": [] for n, s in jobs}, []

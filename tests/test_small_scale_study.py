@@ -131,3 +131,23 @@ def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_comman
     assert written["numbers"]["clf"]["valid_acc"] == [None, 0.4] and "jem" not in written["numbers"]
     with open(out / "results.md") as fh:
         assert "| validation accuracy (last epoch) | 0.400 |" in fh.read()
+
+
+def test_train_per_class_trains_on_the_first_images_of_each_class(tmp_path):
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        os.makedirs(data / "train" / name)
+        for i in range(4):
+            (data / "train" / name / f"{i}.png").write_bytes(b"")
+    os.makedirs(data / "test")
+    args = study.parse_args(["--data", str(data), "--out", str(tmp_path / "out"), "--train_per_class", "3"])
+    study.make_training_folder(args)
+    folder = study.training_folder(args)
+    assert sorted(os.listdir(os.path.join(folder, "train", "dog"))) == ["0.png", "1.png", "2.png"]
+    assert os.path.realpath(os.path.join(folder, "test")) == os.path.realpath(data / "test")
+    cmd = study.train_command(args, "clf", 1)
+    assert cmd[cmd.index("--dataset") + 1] == folder
+    too_many = study.parse_args(["--data", str(data), "--out", str(tmp_path / "other"), "--train_per_class", "5"])
+    with pytest.raises(SystemExit, match="fewer than --train_per_class 5"):
+        study.make_training_folder(too_many)
+    assert not os.path.exists(study.training_folder(too_many))  # nothing half made
