@@ -6,7 +6,9 @@ evaluations on every model and gathers their JSON outputs into one markdown tabl
 
     .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/study --minutes 6
     .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/converged \
-        --epochs 60 --seeds 1 2 3 --amp --models clf jem sadajem --figs_prefix converged_
+        --epochs 50 --seeds 1 2 3 --amp --models clf jem sadajem --figs_prefix converged_
+    .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/overfit \
+        --train_per_class 100 --epochs 400 --seeds 1 2 3 --amp --models clf jem --figs_prefix overfit_
 
 The recipes: `jem`, the paper's objective with short SGLD chains (Adam); `jempp` and `sadajem`,
 train_wrn_ebm.py's --recipe presets for JEM++ and SADA-JEM; `clf`, the same network trained as a plain

@@ -155,8 +155,10 @@ def reliability_figure(args, names, path):
         ax.bar(p["lower"], np.nan_to_num(p["accuracy"]), width=p["upper"] - p["lower"], align="edge",
                edgecolor="black", linewidth=0.5)
         ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{SHORT[name]}: ECE {100 * p['ece']:.1f}%")
-    fig.axes[0].set_ylabel(f"accuracy (test, {p['runs']} seed{'s' if p['runs'] > 1 else ''} pooled)")
+        seeds = f"{p['runs']} seed{'s' if p['runs'] > 1 else ''}"
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence",
+               title=f"{SHORT[name]} ({seeds}): ECE {100 * p['ece']:.1f}%")
+    fig.axes[0].set_ylabel("accuracy (test, the seeds pooled)")
     fig.savefig(path, dpi=90)
     return True
 
