@@ -293,7 +293,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     ood_folders = make_ood_folders(args)
-    make_training_folder(args)
+    if not args.report_only:
+        make_training_folder(args)
 
     jobs = [(name, seed) for seed in args.seeds for name in args.models]
     times, commands_run, failures = {}, {f"{n}/seed{s}": [] for n, s in jobs}, []
@@ -319,7 +320,8 @@ def main(argv=None):
                                       for s in args.seeds)]
     figures = copy_figures(args, names, PYTHON)
     table, numbers = build_table(args, names, ood_folders)
-    total = time.time() - start
+    # a report alone keeps the wall time of the last invocation that trained or evaluated
+    total = earlier.get("total_seconds") if args.report_only else time.time() - start
     text = (f"{table}\nEach cell: the mean over seeds {', '.join(map(str, args.seeds))} (lowest–highest). "
             + ("" if args.report_only else f"Wall time of this command: {total / 60:.1f} minutes. ")
             + f"Each step's wall time: results.json.\nFigures in {args.figs_dir}: {', '.join(figures)}\n")

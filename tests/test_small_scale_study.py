@@ -115,7 +115,8 @@ def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_comman
     write_run(str(out), "clf", 3, bins, [{"kind": "eval", "iteration": 65, "end_of_epoch": True,
                                           "train_seconds": 60.0, "cpu_seconds": 60.0, "valid_acc": 0.4}])
     with open(out / "results.json", "w") as fh:  # what the invocation that trained seed 3 wrote
-        json.dump({"seconds": {"clf/seed3/train": 61.0}, "commands": {"clf/seed3": ["python train_wrn_ebm.py"]}}, fh)
+        json.dump({"seconds": {"clf/seed3/train": 61.0}, "commands": {"clf/seed3": ["python train_wrn_ebm.py"]},
+                   "total_seconds": 75.0}, fh)
 
     def no_running(*a, **k):
         raise AssertionError("--report_only ran a command")
@@ -126,7 +127,7 @@ def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_comman
                        "--figs_dir", str(tmp_path / "figs")]) == 0
     with open(out / "results.json") as fh:
         written = json.load(fh)
-    assert written["seconds"] == {"clf/seed3/train": 61.0}
+    assert written["seconds"] == {"clf/seed3/train": 61.0} and written["total_seconds"] == 75.0
     assert written["commands"] == {"clf/seed3": ["python train_wrn_ebm.py"]}
     assert written["numbers"]["clf"]["valid_acc"] == [None, 0.4] and "jem" not in written["numbers"]
     with open(out / "results.md") as fh:
