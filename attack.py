@@ -49,7 +49,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from data import check_labeled, load_eval_dataset, make_loader
+from data import check_labeled, load_eval_dataset, make_loader, one_size_batches
 from sampler import frozen_parameters, uncached_autocast
 from utils import UserError, run_cli
 
@@ -361,7 +361,7 @@ def run_attack(args, model, replay_buffer, device):
                disable=args.print_to_log)
     n_correct = torch.zeros(1 + len(eps_list), dtype=torch.long)
     with frozen_parameters(model):
-        for x, y in loader:
+        for x, y in one_size_batches(loader):
             x, y = x.to(device), y.to(device)
             n_correct += robust_correctness(classifier, x, y, eps_list, args, derived_generator(rng, device),
                                             bar).sum(1).cpu()

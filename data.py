@@ -438,6 +438,17 @@ def odd_size_message(dataset):
     return "the images of the data set differ in size after resizing, so they cannot be batched"
 
 
+def one_size_batches(loader):
+    """The loader's batches; a folder of images that the resize leaves of different sizes stops with one line
+    naming the first odd file instead of the collate function's traceback."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise UserError(odd_size_message(loader.dataset)) from None
+
+
 def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test", normalize=True):
     """A test-time data set by any name evaluation accepts, with the test transform (noise `sigma`).
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from attack import add_attack_flags, run_attack
 from chain_init import IMAGE_SHAPE
 from checkpoint import describe_state_dict, load_checkpoint, load_model_state
-from data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader, odd_size_message
+from data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader, one_size_batches
 from models import build_model
 from plotting import save_histograms, save_reliability_diagram
 from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches,
@@ -203,13 +203,8 @@ def batches(args, dataset, device, desc):
     """(x, y) on the device, in batches of EVAL_BATCH_SIZE, with a progress bar; a folder of images that the
     resize leaves of different sizes is one line naming the first odd file."""
     loader = make_loader(dataset, EVAL_BATCH_SIZE, False, device, loader_workers(args, device))
-    try:
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=args.print_to_log):
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    except RuntimeError as e:
-        if "stack expects each tensor to be equal size" not in str(e):
-            raise
-        raise UserError(odd_size_message(dataset)) from None
+    for x, y in tqdm(one_size_batches(loader), desc=desc, total=len(loader), leave=False, disable=args.print_to_log):
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------------

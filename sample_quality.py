@@ -20,7 +20,7 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from tqdm import tqdm
 
-from data import load_eval_dataset
+from data import load_eval_dataset, one_size_batches
 from utils import UserError
 
 WEIGHTS_FILE = os.path.basename(URL_INCEPTION_V3)  # weights-inception-2015-12-05-6726825d.pth
@@ -133,7 +133,7 @@ def tensor_batches(images):
 def dataset_batches(dataset):
     """A data set serving pixels in [0, 1] (load_eval_dataset(normalize=False)), in uint8 batches."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=INCEPTION_BATCH_SIZE, shuffle=False)
-    for x, _ in loader:
+    for x, _ in one_size_batches(loader):
         yield (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 

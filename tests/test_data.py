@@ -7,8 +7,8 @@ from PIL import Image
 import torchvision.transforms as T
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from data import (load_dataset, load_eval_dataset, make_synthetic, n_classes_of, odd_size_message, shorter_side_to_32,
-                  split_indices, train_loaders, train_transform)
+from data import (load_dataset, load_eval_dataset, make_synthetic, n_classes_of, odd_size_message, one_size_batches,
+                  shorter_side_to_32, split_indices, train_loaders, train_transform)
 from data import test_transform as eval_transform  # (a name starting with test_ would be collected)
 from train_wrn_ebm import parse_args as parse_train_args
 from utils import UserError
@@ -94,6 +94,18 @@ def test_images_of_mixed_shapes_resized_as_celeba_are_one_line_naming_the_first_
         next(iter(DataLoader(celeba, batch_size=4)))
     message = odd_size_message(Subset(celeba, range(4)))
     assert f"{tmp_path / '2.png'} is 32x32 pixels" in message and f"{tmp_path / '0.png'} is 32x39" in message
+
+
+def test_every_reader_of_a_mixed_shape_folder_stops_with_the_odd_size_line(tmp_path):
+    import sample_quality
+    for i, size in enumerate([(178, 218), (178, 218), (200, 200)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+    celeba = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path), normalize=False)
+    eval_and_attack = lambda: list(one_size_batches(DataLoader(Subset(celeba, [0, 2]), batch_size=2)))  # noqa: E731
+    for reader in (eval_and_attack, lambda: list(sample_quality.dataset_batches(celeba))):
+        with pytest.raises(UserError, match="2.png is 32x32 pixels"):
+            reader()
+    assert len(list(one_size_batches(DataLoader(Subset(celeba, [0, 1]), batch_size=2)))) == 1  # one size: batched
 
 
 def test_missing_data_names_the_folder_and_flag(tmp_path, monkeypatch):
