@@ -230,6 +230,11 @@ def eval_commands(args, name, seed, ood_folders):
     return commands
 
 
+def ood_set_names(args):
+    """The OOD sets of the study: CIFAR interpolations always, MNIST and noise where OUT/ood has their folders."""
+    return ["cifar_interp"] + [n for n in ("mnist", "noise") if os.path.isdir(os.path.join(args.out, "ood", n))]
+
+
 def make_ood_folders(args):
     """OUT/ood/{cifar10_test -> the data's test split, mnist, noise}; returns the OOD set names."""
     ood_dir = os.path.join(args.out, "ood")
@@ -237,7 +242,6 @@ def make_ood_folders(args):
     link = os.path.join(ood_dir, "cifar10_test")
     if not os.path.exists(link):
         os.symlink(os.path.join(args.data, "test"), link)
-    names = ["cifar_interp"]
     log = os.path.join(args.out, "prepare.log")
     images = [os.path.join(args.mnist_raw, f) for f in ("t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz")]
     labels = [os.path.join(args.mnist_raw, f) for f in ("t10k-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.gz")]
@@ -246,14 +250,12 @@ def make_ood_folders(args):
         if not os.path.isdir(os.path.join(ood_dir, "mnist")):
             run([PYTHON, os.path.join(REPO, "scripts", "idx_to_folder.py"), images[0], labels[0],
                  os.path.join(ood_dir, "mnist"), "--max_images", str(args.n_ood_images)], log)
-        names.append("mnist")
     else:
         print(f"no MNIST IDX files in {args.mnist_raw}: MNIST is left out", flush=True)
     if not os.path.isdir(os.path.join(ood_dir, "noise")):
         run([PYTHON, os.path.join(REPO, "scripts", "noise_folder.py"), os.path.join(ood_dir, "noise"),
              "--n_images", str(args.n_ood_images), "--seed", str(args.seeds[0])], log)
-    names.append("noise")
-    return names
+    return ood_set_names(args)
 
 
 def run_model(args, name, seed, ood_folders, times, commands_run):
@@ -292,8 +294,10 @@ def main(argv=None):
         sys.exit(f"{args.data}: needs train/<class>/ and test/<class>/ image folders")
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    ood_folders = make_ood_folders(args)
-    if not args.report_only:
+    if args.report_only:  # a report makes nothing: it reads what the earlier invocations made
+        ood_folders = ood_set_names(args)
+    else:
+        ood_folders = make_ood_folders(args)
         make_training_folder(args)
 
     jobs = [(name, seed) for seed in args.seeds for name in args.models]

@@ -110,7 +110,7 @@ def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_comman
     data, out = tmp_path / "data", tmp_path / "out"
     for split in ("train", "test"):
         os.makedirs(data / split)
-    os.makedirs(out / "ood" / "noise")  # made by an earlier invocation
+    os.makedirs(out / "ood" / "noise")  # made by an earlier invocation; MNIST was never made
     bins = [{"lower": 0.0, "upper": 1.0, "count": 5, "accuracy": 0.6, "confidence": 0.7}]
     write_run(str(out), "clf", 3, bins, [{"kind": "eval", "iteration": 65, "end_of_epoch": True,
                                           "train_seconds": 60.0, "cpu_seconds": 60.0, "valid_acc": 0.4}])
@@ -127,7 +127,9 @@ def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_comman
                        "--figs_dir", str(tmp_path / "figs")]) == 0
     with open(out / "results.json") as fh:
         written = json.load(fh)
-    assert written["seconds"] == {"clf/seed3/train": 61.0} and written["total_seconds"] == 75.0
+    assert sorted(os.listdir(out / "ood")) == ["noise"]  # nothing made, not even the test split's link
+    assert written["args"]["report_only"] and written["seconds"] == {"clf/seed3/train": 61.0}
+    assert written["total_seconds"] == 75.0
     assert written["commands"] == {"clf/seed3": ["python train_wrn_ebm.py"]}
     assert written["numbers"]["clf"]["valid_acc"] == [None, 0.4] and "jem" not in written["numbers"]
     with open(out / "results.md") as fh:
