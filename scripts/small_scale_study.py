@@ -181,17 +181,18 @@ def make_training_folder(args):
 
 def train_to_the_end(args, name, seed, log):
     """Train one run to the end of its budget: not again once it got there, from its last checkpoint when it was
-    cut short. Returns the training command."""
+    cut short. Returns the training command and this call's wall time in seconds (None when it trained nothing)."""
     save_dir = run_dir(args.out, name, seed)
     cmd = train_command(args, name, seed)
+    seconds = None
     if not run_ended(save_dir):
         if os.path.exists(os.path.join(save_dir, "last_ckpt.pt")):
-            run([PYTHON, cmd[0], "--resume", save_dir, "--print_to_log"], log)
+            seconds = run([PYTHON, cmd[0], "--resume", save_dir, "--print_to_log"], log)
         else:
-            run([PYTHON, *cmd], log)
+            seconds = run([PYTHON, *cmd], log)
         if not run_ended(save_dir):  # a signal stopped it early: it saved, and a re-run continues it
             raise RuntimeError(f"{save_dir} stopped before the end of its budget; run the study again to continue")
-    return shlex.join(["python", *cmd])
+    return shlex.join(["python", *cmd]), seconds
 
 
 def eval_commands(args, name, seed, ood_folders):
@@ -263,9 +264,10 @@ def run_model(args, name, seed, ood_folders, times, commands_run):
     save_dir = run_dir(args.out, name, seed)
     os.makedirs(save_dir, exist_ok=True)
     log = os.path.join(save_dir, "driver.log")
-    start = time.time()
-    commands_run.append(train_to_the_end(args, name, seed, log))
-    times[f"{name}/seed{seed}/train"] = time.time() - start
+    command, seconds = train_to_the_end(args, name, seed, log)
+    commands_run.append(command)
+    if seconds is not None:  # a run an earlier invocation trained keeps the time that one wrote to results.json
+        times[f"{name}/seed{seed}/train"] = seconds
     for label, cmd, cwd in eval_commands(args, name, seed, ood_folders):
         done = os.path.join(save_dir, "eval", label, "done")
         commands_run.append((f"(cd {cwd} && " if cwd else "") + shlex.join(cmd) + (")" if cwd else ""))

@@ -32,7 +32,7 @@ def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(
         commands.append(cmd)
         with open(os.path.join(save_dir, "metrics.jsonl"), "a") as fh:
             fh.write(json.dumps({"kind": "run"}) + "\n" + json.dumps({"kind": "end", "reason": endings.pop(0)}) + "\n")
-        return 0.0
+        return 60.0
 
     monkeypatch.setattr(study, "run", fake_training)
     with pytest.raises(RuntimeError, match="run the study again"):  # nothing there: from the start, cut short
@@ -42,10 +42,11 @@ def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(
     assert "--amp" in fresh and "--eval_train" in fresh and "--max_train_minutes" not in fresh
     assert fresh[fresh.index("--decay_epochs") + 1:fresh.index("--decay_epochs") + 3] == ["2", "3"]  # 0.8, 0.9 of 3
     open(os.path.join(save_dir, "last_ckpt.pt"), "w").close()  # cut short: continue it
-    study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
+    assert study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))[1] == 60.0
     assert commands[-1][2:4] == ["--resume", save_dir]
-    study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))  # done: nothing more
-    assert len(commands) == 2
+    command, seconds = study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
+    assert len(commands) == 2 and seconds is None  # done: nothing more, and no time that would replace the real one
+    assert command.startswith("python ") and "--resume" not in command  # the command that reproduces the run
 
 
 def test_without_epochs_each_run_gets_the_time_budget(tmp_path):
