@@ -40,10 +40,15 @@ def checkpoint_state(model_state_dict, buffer_images, **extra):
             "replay_buffer": buffer_images.detach().to("cpu", copy=True), **extra}
 
 
-def load_checkpoint(path):
-    """The checkpoint dict, on the CPU; a missing or foreign file is a UserError."""
+def require_checkpoint_file(path):
+    """A missing --load_path is a UserError; the scripts check it before they make their save dir."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at --load_path {path}")
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, on the CPU; a missing or foreign file is a UserError."""
+    require_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

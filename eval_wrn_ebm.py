@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from attack import add_attack_flags, run_attack
 from chain_init import IMAGE_SHAPE
-from checkpoint import describe_state_dict, load_checkpoint, load_model_state
+from checkpoint import describe_state_dict, load_checkpoint, load_model_state, require_checkpoint_file
 from data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader, one_size_batches
 from models import build_model
 from plotting import save_histograms, save_reliability_diagram
@@ -140,6 +140,8 @@ def check_args(args):
         if args.n_steps < 1:
             raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size N, or "
                             "--buffer_size 0 for chains from fresh noise (the paper: --buffer_size 10000 --n_steps 40)")
+    if args.load_path is not None:  # last: a wrong flag is named first; before the save dir is made
+        require_checkpoint_file(args.load_path)
 
 
 # --------------------------------------------------------------------------------------------------

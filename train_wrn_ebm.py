@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chain_init import ClassGaussians, UniformNoise
-from checkpoint import (checkpoint_state, load_checkpoint, load_model_state, restore_rng_states, rng_states,
-                        write_checkpoint)
+from checkpoint import (checkpoint_state, load_checkpoint, load_model_state, require_checkpoint_file,
+                        restore_rng_states, rng_states, write_checkpoint)
 from data import batches_from, n_classes_of, plain_training_images, train_loaders
 from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
                          shutdown)
@@ -436,6 +436,8 @@ def main(argv=None):
             raise UserError("--resume continues a run (weights, optimizer, buffer, position); --load_path starts a "
                             "new one from weights: use one of them")
         args, resume_state = resumed_args(argv)
+    elif args.load_path:
+        require_checkpoint_file(args.load_path)
     topology = init_from_torchrun(args.device)
     try:
         if topology.is_main:

@@ -243,6 +243,13 @@ def test_a_celeba_folder_of_mixed_shapes_is_one_line_naming_the_odd_file(tiny_ch
     assert err.count("\n") == 1 and f"{folder / '3.png'} is 32x32 pixels" in err and "32x39" in err
 
 
+def test_a_missing_checkpoint_is_one_line_and_makes_no_save_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(eval_wrn_ebm.main, ["--load_path", str(tmp_path / "gone.pt"), "--eval", "calibration",
+                                    "--save_dir", str(tmp_path / "eval"), "--device", "cpu"])
+    assert "no checkpoint at --load_path" in capsys.readouterr().err and not (tmp_path / "eval").exists()
+
+
 def test_classification_needs_labels_of_the_models_classes(tiny_checkpoint, tmp_path, capsys):
     loose = tmp_path / "loose"
     loose.mkdir()

@@ -165,6 +165,12 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, flags, message):
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
 
 
+def test_a_missing_starting_checkpoint_makes_no_save_dir(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path / "run"), "--load_path", str(tmp_path / "x.pt")])
+    assert "no checkpoint at --load_path" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(tiny, tmp_path, monkeypatch):
     """Each iteration calls the loss twice (at w, then at w + e) on the same inputs and samples; only the
     first call moves batch norm's running statistics."""
