@@ -1,14 +1,15 @@
 """The paper's JEM, JEM++, SADA-JEM and the plain classifier on real images, on a CPU, in one command.
 
 Trains the same small Wide-ResNet once per recipe and seed on the same data, each for the same training time
-(--minutes) or the same number of epochs (--epochs, the converged regime), then runs the project's own
-evaluations on every model and gathers their JSON outputs into one markdown table (mean and range over seeds):
+(--minutes) or the same number of epochs (--epochs; with --train_per_class, on a set small enough to over-fit),
+then runs the project's own evaluations on every model and gathers their JSON outputs into one markdown table
+(mean and range over seeds):
 
     .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/study --minutes 6
     .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/converged \
         --epochs 50 --seeds 1 2 3 --amp --models clf jem sadajem --figs_prefix converged_
     .venv/bin/python scripts/small_scale_study.py --data ../shared/data/cifar10_subset --out runs/overfit \
-        --train_per_class 100 --epochs 400 --seeds 1 2 3 --amp --models clf jem --figs_prefix overfit_
+        --train_per_class 100 --epochs 400 --seeds 1 2 3 --amp --models clf jem sadajem --figs_prefix overfit_
 
 The recipes: `jem`, the paper's objective with short SGLD chains (Adam); `jempp` and `sadajem`,
 train_wrn_ebm.py's --recipe presets for JEM++ and SADA-JEM; `clf`, the same network trained as a plain
