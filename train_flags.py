@@ -9,6 +9,7 @@ reads the flags of the run that --resume continues.
 import argparse
 import math
 import os
+import sys
 
 from checkpoint import find_resume_checkpoint, load_checkpoint
 from data import TORCHVISION_SETS
@@ -90,6 +91,7 @@ def resumed_args(argv):
     The device and the loader processes belong to this machine, not to the run, so they are not taken over;
     flags the stored run predates take their default, which is what that run did.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)  # from a shell argv is None: the flags typed are here
     args, given = parse_args_and_given(argv)
     path = find_resume_checkpoint(args.resume)
     ckpt = load_checkpoint(path)
@@ -98,7 +100,7 @@ def resumed_args(argv):
         raise UserError(f"{path} holds no resumable training state (a file of the paper's code?); "
                         "start from its weights with --load_path instead")
     if "recipe" not in given and stored.get("recipe", "jem") != args.recipe:
-        args, given = parse_args_and_given(["--recipe", stored.get("recipe", "jem"), *(argv or [])])
+        args, given = parse_args_and_given(["--recipe", stored.get("recipe", "jem"), *argv])
     defaults = vars(parse_args([]))
     stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
     now = {k: getattr(args, k) for k in given}

@@ -382,3 +382,25 @@ def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_pat
                                 "--dataset", tiny[1], "--device", "cpu", "--norm", "batch",
                                 "--save_dir", str(tmp_path / "eval"), "--print_to_log"])
     assert 0 <= result["accuracy"] <= 1
+
+
+def train_from_shell(flags, cwd=ROOT):
+    """train_wrn_ebm.py run as a user types it (argv read from the command line, not passed to main)."""
+    done = subprocess.run([sys.executable, "train_wrn_ebm.py", *flags], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.parametrize("recipe", ["jem", "jempp", "sadajem"])
+def test_flags_typed_with_resume_win_for_every_recipe(tiny, tmp_path, recipe):
+    """`--resume DIR --n_epochs 2` from a shell trains the second epoch, whatever recipe the run has."""
+    run = str(tmp_path / "run")
+    first = [*tiny, "--recipe", recipe, "--buffer_init", "uniform", "--n_epochs", "1", "--save_dir", run]
+    if recipe == "sadajem":
+        first += ["--labeled_batch_size", "16", "--n_valid", "20"]
+    train_from_shell(first)
+    assert load_checkpoint(os.path.join(run, "last_ckpt.pt"))["epoch"] == 0
+    train_from_shell(["--resume", run, "--n_epochs", "2"])
+    ckpt = load_checkpoint(os.path.join(run, "last_ckpt.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["args"]["n_epochs"] == 2 and ckpt["args"]["recipe"] == recipe
