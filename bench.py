@@ -55,13 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chain_init import ClassGaussians, UniformNoise
-from models import JEM, build_model
-from sampler import ReplayBuffer
-from precision import describe_hardware, resolve_amp
-from train_flags import parse_args as parse_train_args
-from training import iteration_loss, make_optimizer, to_training_device, update
-from utils import select_device
+from jem.chain_init import ClassGaussians, UniformNoise
+from jem.model import JEM, build_model
+from jem.sampler import ReplayBuffer
+from jem.run.device import describe_hardware, resolve_amp
+from jem.flags.train import parse_args as parse_train_args
+from jem.step import iteration_loss, make_optimizer, to_training_device, update
+from jem.run.device import select_device
 
 
 @dataclass(frozen=True)

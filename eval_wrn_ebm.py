@@ -34,22 +34,23 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from attack import add_attack_flags, run_attack
-from chain_init import IMAGE_SHAPE
-from checkpoint import describe_state_dict, load_checkpoint, load_model_state, require_checkpoint_file
-from data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader, one_size_batches
-from models import build_model
-from plotting import save_histograms, save_reliability_diagram
-from sample_quality import (INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches,
-                            inception_weights_path, load_buffer_file, load_reference, score_sample_quality,
-                            tensor_batches)
-from eval_sampling import (add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples,
-                           describe_sampler, sample_as_trained, uncond_samples)
-from precision import autocast, describe_hardware, resolve_amp
-from sampler import ReplayBuffer, sgld, uncached_autocast
-from train_flags import OneLineErrors, check_ranges, flags_given
-from utils import (RunLog, UserError, add_model_flags, add_sampler_flags, add_system_flags, prepare_save_dir, run_cli,
-                   seed_everything, select_device, write_json)
+from jem.eval.attack import add_attack_flags, run_attack
+from jem.chain_init import IMAGE_SHAPE
+from jem.checkpoint import describe_state_dict, load_checkpoint, load_model_state, require_checkpoint_file
+from jem.data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader, one_size_batches
+from jem.model import build_model
+from jem.eval.plots import save_histograms, save_reliability_diagram
+from jem.eval.sample_quality import INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches, inception_weights_path, load_buffer_file, load_reference, score_sample_quality, tensor_batches
+from jem.eval.sampling import add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples, describe_sampler, sample_as_trained, uncond_samples
+from jem.run.device import autocast, describe_hardware, resolve_amp
+from jem.sampler import ReplayBuffer, sgld, uncached_autocast
+from jem.flags.common import OneLineErrors, check_ranges, flags_given
+from jem.checkpoint import seed_everything
+from jem.errors import UserError
+from jem.flags.common import add_model_flags, add_sampler_flags, add_system_flags
+from jem.run.device import select_device
+from jem.run.log import RunLog, write_json
+from utils import prepare_save_dir, run_cli
 
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the paper's figure)

@@ -31,22 +31,23 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from chain_init import ClassGaussians, UniformNoise
-from checkpoint import (checkpoint_state, load_checkpoint, load_model_state, require_checkpoint_file,
-                        restore_rng_states, rng_states, write_checkpoint)
-from data import batches_from, n_classes_of, plain_training_images, train_loaders
-from distributed import (any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard,
-                         shutdown)
-from models import Heads, build_model
-from plotting import class_rows, save_grid
-from precision import describe_hardware, resolve_amp
-from sample_quality import BufferQuality
-from sampler import ReplayBuffer, sample_q
-from stopping import Diverged, StopSignals, TrainingClock, has_diverged, weights_are_finite
-from train_flags import PLOT_EVERY, check_args, needs_conditional_buffer, parse_args, resumed_args
-from training import (chain_settings, evaluate_classifier, has_batch_norm, iteration_loss, make_optimizer,
-                      scheduled_lr, set_lr, to_training_device, update)
-from utils import RunLog, SilentLog, UserError, prepare_save_dir, run_cli, seed_everything, select_device, write_json
+from jem.chain_init import ClassGaussians, UniformNoise
+from jem.checkpoint import checkpoint_state, load_checkpoint, load_model_state, require_checkpoint_file, restore_rng_states, rng_states, write_checkpoint
+from jem.data import batches_from, n_classes_of, plain_training_images, train_loaders
+from jem.run.distributed import any_rank, broadcast, device_for, gather, gather_objects, init_from_torchrun, shard, shutdown
+from jem.model import Heads, build_model
+from jem.eval.plots import class_rows, save_grid
+from jem.run.device import describe_hardware, resolve_amp
+from jem.eval.sample_quality import BufferQuality
+from jem.sampler import ReplayBuffer, sample_q
+from jem.run.stopping import Diverged, StopSignals, TrainingClock, has_diverged, weights_are_finite
+from jem.flags.train import PLOT_EVERY, check_args, needs_conditional_buffer, parse_args, resumed_args
+from jem.step import chain_settings, evaluate_classifier, has_batch_norm, iteration_loss, make_optimizer, scheduled_lr, set_lr, to_training_device, update
+from jem.checkpoint import seed_everything
+from jem.errors import UserError
+from jem.run.device import select_device
+from jem.run.log import RunLog, SilentLog, write_json
+from utils import prepare_save_dir, run_cli
 
 
 def format_terms(epoch, iteration, terms, lr):

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
-from checkpoint import FORMAT_VERSION, convert_trusted_checkpoint  # noqa: E402  (needs the path above)
+from jem.checkpoint import FORMAT_VERSION, convert_trusted_checkpoint  # noqa: E402  (needs the path above)
 from utils import run_cli  # noqa: E402
 
 

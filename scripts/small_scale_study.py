@@ -14,7 +14,7 @@ then runs the project's own evaluations on every model and gathers their JSON ou
 The recipes: `jem`, the paper's objective with short SGLD chains (Adam); `jempp` and `sadajem`,
 train_wrn_ebm.py's --recipe presets for JEM++ and SADA-JEM; `clf`, the same network trained as a plain
 classifier (--p_x_weight 0). Everything goes through the project's command lines (train_wrn_ebm.py,
-eval_wrn_ebm.py, attack.py) as subprocesses; this file only builds their arguments and runs --parallel of them at
+eval_wrn_ebm.py, scripts/plot_attack.py) as subprocesses; this file only builds their arguments and runs --parallel of them at
 a time (one CPU thread each); scripts/study_report.py reads what they wrote. It writes
 - OUT/<model>/seed<N>/: the training runs (checkpoints, logs) and OUT/<model>/seed<N>/eval/<mode>/ the evaluations;
 - OUT/ood/: the offline out-of-distribution sets (MNIST test digits, uniform noise) as image folders;
@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its report module, also when imported by path
 from study_report import LABELS, SAMPLERS, SCORES, build_table, copy_figures, run_dir  # noqa: E402
-from utils import run_ended  # noqa: E402  (study_report puts the repository on the path)
+from jem.run.log import run_ended  # noqa: E402  (study_report puts the repository on the path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's modules
-from utils import read_metrics  # noqa: E402  (needs the path above)
+from jem.run.log import read_metrics  # noqa: E402  (needs the path above)
 
 LABELS = {  # name: label in the table
     "jem": "JEM (paper's objective, Adam)",
@@ -199,7 +199,7 @@ FIGURES = {
 
 def copy_figures(args, names, python=sys.executable):
     """The evaluations' own PNGs of the first seed into --figs_dir (prefixed by --figs_prefix), the robust-accuracy
-    overlay drawn by attack.py, and the two figures across seeds drawn here."""
+    overlay drawn by scripts/plot_attack.py, and the two figures across seeds drawn here."""
     os.makedirs(args.figs_dir, exist_ok=True)
     prefix, first, copied = args.figs_prefix, args.seeds[0], []
     for target, (name, label, file) in FIGURES.items():
@@ -212,7 +212,7 @@ def copy_figures(args, names, python=sys.executable):
     runs = [(os.path.join(run_dir(args.out, n, first), "eval", label), text) for n, label, text in curves
             if n in names and os.path.exists(os.path.join(run_dir(args.out, n, first), "eval", label, "attack.json"))]
     if runs:
-        cmd = [python, os.path.join(REPO, "attack.py"), *[r for r, _ in runs], "--out",
+        cmd = [python, os.path.join(REPO, "scripts", "plot_attack.py"), *[r for r, _ in runs], "--out",
                os.path.join(args.figs_dir, prefix + "attack_linf.png"), "--labels", *[t for _, t in runs]]
         subprocess.run(cmd, check=True, capture_output=True)
         copied.append(prefix + "attack_linf.png")

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 sys.path.insert(0, REPO)  # the repository's modules
-from utils import read_metrics, run_ended  # noqa: E402  (needs the path above)
+from jem.run.log import read_metrics, run_ended  # noqa: E402  (needs the path above)
 
 # Shared by every configuration: a small network, the paper's batch, a short warm-up for a short budget; the
 # epoch count is a ceiling that the time budget reaches long before.

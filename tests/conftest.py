@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts are top-level modules; this makes `pytest` work from any folder
 
 import train_wrn_ebm  # noqa: E402  (needs the path above)
-from data import SYNTHETIC_CLASSES, make_synthetic  # noqa: E402
+from jem.data import SYNTHETIC_CLASSES, make_synthetic  # noqa: E402
 
 
 def write_image_folder(root, train_per_class, test_per_class):

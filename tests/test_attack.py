@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import attack
+from jem.eval import attack
+from test_docs import load_script
 import eval_wrn_ebm
-from attack import RefinedClassifier, add_attack_flags, pgd_attack, run_attack
-from data import make_synthetic
-from models import JEM
-from sampler import sgld
-from utils import UserError
+from jem.eval.attack import RefinedClassifier, add_attack_flags, pgd_attack, run_attack
+from jem.data import make_synthetic
+from jem.model import JEM
+from jem.sampler import sgld
+from jem.errors import UserError
 
 CPU = torch.device("cpu")
 
@@ -307,6 +308,9 @@ def test_impossible_settings_are_user_errors(model, argv, message):
         run_attack(eval_args(*argv), model, None, CPU)
 
 
+plot_attack = load_script("scripts/plot_attack.py")
+
+
 def write_result(path, distance, n_steps_refine, nested):
     result = {"distance": distance, "eps": [0, 8], "robust_accuracy": [0.9, 0.2 + 0.05 * n_steps_refine],
               "settings": {"n_steps_refine": n_steps_refine, "n_dup_chains": 5}}
@@ -317,7 +321,7 @@ def write_result(path, distance, n_steps_refine, nested):
 def test_overlay_draws_several_runs_on_one_plot(tmp_path):
     runs = [write_result(tmp_path / f"refine{n}.json", "Linf", n, nested=n > 0) for n in (0, 1, 10)]
     out = tmp_path / "overlay.png"
-    attack.main(runs + ["--out", str(out)])
+    plot_attack.main(runs + ["--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert attack.run_label(attack.read_attack_result(runs[2])) == "10 SGLD steps, 5 chains"
 
@@ -325,10 +329,10 @@ def test_overlay_draws_several_runs_on_one_plot(tmp_path):
 def test_overlay_refuses_mixed_norms_and_foreign_files(tmp_path):
     runs = [write_result(tmp_path / "a.json", "Linf", 0, False), write_result(tmp_path / "b.json", "L2", 1, False)]
     with pytest.raises(UserError, match="one --distance"):
-        attack.main(runs + ["--out", str(tmp_path / "x.png")])
+        plot_attack.main(runs + ["--out", str(tmp_path / "x.png")])
     (tmp_path / "other.json").write_text(json.dumps({"accuracy": 0.5}))
     with pytest.raises(UserError, match="no attack result"):
-        attack.main([str(tmp_path / "other.json")])
+        plot_attack.main([str(tmp_path / "other.json")])
 
 
 def test_a_pyld_model_is_refined_with_its_pyld_step(model):

@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from chain_init import RIDGE, ClassGaussians, UniformNoise
-from sampler import ReplayBuffer
+from jem.chain_init import ClassGaussians, RIDGE, UniformNoise
+from jem.sampler import ReplayBuffer
 
 D = 3 * 32 * 32
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import train_wrn_ebm
-from checkpoint import (FORMAT_VERSION, checkpoint_state, describe_state_dict, load_checkpoint, load_model_state,
-                        restore_rng_states, write_checkpoint)
-from models import JEM
-from sampler import ReplayBuffer
-from utils import UserError, run_cli
+from jem.checkpoint import FORMAT_VERSION, checkpoint_state, describe_state_dict, load_checkpoint, load_model_state, restore_rng_states, write_checkpoint
+from jem.model import JEM
+from jem.sampler import ReplayBuffer
+from jem.errors import UserError
+from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

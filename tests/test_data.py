@@ -7,11 +7,10 @@ from PIL import Image
 import torchvision.transforms as T
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from data import (load_dataset, load_eval_dataset, make_synthetic, n_classes_of, odd_size_message, one_size_batches,
-                  shorter_side_to_32, split_indices, train_loaders, train_transform)
-from data import test_transform as eval_transform  # (a name starting with test_ would be collected)
+from jem.data import load_dataset, load_eval_dataset, make_synthetic, n_classes_of, odd_size_message, one_size_batches, shorter_side_to_32, split_indices, train_loaders, train_transform
+from jem.data import test_transform as eval_transform  # (a name starting with test_ would be collected)
 from train_wrn_ebm import parse_args as parse_train_args
-from utils import UserError
+from jem.errors import UserError
 
 SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset")
 
@@ -97,7 +96,7 @@ def test_images_of_mixed_shapes_resized_as_celeba_are_one_line_naming_the_first_
 
 
 def test_every_reader_of_a_mixed_shape_folder_stops_with_the_odd_size_line(tmp_path):
-    import sample_quality
+    from jem.eval import sample_quality
     for i, size in enumerate([(178, 218), (178, 218), (200, 200)]):
         Image.new("RGB", size).save(tmp_path / f"{i}.png")
     celeba = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path), normalize=False)
@@ -109,7 +108,7 @@ def test_every_reader_of_a_mixed_shape_folder_stops_with_the_odd_size_line(tmp_p
 
 
 def test_missing_data_names_the_folder_and_flag(tmp_path, monkeypatch):
-    import data
+    from jem import data
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(data.torchvision.datasets.utils, "download_url", offline)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import JEM
+from jem.model import JEM
 
 
 @pytest.fixture

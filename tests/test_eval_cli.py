@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import eval_sampling
+from jem.eval import sampling
 import eval_wrn_ebm
 import train_wrn_ebm
-from data import load_eval_dataset
-from chain_init import ClassGaussians
-from models import JEM
+from jem.data import load_eval_dataset
+from jem.chain_init import ClassGaussians
+from jem.model import JEM
 from test_chain_init import quick_fit
 from test_checkpoint import authors_state_dict
 from utils import run_cli
@@ -41,8 +41,8 @@ def count_chains(monkeypatch):
         calls.append((n, None if y is None else y.cpu()))
         return sample_q(model, replay_buffer, n, y, **sgld)
 
-    sample_q = eval_sampling.sample_q
-    monkeypatch.setattr(eval_sampling, "sample_q", recording_sample_q)
+    sample_q = sampling.sample_q
+    monkeypatch.setattr(sampling, "sample_q", recording_sample_q)
     return calls
 
 
@@ -302,8 +302,8 @@ def chain_settings_of_every_call(monkeypatch):
         calls.append({**settings, "training": model.training, "restarts": type(replay_buffer.chain_init).__name__})
         return sample_q(model, replay_buffer, n, y, **settings)
 
-    sample_q = eval_sampling.sample_q
-    monkeypatch.setattr(eval_sampling, "sample_q", recording_sample_q)
+    sample_q = sampling.sample_q
+    monkeypatch.setattr(sampling, "sample_q", recording_sample_q)
     return calls
 
 

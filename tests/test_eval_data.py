@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import NO_LABEL, InterpolatedPairs, load_eval_dataset, make_synthetic
-from utils import UserError
+from jem.data import InterpolatedPairs, NO_LABEL, load_eval_dataset, make_synthetic
+from jem.errors import UserError
 
 
 def test_synthetic_and_the_paper_names_map_to_test_splits():

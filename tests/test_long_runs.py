@@ -11,10 +11,10 @@ import torch
 
 import eval_wrn_ebm
 import train_wrn_ebm
-import training
-from chain_init import ClassGaussians
-from checkpoint import load_checkpoint
-from stopping import has_diverged
+from jem import step
+from jem.chain_init import ClassGaussians
+from jem.checkpoint import load_checkpoint
+from jem.run.stopping import has_diverged
 from test_chain_init import quick_fit
 from utils import run_cli
 
@@ -37,7 +37,7 @@ def records(save_dir):
 
 def interrupt_at(monkeypatch, calls_before_signal):
     """Make the training loss send this process SIGTERM during its n-th call."""
-    real_loss, calls = training.jem_loss, []
+    real_loss, calls = step.jem_loss, []
 
     def loss_then_signal(*args, **kwargs):
         calls.append(1)
@@ -45,7 +45,7 @@ def interrupt_at(monkeypatch, calls_before_signal):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "jem_loss", loss_then_signal)
+    monkeypatch.setattr(step, "jem_loss", loss_then_signal)
 
 
 def assert_same_state(a, b):
@@ -115,14 +115,14 @@ def test_iteration_checkpoints_and_keep_last(tiny, tmp_path):
 
 def diverge_at(monkeypatch, iterations):
     """Blow the loss up (x1e9) at the given 1-based call numbers of jem_loss."""
-    real_loss, calls = training.jem_loss, []
+    real_loss, calls = step.jem_loss, []
 
     def loss(*args, **kwargs):
         calls.append(1)
         value, terms = real_loss(*args, **kwargs)
         return (value * 1e9 if len(calls) in iterations else value), terms
 
-    monkeypatch.setattr(training, "jem_loss", loss)
+    monkeypatch.setattr(step, "jem_loss", loss)
 
 
 def test_rollback_recovers_from_an_injected_divergence(tiny, tmp_path, monkeypatch):
@@ -177,14 +177,14 @@ def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch, caps
 
 def nan_at(monkeypatch, calls_to_spoil):
     """Make jem_loss return NaN at the given 1-based call numbers (SAM calls it twice an iteration)."""
-    real_loss, calls = training.jem_loss, []
+    real_loss, calls = step.jem_loss, []
 
     def loss(*args, **kwargs):
         calls.append(1)
         value, terms = real_loss(*args, **kwargs)
         return (value * float("nan") if len(calls) in calls_to_spoil else value), terms
 
-    monkeypatch.setattr(training, "jem_loss", loss)
+    monkeypatch.setattr(step, "jem_loss", loss)
 
 
 def test_a_nan_in_sams_second_loss_stops_before_it_reaches_the_weights(tiny, tmp_path, monkeypatch, capsys):
@@ -238,8 +238,8 @@ def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold
 
 
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
-    real_loss = training.jem_loss
-    monkeypatch.setattr(training, "jem_loss",
+    real_loss = step.jem_loss
+    monkeypatch.setattr(step, "jem_loss",
                         lambda *a, **k: (lambda loss, terms: (loss * float("nan"), terms))(*real_loss(*a, **k)))
     with pytest.raises(SystemExit):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
@@ -324,7 +324,7 @@ QUICK_FIT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import train_wrn_ebm
-from chain_init import ClassGaussians
+from jem.chain_init import ClassGaussians
 from test_chain_init import quick_fit
 
 ClassGaussians.fit = staticmethod(quick_fit)  # the real fit costs seconds per run; its refit is tested elsewhere

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from models import JEM
-from optimizers import SAM, frozen_running_stats, sam_over_sgd
+from jem.model import JEM
+from jem.optim import SAM, frozen_running_stats, sam_over_sgd
 
 LR, WEIGHT_DECAY, RHO = 0.1, 0.01, 0.3
 

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-import precision
+from jem.run import device as precision
 import train_wrn_ebm
 from bench import Config, ProjectIteration
-from models import JEM
-from sampler import sgld
+from jem.model import JEM
+from jem.sampler import sgld
 
 CPU = torch.device("cpu")
 CONFIG = Config(depth=10, width=1, batch_size=16, n_steps=3)
@@ -91,7 +91,7 @@ def test_amp_without_native_bf16_says_so_in_one_line_and_trains_in_float32(tiny_
         autocast_flags.append(enabled)
         return real_autocast(device, enabled)
 
-    monkeypatch.setattr("training.autocast", recording_autocast)
+    monkeypatch.setattr("jem.step.autocast", recording_autocast)
     train_wrn_ebm.main(["--dataset", tiny_image_folder, "--depth", "10", "--width", "1", "--n_steps", "1",
                         "--batch_size", "16", "--n_epochs", "1", "--n_valid", "8", "--buffer_size", "40",
                         "--device", "cpu", "--amp", "--save_dir", str(tmp_path)])

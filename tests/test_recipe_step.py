@@ -21,14 +21,14 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 
-import train_flags
-from chain_init import ClassGaussians
-from data import n_classes_of
-from distributed import Topology
-from models import JEM
+from jem.flags import train as train_flags
+from jem.chain_init import ClassGaussians
+from jem.data import n_classes_of
+from jem.run.distributed import Topology
+from jem.model import JEM
 from test_chain_init import quick_fit
 from train_wrn_ebm import Trainer
-from utils import SilentLog
+from jem.run.log import SilentLog
 
 TINY = ["--depth", "10", "--width", "1", "--n_steps", "2", "--buffer_size", "40", "--reinit_freq", "0.5",
         "--warmup_iters", "-1", "--batch_size", "8", "--n_workers", "0", "--device", "cpu", "--print_to_log"]

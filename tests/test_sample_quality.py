@@ -17,12 +17,11 @@ from PIL import Image
 
 import eval_wrn_ebm
 import train_wrn_ebm
-from checkpoint import load_checkpoint
-from data import make_synthetic
+from jem.checkpoint import load_checkpoint
+from jem.data import make_synthetic
 from conftest import ROOT
-from sample_quality import (WEIGHTS_FILE, Inception, frechet_distance, inception_score, reference_from_features,
-                            tensor_batches)
-from utils import UserError
+from jem.eval.sample_quality import Inception, WEIGHTS_FILE, frechet_distance, inception_score, reference_from_features, tensor_batches
+from jem.errors import UserError
 
 N_IMAGES = 6  # Inception runs at 299x299: a third of a second per image on one CPU core
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-import train_flags
-import training
-from models import JEM
-from sampler import ReplayBuffer, frozen_parameters, sample_q, sgld
+from jem.flags import train as train_flags
+from jem import step
+from jem.model import JEM
+from jem.sampler import ReplayBuffer, frozen_parameters, sample_q, sgld
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
 def test_the_sadajem_recipe_chain_is_their_clipped_and_clamped_step(model):
     """SADA-JEM's step is x <- clamp(x + lr * clamp(g, -1, 1), -1, 1) with their --sgld_lr 1 as lr and no
     noise; --recipe sadajem sets it as one PYLD inner step of pyld_lr = lr, clip eps = 1, and no outer step."""
-    settings = training.chain_settings(train_flags.parse_args(["--recipe", "sadajem"]))
+    settings = step.chain_settings(train_flags.parse_args(["--recipe", "sadajem"]))
     assert settings == dict(n_steps=5, sgld_lr=0.0, sgld_std=0.0, in_steps=1, pyld_lr=1.0, eps=1.0)
     model.eval()
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1

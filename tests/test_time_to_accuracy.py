@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 import train_wrn_ebm
-from utils import run_ended
+from jem.run.log import run_ended
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(ROOT, "scripts", "time_to_accuracy.py"))

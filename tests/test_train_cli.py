@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-import train_flags
+from jem.flags import train as train_flags
 import train_wrn_ebm
-import training
-from checkpoint import load_checkpoint
-from models import JEM
+from jem import step
+from jem.checkpoint import load_checkpoint
+from jem.model import JEM
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_warmup_and_decay_set_the_learning_rate(tiny, tmp_path):
 @pytest.mark.parametrize("warmup_iters", ["0", "-1"])
 def test_no_warmup_trains_at_the_full_learning_rate_from_the_first_iteration(warmup_iters):
     args = train_wrn_ebm.parse_args(["--warmup_iters", warmup_iters, "--lr", "0.1"])
-    assert [training.scheduled_lr(args, 0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
+    assert [step.scheduled_lr(args, 0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
 
 
 def test_clf_only_trains_only_the_classifier_head(tiny, tmp_path):
@@ -115,7 +115,7 @@ def test_load_path_accepts_the_papers_two_key_file(tiny, tmp_path):
 
 
 def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypatch, capsys):
-    real_loss = training.jem_loss
+    real_loss = step.jem_loss
     calls = []
 
     def diverging_loss(*args, **kwargs):
@@ -123,7 +123,7 @@ def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypat
         loss, terms = real_loss(*args, **kwargs)
         return (loss * 1e9 if len(calls) == 9 else loss), terms  # iteration 8, in epoch 1
 
-    monkeypatch.setattr(training, "jem_loss", diverging_loss)
+    monkeypatch.setattr(step, "jem_loss", diverging_loss)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--n_epochs", "3"])
     assert exit_info.value.code == 2
@@ -174,7 +174,7 @@ def test_a_missing_starting_checkpoint_makes_no_save_dir(tiny, tmp_path, capsys)
 def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(tiny, tmp_path, monkeypatch):
     """Each iteration calls the loss twice (at w, then at w + e) on the same inputs and samples; only the
     first call moves batch norm's running statistics."""
-    real_loss, calls = training.jem_loss, []
+    real_loss, calls = step.jem_loss, []
 
     def recording_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=None):
         before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
@@ -184,7 +184,7 @@ def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(
         calls.append(dict(inputs=(samples["p_x"], x_data, x_lab, y_lab), weights=weights, stats_moved=moved))
         return result
 
-    monkeypatch.setattr(training, "jem_loss", recording_loss)
+    monkeypatch.setattr(step, "jem_loss", recording_loss)
     train(tiny, tmp_path, "--optimizer", "sam", "--norm", "batch", "--n_epochs", "1", "--lr", "0.01")
     assert len(calls) == 2 * 6
     for first, second in zip(calls[::2], calls[1::2]):
@@ -331,7 +331,7 @@ def test_the_sadajem_published_command_after_the_recipe_means_what_it_meant_in_t
         (200, [60, 120, 180], "labeled", 128)
     assert (args.diverge_on, args.diverge_threshold, args.px_augment, args.sigma) == ("p_x", 1e5, False, 0.0)
     recipe_alone = train_wrn_ebm.parse_args(["--recipe", "sadajem"])
-    assert training.chain_settings(args) == training.chain_settings(recipe_alone)
+    assert step.chain_settings(args) == step.chain_settings(recipe_alone)
 
 
 def test_cuda_graph_refuses_batch_norm(tiny, tmp_path, capsys):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench import Config, ConvolutionTimer, PaperIteration, ProjectIteration, convolution_profile
-from models import JEM
-from sampler import ReplayBuffer, frozen_parameters, sample_q
+from jem.model import JEM
+from jem.sampler import ReplayBuffer, frozen_parameters, sample_q
 
 CONFIG = Config(depth=10, width=1, batch_size=8, n_steps=3)
 CPU = torch.device("cpu")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import JEM
+from jem.model import JEM
 from wideresnet import Wide_ResNet, check_depth
 
 

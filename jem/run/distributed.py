@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils import UserError
+from jem.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import hashlib
 
 import torch
 
-from utils import UserError
+from jem.errors import UserError
 
 IMAGE_SHAPE = (3, 32, 32)
 RIDGE = 1e-4  # added to each class covariance, as JEM++ does: the covariance of images is singular

@@ -1,10 +1,12 @@
-"""Figures: sample grids (matplotlib figures for evaluation live beside them)."""
+"""Figures: sample grids, histograms, reliability diagrams and robustness curves (PNG, no pyplot)."""
 import math
 
 import numpy as np
 import torch
 import torchvision
 from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI (Agg renders PNGs)
+
+from jem.errors import UserError
 
 
 def save_grid(path, images, nrow=None):
@@ -46,3 +48,24 @@ def save_reliability_diagram(path, bin_lower, bin_upper, bin_accuracy, ece, titl
            title=f"{title}: ECE = {100 * ece:.2f}%")
     ax.legend(loc="upper left")
     fig.savefig(path, dpi=150)
+
+
+def plot_robustness(runs, path):
+    """Robust accuracy against eps for (label, result) pairs, all of one --distance, as one PNG."""
+    distances = {result["distance"] for _, result in runs}
+    if len(distances) > 1:
+        raise UserError(f"these runs attack in different norms ({', '.join(sorted(distances))}); "
+                        "overlay runs of one --distance at a time")
+    fig = Figure(figsize=(5, 3.5), layout="tight")
+    ax = fig.subplots()
+    for label, result in runs:
+        ax.plot(result["eps"], result["robust_accuracy"], marker="o", label=label)
+    ax.set_xlabel(AXIS_LABELS[distances.pop()])
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=150)
+
+
+AXIS_LABELS = {"Linf": "ε (L∞, in 1/255)", "L2": "ε (L2 norm, pixels in [0, 1])"}

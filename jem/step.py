@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from optimizers import frozen_running_stats, optimizer_step, sam_over_sgd
-from precision import autocast
-from sampler import sample_q
+from jem.optim import frozen_running_stats, optimizer_step, sam_over_sgd
+from jem.run.device import autocast
+from jem.sampler import sample_q
 
 
 def chain_settings(args):

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from chain_init import UniformNoise
+from jem.chain_init import UniformNoise
 
 
 class ReplayBuffer:

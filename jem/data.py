@@ -17,7 +17,7 @@ import torchvision
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from utils import UserError
+from jem.errors import UserError
 
 TORCHVISION_SETS = {
     # name: (class, folder torchvision expects under --data_root, n_classes)

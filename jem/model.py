@@ -10,7 +10,7 @@ the model cannot sample class-conditionally.
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from jem.errors import UserError
 from wideresnet import Wide_ResNet
 
 

@@ -7,14 +7,15 @@ bench.py builds the training step's flags here too, so it never imports the trai
 reads the flags of the run that --resume continues.
 """
 import argparse
-import math
 import os
 import sys
 
-from checkpoint import find_resume_checkpoint, load_checkpoint
-from data import TORCHVISION_SETS
-from sample_quality import add_sample_quality_flags
-from utils import UserError, add_model_flags, add_sampler_flags, add_system_flags
+from jem.checkpoint import find_resume_checkpoint, load_checkpoint
+from jem.data import TORCHVISION_SETS
+from jem.eval.sample_quality import add_sample_quality_flags
+from jem.errors import UserError
+from jem.flags.common import (OneLineErrors, add_model_flags, add_sampler_flags, add_system_flags, check_ranges,
+                              flags_given)
 
 PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
 
@@ -106,23 +107,6 @@ def resumed_args(argv):
     now = {k: getattr(args, k) for k in given}
     merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **now, "resume": path}
     return argparse.Namespace(**merged), ckpt
-
-
-def flags_given(parser, argv=None):
-    """The destinations of the flags on the command line: argparse fills in a default only for a name
-    the namespace lacks, so a namespace of placeholders keeps them where nothing was given."""
-    placeholder = object()
-    names = vars(parser.parse_args(argv))
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, placeholder)))
-    return {name for name, value in vars(probe).items() if value is not placeholder}
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """argparse with its errors (an unknown flag, a bad choice, a word for a number) in one line, as every other
-    bad input: without the usage summary, which for these scripts runs to forty lines."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python {self.prog} --help lists every flag)\n")
 
 
 def build_parser():
@@ -265,25 +249,6 @@ FLAG_RANGES = {
     "fid_every": (0, None), "is_splits": (1, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None),
     "print_every": (1, None), "gpu_id": (0, None),
 }
-
-
-def check_ranges(args, ranges):
-    """One line for the first flag of `ranges` whose value (each value, for a list) is out of its range or not a
-    finite number; a flag left at a placeholder (None, or evaluation's "from the checkpoint") is not checked."""
-    for flag, (low, high) in ranges.items():
-        values = getattr(args, flag)
-        for value in values if isinstance(values, list) else [values]:
-            if isinstance(value, (int, float)) and not (math.isfinite(value) and (low is None or value >= low)
-                                                        and (high is None or value <= high)):
-                raise UserError(f"--{flag} {value}: it must be {range_in_words(low, high)}")
-
-
-def range_in_words(low, high):
-    if low is None:
-        return "a finite number"
-    if high is None:
-        return f"a number of at least {low}"
-    return f"a number from {low} to {high}"
 
 
 def needs_conditional_buffer(args):

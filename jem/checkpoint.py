@@ -19,7 +19,7 @@ import re
 import numpy as np
 import torch
 
-from utils import UserError
+from jem.errors import UserError
 
 FORMAT_VERSION = 2  # 1: held pickled numpy objects; 2: tensors and plain Python values only
 CONVERTER = "scripts/convert_checkpoint.py"
@@ -210,3 +210,9 @@ def convert_trusted_checkpoint(old_path, new_path):
                               if isinstance(states["numpy"], tuple) else states for states in ckpt["rng_states"]]
     write_checkpoint(new_path, ckpt)
     return load_checkpoint(new_path)  # proves that the new file loads without unpickling code
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

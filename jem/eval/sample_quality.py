@@ -20,8 +20,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from tqdm import tqdm
 
-from data import load_eval_dataset, one_size_batches
-from utils import UserError
+from jem.data import load_eval_dataset, one_size_batches
+from jem.errors import UserError
 
 WEIGHTS_FILE = os.path.basename(URL_INCEPTION_V3)  # weights-inception-2015-12-05-6726825d.pth
 POOL, LOGITS = "2048", "logits_unbiased"  # FID/KID features and IS logits, torch-fidelity's defaults

@@ -17,13 +17,13 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
-import train_flags
-from chain_init import IMAGE_SHAPE, ClassGaussians, UniformNoise
-from data import EVAL_SETS, plain_training_images
-from optimizers import frozen_running_stats
-from plotting import save_grid
-from sampler import ReplayBuffer, sample_q
-from utils import UserError
+from jem.flags import train as train_flags
+from jem.chain_init import ClassGaussians, IMAGE_SHAPE, UniformNoise
+from jem.data import EVAL_SETS, plain_training_images
+from jem.optim import frozen_running_stats
+from jem.eval.plots import save_grid
+from jem.sampler import ReplayBuffer, sample_q
+from jem.errors import UserError
 
 TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "sigma")  # read from the training
 EVAL_BATCH_SIZE = 100  # images per batch when classifying a buffer

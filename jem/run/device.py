@@ -19,6 +19,8 @@ import platform
 
 import torch
 
+from jem.errors import UserError
+
 AMP_DTYPE = torch.bfloat16
 # torch.cpu.get_capabilities() names of native bf16 arithmetic, in the order a description prefers them
 CPU_BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "sve_bf16": "SVE-BF16", "bf16": "BF16"}
@@ -78,3 +80,17 @@ def resolve_amp(args, device, say=print):
             "slower than float32, so this run uses float32")
         args.amp = False
     return args.amp
+
+
+def select_device(name=None):
+    """`--device` or, when not given, cuda if available else cpu. Enables cudnn autotuning on GPU."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        # Input sizes never change in JEM, so let cudnn pick the fastest convolution algorithms.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device

@@ -1,13 +1,13 @@
 """Adversarial robustness of JEM: PGD attacks on a classifier that first refines its input with SGLD.
 
-The paper's third experiment (SPEC §6, last bullet). Run it through the evaluation script:
+The paper's third experiment. Run it through the evaluation script:
 
     python eval_wrn_ebm.py --load_path M.pt --eval attack --dataset cifar_test --distance Linf \
         --eps 0 1 2 4 8 16 --n_steps_pgd_attack 40 --n_steps_refine 10 --n_dup_chains 5 --save_dir runs/refine10
 
-and draw several such runs (say --n_steps_refine 0, 1 and 10) on one plot with this file's helper:
+and draw several such runs (say --n_steps_refine 0, 1 and 10) on one plot:
 
-    python attack.py runs/refine0 runs/refine1 runs/refine10 --out robustness.png
+    python scripts/plot_attack.py runs/refine0 runs/refine1 runs/refine10 --out robustness.png
 
 The defended classifier (`RefinedClassifier`) maps the attacker's pixels in [0, 1] to the model's [-1, 1],
 adds N(0, sigma^2) noise, copies every image into n_dup_chains chains, moves each chain n_steps_refine
@@ -45,13 +45,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on headless servers
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from data import check_labeled, load_eval_dataset, make_loader, one_size_batches
-from sampler import frozen_parameters, uncached_autocast
-from utils import UserError, run_cli
+from jem.data import check_labeled, load_eval_dataset, make_loader, one_size_batches
+from jem.sampler import frozen_parameters, uncached_autocast
+from jem.errors import UserError
+from jem.eval.plots import plot_robustness
 
 EPS_UNITS = {  # --eps value -> perturbation size in [0, 1] pixel space
     "Linf": 1 / 255,
@@ -61,7 +61,6 @@ EPS_UNIT_NAMES = {
     "Linf": "1/255 of the [0, 1] pixel range",
     "L2": "L2 norm of the whole-image perturbation in [0, 1] pixel space",
 }
-AXIS_LABELS = {"Linf": "ε (L∞, in 1/255)", "L2": "ε (L2 norm, pixels in [0, 1])"}
 DEFAULT_EPS = {"Linf": [0, 1, 2, 4, 8, 16], "L2": [0, 0.25, 0.5, 1, 2]}
 ATTACK_GRADIENTS = ("exact", "straight_through")  # see the module docstring
 
@@ -387,31 +386,13 @@ def run_attack(args, model, replay_buffer, device):
 
 
 # --------------------------------------------------------------------------------------------------
-# Plots, and the helper that overlays several runs.
+# Reading results back (scripts/plot_attack.py overlays several runs).
 
 def run_label(result):
     settings = result["settings"]
     chains = settings["n_dup_chains"]
     straight_through = ", straight-through gradient" if settings.get("attack_grad") == "straight_through" else ""
     return f"{settings['n_steps_refine']} SGLD steps, {chains} chain{'s' if chains > 1 else ''}{straight_through}"
-
-
-def plot_robustness(runs, path):
-    """Robust accuracy against eps for (label, result) pairs, all of one --distance, as one PNG."""
-    distances = {result["distance"] for _, result in runs}
-    if len(distances) > 1:
-        raise UserError(f"these runs attack in different norms ({', '.join(sorted(distances))}); "
-                        "overlay runs of one --distance at a time")
-    fig = Figure(figsize=(5, 3.5), layout="tight")
-    ax = fig.subplots()
-    for label, result in runs:
-        ax.plot(result["eps"], result["robust_accuracy"], marker="o", label=label)
-    ax.set_xlabel(AXIS_LABELS[distances.pop()])
-    ax.set_ylabel("robust accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=150)
 
 
 def read_attack_result(path):
@@ -432,27 +413,3 @@ def read_attack_result(path):
         if isinstance(candidate, dict) and "robust_accuracy" in candidate and "settings" in candidate:
             return candidate
     raise UserError(f"{path} holds no attack result; pass the attack.json that --eval attack writes")
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Draw the robust accuracy of several `eval_wrn_ebm.py --eval attack` runs on one plot.")
-    parser.add_argument("runs", nargs="+", help="attack.json files, or the save dirs that hold them")
-    parser.add_argument("--labels", nargs="+", default=None,
-                        help="one legend label per run (default: its refinement steps and chains)")
-    parser.add_argument("--out", default="attack_overlay.png", help="the PNG to write")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    results = [read_attack_result(path) for path in args.runs]
-    if args.labels is not None and len(args.labels) != len(results):
-        raise UserError(f"{len(args.labels)} --labels for {len(results)} runs; give one label per run")
-    labels = args.labels or [run_label(result) for result in results]
-    plot_robustness(list(zip(labels, results)), args.out)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    run_cli(main)
