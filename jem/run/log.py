@@ -16,9 +16,18 @@ class RunLog:
     """Readable lines to the console and `log.txt`; machine-readable records to `metrics.jsonl`.
 
     With quiet=True (`--print_to_log`) lines go to log.txt only, as the paper's flag did.
+
+    With tensorboard=True (`--tensorboard`) every record goes to TensorBoard event files in
+    save_dir/tensorboard/ too, and `histograms` and `images` write there (without it they do
+    nothing). `first_step` is the iteration a resumed run (append=True) goes on from: TensorBoard
+    drops what the earlier starts wrote from that step on, so the curves go on as one line.
     """
 
-    def __init__(self, save_dir, quiet=False, append=False):
+    def __init__(self, save_dir, quiet=False, append=False, tensorboard=False, first_step=0):
+        self.tensorboard = None
+        if tensorboard:  # first: without the package, nothing of an earlier run is overwritten
+            from jem.run.tensorboard import TensorBoardSink  # the package only with --tensorboard
+            self.tensorboard = TensorBoardSink(save_dir, first_step, append)
         mode = "a" if append else "w"
         self.text = open(os.path.join(save_dir, "log.txt"), mode, buffering=1)
         self.metrics = open(os.path.join(save_dir, "metrics.jsonl"), mode, buffering=1)
@@ -32,11 +41,34 @@ class RunLog:
             console_writer(stamped)
 
     def record(self, **fields):
+        """One metrics.jsonl record; with --tensorboard each number also as the scalar
+        "<kind>/<field>" at step fields["iteration"], and train/energy_gap = f_data - f_q."""
         self.metrics.write(json.dumps(fields, sort_keys=True) + "\n")
+        if self.tensorboard:
+            self.tensorboard.record(fields)
+
+    def histograms(self, step, **values_by_tag):
+        """--tensorboard: one histogram per tag of a tensor's values, e.g.
+        `log.histograms(it, **{"energy/data": f_data, "energy/samples": f_q})`."""
+        if self.tensorboard:
+            self.tensorboard.histograms(step, values_by_tag)
+
+    def images(self, tag, images, step, nrow=None):
+        """--tensorboard: images in [-1, 1] as one grid (square unless nrow), e.g. "samples/x_q"."""
+        if self.tensorboard:
+            self.tensorboard.images(tag, images, step, nrow)
+
+    def rewind(self, step):
+        """--tensorboard, after a rollback to iteration `step`: the curves go on from there, what
+        they hold at later steps dropped (the diverged/* points kept)."""
+        if self.tensorboard:
+            self.tensorboard.rewind(step)
 
     def close(self):
         self.text.close()
         self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def read_metrics(save_dir):
@@ -69,6 +101,15 @@ class SilentLog:
         pass
 
     def record(self, **fields):
+        pass
+
+    def histograms(self, step, **values_by_tag):
+        pass
+
+    def images(self, tag, images, step, nrow=None):
+        pass
+
+    def rewind(self, step):
         pass
 
     def close(self):
