@@ -103,7 +103,11 @@ def chain_starts(buffer, n, reinit_freq, gaussians):
 
 def jempp_sample_q(f, buffer, a, gaussians):
     """Their PYLD chain (sgld_lr 0, sgld_std 0): per step the gradient eta and p, the gradient at conv1's output;
-    in_steps inner steps re-differentiate the Hamiltonian sum(conv1(x) * p) and move by the clipped gradient."""
+    in_steps inner steps re-differentiate the Hamiltonian sum(conv1(x) * p) and move by the clipped gradient.
+
+    Their step multiplies, then adds (two roundings); torch's add_(g, alpha=0.2) fuses both into one FMA on
+    AVX2/AVX-512 CPUs, so a chain written that way moves pixels by an ulp that two iterations of batch
+    norm in training mode magnify to 1% of a conv1 weight: this test fails on such a chain."""
     x_k, inds = chain_starts(buffer, a.batch_size, a.reinit_freq, gaussians)
     x_k.requires_grad_(True)
     for _ in range(a.n_steps):
