@@ -8,8 +8,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = ["--depth", "10", "--width", "1", "--n_steps", "2", "--batch_size", "16",
-            "--n_epochs", "1", "--n_valid", "20", "--buffer_size", "100", "--print_every", "1", "--n_workers", "0",
-            "--device", "cpu", "--print_to_log"]
+            "--n_epochs", "1", "--n_valid", "20", "--buffer_size", "100", "--print_every", "1",
+            "--n_workers", "0", "--device", "cpu", "--print_to_log"]
 
 
 def run(command, timeout=300):
