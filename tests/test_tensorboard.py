@@ -33,8 +33,9 @@ def as_float32(value):
 def train_record(iteration):
     return dict(kind="train", epoch=0, iteration=iteration, lr=1e-4, loss=2.5 - 0.01 * iteration,
                 l_p_x=-0.1 * iteration, l_p_y_given_x=2.3 + 0.001 * iteration,
-                f_data=1.0 + 0.37 * iteration, f_q=0.5 + 0.11 * iteration, acc=0.1 + iteration / 100,
-                seconds_per_iteration=0.2, train_seconds=0.2 * iteration, cpu_seconds=0.3 * iteration)
+                f_data=1.0 + 0.37 * iteration, f_q=0.5 + 0.11 * iteration,
+                acc=0.1 + iteration / 100, seconds_per_iteration=0.2,
+                train_seconds=0.2 * iteration, cpu_seconds=0.3 * iteration)
 
 
 def write_run(save_dir, iterations, append=False, first_step=0):
