@@ -37,7 +37,8 @@ from tqdm import tqdm
 from jem.eval.attack import add_attack_flags, run_attack
 from jem.chain_init import IMAGE_SHAPE
 from jem.checkpoint import describe_state_dict, load_checkpoint, load_model_state, require_checkpoint_file
-from jem.data import EVAL_NAMES, check_labeled, load_eval_dataset, loader_workers, make_loader, one_size_batches
+from jem.data import loader_workers, make_loader
+from jem.eval.datasets import EVAL_NAMES, check_labeled, load_eval_dataset, one_size_batches
 from jem.model import build_model
 from jem.eval.plots import save_histograms, save_reliability_diagram
 from jem.eval.sample_quality import INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches, inception_weights_path, load_buffer_file, load_reference, score_sample_quality, tensor_batches

@@ -1,11 +1,12 @@
-"""Data sets, transforms and loaders shared by training and evaluation.
+"""Training data: data sets, transforms, the validation split and the training loaders.
 
 Pixels are normalised to [-1, 1] (mean 0.5, std 0.5) and, as in the paper, Gaussian noise of std
 `sigma` is added to every image, train and test.
 
 `--dataset` accepts the torchvision sets (cifar10, cifar100, svhn; downloaded when online), the
 built-in `synthetic` set (no download, for the quickstart and the tests), or the path of an image
-folder with `train/` and `test/` class sub-folders.
+folder with `train/` and `test/` class sub-folders. Evaluation's data sets (out-of-distribution
+sets, interpolations, loose image folders) are jem/eval/datasets.py's.
 """
 import functools
 import os
@@ -29,7 +30,8 @@ VALID_SPLIT_SEED = 1234  # the paper's fixed shuffle for the validation split
 
 
 class AddGaussianNoise:
-    """The paper's `x + sigma * randn_like(x)`, as a picklable class (works with spawned workers)."""
+    """The paper's `x + sigma * randn_like(x)`, as a picklable class (works with spawned
+    workers)."""
 
     def __init__(self, sigma):
         self.sigma = sigma
@@ -44,8 +46,8 @@ class AddGaussianNoise:
 def _resize_for(dataset, keep_aspect=False):
     """Image folders may hold any size; everything else is 32x32 already.
 
-    keep_aspect: the shorter side to 32 and the aspect ratio kept, as the paper's code read CelebA (the
-    network's average pooling takes the top 8x8 of a taller feature map).
+    keep_aspect: the shorter side to 32 and the aspect ratio kept, as the paper's code read CelebA
+    (the network's average pooling takes the top 8x8 of a taller feature map).
     """
     if not is_image_folder(dataset):
         return []
@@ -53,13 +55,16 @@ def _resize_for(dataset, keep_aspect=False):
 
 
 def train_transform(dataset, sigma):
-    flip = [] if dataset == "svhn" else [T.RandomHorizontalFlip()]  # digits are not mirror-symmetric
-    return T.Compose(_resize_for(dataset) + [T.Pad(4, padding_mode="reflect"), T.RandomCrop(32)] + flip
+    # digits are not mirror-symmetric
+    flip = [] if dataset == "svhn" else [T.RandomHorizontalFlip()]
+    return T.Compose(_resize_for(dataset) + [T.Pad(4, padding_mode="reflect"), T.RandomCrop(32)]
+                     + flip
                      + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)])
 
 
 def test_transform(dataset, sigma, normalize=True, keep_aspect=False):
-    """Pixels to [-1, 1] plus noise `sigma`; normalize=False stops at [0, 1] (what an attacker perturbs)."""
+    """Pixels to [-1, 1] plus noise `sigma`; normalize=False stops at [0, 1] (what an attacker
+    perturbs)."""
     to_model = [T.Normalize((0.5,) * 3, (0.5,) * 3), AddGaussianNoise(sigma)] if normalize else []
     return T.Compose(_resize_for(dataset, keep_aspect) + [T.ToTensor()] + to_model)
 
@@ -67,8 +72,8 @@ def test_transform(dataset, sigma, normalize=True, keep_aspect=False):
 # --------------------------------------------------------------------------------------------------
 # The built-in synthetic set: ten shape classes drawn in random colours on random gradients.
 
-SYNTHETIC_CLASSES = ("disk", "square", "ring", "diamond", "hbar", "vbar", "plus", "cross", "triangle",
-                     "frame")
+SYNTHETIC_CLASSES = ("disk", "square", "ring", "diamond", "hbar", "vbar", "plus", "cross",
+                     "triangle", "frame")
 SYNTHETIC_SIZES = {"train": 10000, "test": 1000}
 
 
@@ -110,7 +115,8 @@ def make_synthetic(split):
         r = rng.uniform(6, 11)
         cx, cy = rng.uniform(r, 32 - r, size=2)
         mask = _shape_mask(label, xx - cx, yy - cy, r)
-        image = np.where(mask[..., None], colour, background) + rng.normal(0, 0.03, size=(32, 32, 3))
+        image = np.where(mask[..., None], colour, background) \
+            + rng.normal(0, 0.03, size=(32, 32, 3))
         images[i] = np.clip(image * 255, 0, 255).astype(np.uint8)
     return images, labels.astype(np.int64)
 
@@ -156,20 +162,23 @@ def _torchvision_set(name, root, train, transform):
         return cls(root, transform=transform, download=True, **split)
     except (URLError, OSError, RuntimeError) as e:
         raise UserError(
-            f"{name} is not in --data_root {root} (torchvision looks for {os.path.join(root, folder)}) "
-            f"and downloading it failed ({e}); put the data set there or run once with internet access")
+            f"{name} is not in --data_root {root} (torchvision looks for "
+            f"{os.path.join(root, folder)}) and downloading it failed ({e}); put the data set "
+            "there or run once with internet access")
 
 
 def _image_folder(path, split, transform=None):
     folder = os.path.join(path, split)
     if not os.path.isdir(folder):
-        raise UserError(f"--dataset {path} is neither a known data set (cifar10, cifar100, svhn, synthetic) "
-                        f"nor an image folder with a {split}/ sub-folder of class folders")
+        raise UserError(f"--dataset {path} is neither a known data set (cifar10, cifar100, svhn, "
+                        f"synthetic) nor an image folder with a {split}/ sub-folder of class "
+                        "folders")
     return class_folders(folder, transform)
 
 
 def class_folders(folder, transform):
-    """torchvision's ImageFolder (one sub-folder per class), or one line saying why it cannot be read."""
+    """torchvision's ImageFolder (one sub-folder per class), or one line saying why it cannot be
+    read."""
     try:
         return torchvision.datasets.ImageFolder(folder, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
@@ -191,15 +200,6 @@ def targets_of(dataset):
     return np.asarray(dataset.labels if targets is None else targets)
 
 
-def check_labeled(dataset, n_classes, name, needed_by):
-    """A UserError unless every image of `dataset` carries one of the model's n_classes labels."""
-    labels = targets_of(dataset)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= n_classes:
-        found = f"labels {labels.min()}..{labels.max()}" if len(labels) else "no images"
-        raise UserError(f"{name} has no labels of this model's {n_classes} classes (found {found}): {needed_by} "
-                        "needs a labeled --dataset (a test split or a folder of class folders)")
-
-
 def split_indices(labels, n_valid, labels_per_class, n_classes):
     """The paper's split: (train, labeled, valid) indices into the training set.
 
@@ -207,23 +207,28 @@ def split_indices(labels, n_valid, labels_per_class, n_classes):
     > 0, only the first labels_per_class training images of each class keep their label.
     """
     order = list(range(len(labels)))
-    np.random.RandomState(VALID_SPLIT_SEED).shuffle(order)  # same order as the paper's np.random.seed(1234)
+    # same order as the paper's np.random.seed(1234)
+    np.random.RandomState(VALID_SPLIT_SEED).shuffle(order)
     if n_valid >= len(order):
-        raise UserError(f"--n_valid {n_valid} leaves no training images ({len(order)} in the training set); "
-                        "pass a smaller --n_valid")
-    valid, train = np.array(order[:n_valid], dtype=np.int64), np.array(order[n_valid:], dtype=np.int64)
+        raise UserError(f"--n_valid {n_valid} leaves no training images ({len(order)} in the "
+                        "training set); pass a smaller --n_valid")
+    valid = np.array(order[:n_valid], dtype=np.int64)
+    train = np.array(order[n_valid:], dtype=np.int64)
     if labels_per_class <= 0:
         return train, train, valid
     train_labels = labels[train]
-    labeled = np.concatenate([train[train_labels == c][:labels_per_class] for c in range(n_classes)])
+    labeled = np.concatenate([train[train_labels == c][:labels_per_class]
+                              for c in range(n_classes)])
     return train, labeled, valid
 
 
 def make_loader(dataset, batch_size, train, device, workers, batch_sampler=None):
-    """A DataLoader; with `batch_sampler` (training) it decides the batches and `batch_size` is unused.
+    """A DataLoader; with `batch_sampler` (training) it decides the batches and `batch_size` is
+    unused.
 
-    Every loader has its own generator, so starting an epoch never draws from the global torch RNG: the
-    random numbers of a run do not depend on how many loaders were started (which a resumed run changes).
+    Every loader has its own generator, so starting an epoch never draws from the global torch RNG:
+    the random numbers of a run do not depend on how many loaders were started (which a resumed run
+    changes).
     """
     batching = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
         dict(batch_size=batch_size, shuffle=train, drop_last=train)
@@ -232,11 +237,13 @@ def make_loader(dataset, batch_size, train, device, workers, batch_sampler=None)
 
 
 class ShuffledBatches(Sampler):
-    """Full batches of a seeded shuffle, a new order every pass; replayable from any batch, shardable.
+    """Full batches of a seeded shuffle, a new order every pass; replayable from any batch,
+    shardable.
 
-    The order of pass p comes from a generator seeded with (seed, p) alone, so a resumed run can replay
-    pass p from batch b exactly (`start(p, b)`). With world_size > 1 each rank takes every world_size-th
-    image of the order, as torch's DistributedSampler does, so the ranks see disjoint data.
+    The order of pass p comes from a generator seeded with (seed, p) alone, so a resumed run can
+    replay pass p from batch b exactly (`start(p, b)`). With world_size > 1 each rank takes every
+    world_size-th image of the order, as torch's DistributedSampler does, so the ranks see disjoint
+    data.
     """
 
     def __init__(self, n, batch_size, seed, rank=0, world_size=1):
@@ -272,30 +279,37 @@ def train_loaders(args, device, rank=0, world_size=1):
     """Loaders for training: all training images (p(x)), the labeled ones, validation and test.
 
     The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
-    distributed run taking its own share; the others hold every image. The labeled batches are augmented
-    (crop, flip); the p(x) batches too unless --no_px_augment (SADA-JEM). Training images get --sigma noise,
-    validation and test images --test_sigma (default: --sigma; JEM++ evaluates clean images).
+    distributed run taking its own share; the others hold every image. The labeled batches are
+    augmented (crop, flip); the p(x) batches too unless --no_px_augment (SADA-JEM). Training images
+    get --sigma noise, validation and test images --test_sigma (default: --sigma; JEM++ evaluates
+    clean images).
     """
     test_sigma = args.sigma if args.test_sigma is None else args.test_sigma
-    train_set = load_dataset(args.dataset, args.data_root, True, train_transform(args.dataset, args.sigma))
-    eval_train_set = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, test_sigma))
-    test_set = load_dataset(args.dataset, args.data_root, False, test_transform(args.dataset, test_sigma))
-    train, labeled, valid = split_indices(targets_of(train_set), args.n_valid, args.labels_per_class,
-                                          args.n_classes)
+    train_set = load_dataset(args.dataset, args.data_root, True,
+                             train_transform(args.dataset, args.sigma))
+    eval_train_set = load_dataset(args.dataset, args.data_root, True,
+                                  test_transform(args.dataset, test_sigma))
+    test_set = load_dataset(args.dataset, args.data_root, False,
+                            test_transform(args.dataset, test_sigma))
+    train, labeled, valid = split_indices(targets_of(train_set), args.n_valid,
+                                          args.labels_per_class, args.n_classes)
     labeled_batch_size = args.labeled_batch_size or args.batch_size
     if len(train) < args.batch_size * world_size:
         raise UserError(f"only {len(train)} training images for p(x) batches of {args.batch_size}"
-                        f"{f' on each of {world_size} processes' if world_size > 1 else ''}: an epoch would train "
-                        "nothing; use a smaller --batch_size or --n_valid")
+                        f"{f' on each of {world_size} processes' if world_size > 1 else ''}: an "
+                        "epoch would train nothing; use a smaller --batch_size or --n_valid")
     if len(labeled) < labeled_batch_size * world_size:
-        raise UserError(f"only {len(labeled)} labeled training images for batches of {labeled_batch_size}"
-                        f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a smaller "
-                        "--batch_size (--labeled_batch_size) or more --labels_per_class")
+        raise UserError(f"only {len(labeled)} labeled training images for batches of "
+                        f"{labeled_batch_size}"
+                        f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a "
+                        "smaller --batch_size (--labeled_batch_size) or more --labels_per_class")
     workers = loader_workers(args, device)
 
     def shuffled(dataset, indices, batch_size, stream):
-        batches = ShuffledBatches(len(indices), batch_size, args.seed * 2 + stream, rank, world_size)
-        return make_loader(Subset(dataset, indices), None, True, device, workers, batch_sampler=batches)
+        batches = ShuffledBatches(len(indices), batch_size, args.seed * 2 + stream, rank,
+                                  world_size)
+        return make_loader(Subset(dataset, indices), None, True, device, workers,
+                           batch_sampler=batches)
 
     px_set = train_set if args.px_augment else \
         load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
@@ -308,10 +322,13 @@ def train_loaders(args, device, rank=0, world_size=1):
 
 
 def plain_training_images(args, device):
-    """The training split (validation held out) as it is, without augmentation or noise, in batches: what
-    --buffer_init informative fits its class Gaussians to, and --eval_train scores. Loaded only then."""
+    """The training split (validation held out) as it is, without augmentation or noise, in
+    batches: what --buffer_init informative fits its class Gaussians to, and --eval_train scores.
+    Loaded only then."""
+
     dataset = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
-    train, _, _ = split_indices(targets_of(dataset), args.n_valid, args.labels_per_class, args.n_classes)
+    train, _, _ = split_indices(targets_of(dataset), args.n_valid, args.labels_per_class,
+                                args.n_classes)
     return make_loader(Subset(dataset, train), 500, False, device, loader_workers(args, device))
 
 
@@ -326,148 +343,3 @@ def batches_from(loader, first_batch):
         yield from loader
         pass_, offset = pass_ + 1, 0
 
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation data sets: the paper's names for test-time splits and out-of-distribution sets.
-
-EVAL_SETS = {
-    # name: (data set, training split?); the paper's eval names first, then this project's aliases
-    "cifar_test": ("cifar10", False),
-    "cifar_train": ("cifar10", True),
-    "svhn_test": ("svhn", False),
-    "svhn_train": ("svhn", True),
-    "svhn": ("svhn", False),
-    "cifar_100": ("cifar100", False),
-    "cifar10": ("cifar10", False),
-    "cifar100": ("cifar100", False),
-    "cifar100_test": ("cifar100", False),
-    "synthetic": ("synthetic", False),
-}
-EVAL_NAMES = (*EVAL_SETS, "cifar_interp", "celeba")
-NO_LABEL = -1  # the label of images that have none (interpolations, a folder of loose images)
-INTERP_SEED = 1234  # fixes which two images each cifar_interp image mixes, on every machine
-
-
-class ImageFiles(Dataset):
-    """Every image directly inside one folder, unlabeled: e.g. CelebA's img_align_celeba/."""
-
-    def __init__(self, folder, transform):
-        extensions = torchvision.datasets.folder.IMG_EXTENSIONS
-        self.paths = sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                            if name.lower().endswith(extensions))
-        self.targets = [NO_LABEL] * len(self.paths)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(torchvision.datasets.folder.default_loader(self.paths[i])), NO_LABEL
-
-
-class InterpolatedPairs(Dataset):
-    """The paper's CIFAR10-interp OOD set: the average of two different images of `base`, plus noise.
-
-    As in the paper's code, `base` serves test images that carry the sigma noise already and the mix gets
-    sigma noise once more (in all, noise of std sigma * sqrt(3/2)). Image i is mixed with a fixed partner:
-    a seeded random cycle through the set, so never itself.
-    """
-
-    def __init__(self, base, sigma, seed=INTERP_SEED):
-        if len(base) < 2:
-            raise UserError("cifar_interp needs at least two images in the data set it mixes")
-        order = np.random.RandomState(seed).permutation(len(base))
-        self.partner = np.empty_like(order)
-        self.partner[order] = np.roll(order, -1)
-        self.base, self.noise = base, AddGaussianNoise(sigma)
-        self.targets = [NO_LABEL] * len(base)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        (a, _), (b, _) = self.base[i], self.base[int(self.partner[i])]
-        return self.noise((a + b) / 2), NO_LABEL
-
-
-def eval_image_folder(path, transform):
-    """PATH/test/<class>/* when PATH has a test/ folder, else PATH/<class>/*, else PATH/* (unlabeled)."""
-    if not os.path.isdir(path):
-        raise UserError(f"no data set {path!r}: use one of {', '.join(EVAL_NAMES)} or the path of an image "
-                        "folder (PATH/test/<class>/*, PATH/<class>/* or PATH/*.png)")
-    test = os.path.join(path, "test")
-    folder = test if os.path.isdir(test) else path
-    if not any(entry.is_dir() for entry in os.scandir(folder)):
-        dataset = ImageFiles(folder, transform)
-        if len(dataset) == 0:
-            raise UserError(f"image folder {folder} holds no images and no class folders")
-        return dataset
-    return class_folders(folder, transform)
-
-
-def shorter_side_to_32(width, height):
-    """(height, width) of an image after T.Resize(32): the shorter side 32, the longer one scaled and truncated."""
-    short, long = sorted((width, height))
-    resized = int(32 * long / short)
-    return (resized, 32) if width <= height else (32, resized)
-
-
-def image_paths(dataset):
-    """The image files of an image-folder data set (through Subset and cifar_interp's mixes), else []."""
-    while isinstance(dataset, (Subset, InterpolatedPairs)):
-        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.base
-    if isinstance(dataset, ImageFiles):
-        return dataset.paths
-    return [path for path, _ in getattr(dataset, "samples", [])]
-
-
-def odd_size_message(dataset):
-    """The line for a folder whose images, their shorter side resized to 32 (CelebA's rule, which keeps the aspect
-    ratio), differ in size: the first odd file and the size the first image set. Reads image headers only."""
-    from PIL import Image
-    expected, first = None, None
-    for path in image_paths(dataset):
-        with Image.open(path) as image:
-            size = shorter_side_to_32(*image.size)
-        if expected is None:
-            expected, first = size, path
-        elif size != expected:
-            return (f"{path} is {size[1]}x{size[0]} pixels once its shorter side is resized to 32 (aspect kept, as "
-                    f"the paper read CelebA), but {first} is {expected[1]}x{expected[0]}: a batch needs one size, so "
-                    "use a folder of images of one shape (aligned CelebA: 178x218)")
-    return "the images of the data set differ in size after resizing, so they cannot be batched"
-
-
-def one_size_batches(loader):
-    """The loader's batches; a folder of images that the resize leaves of different sizes stops with one line
-    naming the first odd file instead of the collate function's traceback."""
-    try:
-        yield from loader
-    except RuntimeError as e:
-        if "stack expects each tensor to be equal size" not in str(e):
-            raise
-        raise UserError(odd_size_message(loader.dataset)) from None
-
-
-def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar_test", normalize=True):
-    """A test-time data set by any name evaluation accepts, with the test transform (noise `sigma`).
-
-    Names: the keys of EVAL_SETS; `cifar_interp` (mixes of two images of the set named `interp_of`);
-    `celeba` (the image folder `celeba_root`, the shorter side resized to 32); else the path of an image folder.
-    normalize=False gives pixels in [0, 1] (see test_transform).
-    """
-    if name == "cifar_interp":
-        if interp_of == "cifar_interp":
-            raise UserError("cifar_interp mixes images of the in-distribution set (--dataset), which cannot "
-                            "be cifar_interp itself")
-        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, sigma, celeba_root, normalize=normalize),
-                                 sigma)
-    if name in EVAL_SETS:
-        base, train = EVAL_SETS[name]
-        return load_dataset(base, data_root, train, test_transform(base, sigma, normalize))
-    if name == "celeba":
-        if celeba_root is None:
-            raise UserError("celeba needs --celeba_root: a folder of CelebA images (loose, or in sub-folders); "
-                            "their shorter side is resized to 32")
-        return eval_image_folder(celeba_root, test_transform(celeba_root, sigma, normalize, keep_aspect=True))
-    return eval_image_folder(name, test_transform(name, sigma, normalize))

@@ -7,12 +7,17 @@ from PIL import Image
 import torchvision.transforms as T
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-from jem.data import load_dataset, load_eval_dataset, make_synthetic, n_classes_of, odd_size_message, one_size_batches, shorter_side_to_32, split_indices, train_loaders, train_transform
-from jem.data import test_transform as eval_transform  # (a name starting with test_ would be collected)
+from jem.data import (load_dataset, make_synthetic, n_classes_of, split_indices, train_loaders,
+                      train_transform)
+from jem.eval.datasets import (load_eval_dataset, odd_size_message, one_size_batches,
+                               shorter_side_to_32)
+# (a name starting with test_ would be collected)
+from jem.data import test_transform as eval_transform
 from train_wrn_ebm import parse_args as parse_train_args
 from jem.errors import UserError
 
-SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset")
+SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                            "cifar10_subset")
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -38,9 +43,10 @@ def test_transforms_normalise_to_minus_one_one_and_add_noise():
 
 
 def test_training_sets_load_in_spawned_workers(tiny_image_folder):
-    """Spawned workers (the start method on macOS and Windows) receive the data set pickled: no lambda
-    may hide in a data set or its transforms."""
-    sets = [load_dataset(name, None, True, train_transform(name, 0.03)) for name in ("synthetic", tiny_image_folder)]
+    """Spawned workers (the start method on macOS and Windows) receive the data set pickled: no
+    lambda may hide in a data set or its transforms."""
+    sets = [load_dataset(name, None, True, train_transform(name, 0.03))
+            for name in ("synthetic", tiny_image_folder)]
     loader = DataLoader(ConcatDataset(sets), batch_size=2, sampler=[0, len(sets[0])], num_workers=1,
                         multiprocessing_context="spawn")
     x, y = next(iter(loader))
@@ -92,7 +98,9 @@ def test_images_of_mixed_shapes_resized_as_celeba_are_one_line_naming_the_first_
     with pytest.raises(RuntimeError, match="equal size"):  # what torch's collate says
         next(iter(DataLoader(celeba, batch_size=4)))
     message = odd_size_message(Subset(celeba, range(4)))
-    assert f"{tmp_path / '2.png'} is 32x32 pixels" in message and f"{tmp_path / '0.png'} is 32x39" in message
+    assert f"{tmp_path / '2.png'} is 32x32 pixels" in message
+    assert f"{tmp_path / '0.png'} is 32x39" in message
+
 
 
 def test_every_reader_of_a_mixed_shape_folder_stops_with_the_odd_size_line(tmp_path):
@@ -100,11 +108,13 @@ def test_every_reader_of_a_mixed_shape_folder_stops_with_the_odd_size_line(tmp_p
     for i, size in enumerate([(178, 218), (178, 218), (200, 200)]):
         Image.new("RGB", size).save(tmp_path / f"{i}.png")
     celeba = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path), normalize=False)
-    eval_and_attack = lambda: list(one_size_batches(DataLoader(Subset(celeba, [0, 2]), batch_size=2)))  # noqa: E731
+    eval_and_attack = lambda: list(one_size_batches(DataLoader(Subset(celeba, [0, 2]),
+                                                               batch_size=2)))  # noqa: E731
     for reader in (eval_and_attack, lambda: list(sample_quality.dataset_batches(celeba))):
         with pytest.raises(UserError, match="2.png is 32x32 pixels"):
             reader()
-    assert len(list(one_size_batches(DataLoader(Subset(celeba, [0, 1]), batch_size=2)))) == 1  # one size: batched
+    # one size: batched
+    assert len(list(one_size_batches(DataLoader(Subset(celeba, [0, 1]), batch_size=2)))) == 1
 
 
 def test_missing_data_names_the_folder_and_flag(tmp_path, monkeypatch):
@@ -138,7 +148,8 @@ def first_batch_twice(loader):
 
 
 def test_no_px_augment_serves_plain_p_x_batches_and_augmented_labeled_ones(tiny_image_folder):
-    args = parse_train_args(["--dataset", tiny_image_folder, "--n_valid", "8", "--sigma", "0", "--batch_size", "4",
+    args = parse_train_args(["--dataset", tiny_image_folder, "--n_valid", "8", "--sigma", "0",
+                             "--batch_size", "4",
                              "--labeled_batch_size", "8", "--n_workers", "0", "--no_px_augment"])
     args.n_classes = 10
     torch.manual_seed(0)
@@ -159,11 +170,12 @@ def test_no_px_augment_serves_plain_p_x_batches_and_augmented_labeled_ones(tiny_
 
 
 @pytest.mark.parametrize("recipe, noisy_eval", [("jem", True), ("jempp", False)])
-def test_jempp_evaluates_clean_images_while_its_training_images_keep_their_noise(tiny_image_folder, recipe,
+def test_jempp_evaluates_clean_images_while_its_training_images_keep_their_noise(tiny_image_folder,
+                                                                                 recipe,
                                                                                    noisy_eval):
     """JEM++'s transform_test adds no noise; the paper's test transform adds --sigma's."""
-    args = parse_train_args(["--recipe", recipe, "--dataset", tiny_image_folder, "--n_valid", "8", "--sigma", "0.5",
-                             "--batch_size", "4", "--n_workers", "0"])
+    args = parse_train_args(["--recipe", recipe, "--dataset", tiny_image_folder, "--n_valid", "8",
+                             "--sigma", "0.5", "--batch_size", "4", "--n_workers", "0"])
     args.n_classes = 10
     loaders = train_loaders(args, torch.device("cpu"))
     clean = load_dataset(tiny_image_folder, None, False, eval_transform(tiny_image_folder, 0.0))

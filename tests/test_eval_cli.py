@@ -12,7 +12,7 @@ from PIL import Image
 from jem.eval import sampling
 import eval_wrn_ebm
 import train_wrn_ebm
-from jem.data import load_eval_dataset
+from jem.eval.datasets import load_eval_dataset
 from jem.chain_init import ClassGaussians
 from jem.model import JEM
 from test_chain_init import quick_fit

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jem.data import InterpolatedPairs, NO_LABEL, load_eval_dataset, make_synthetic
+from jem.data import make_synthetic
+from jem.eval.datasets import InterpolatedPairs, NO_LABEL, load_eval_dataset
 from jem.errors import UserError
 
 
@@ -29,7 +30,9 @@ def test_cifar_interp_averages_two_different_images_of_the_in_distribution_set()
     interp = load_eval_dataset("cifar_interp", None, 0.0, interp_of="synthetic")
     assert len(interp) == len(base)
     partners = [int(p) for p in interp.partner]
-    assert all(p != i for i, p in enumerate(partners)) and sorted(partners) == list(range(len(base)))
+    assert all(p != i for i, p in enumerate(partners))
+    assert sorted(partners) == list(range(len(base)))
+
     x, label = interp[7]
     torch.testing.assert_close(x, (base[7][0] + base[partners[7]][0]) / 2)
     assert label == NO_LABEL
@@ -38,8 +41,9 @@ def test_cifar_interp_averages_two_different_images_of_the_in_distribution_set()
 
 
 def test_cifar_interp_mixes_noisy_test_images_and_adds_the_noise_again_as_the_paper():
-    """The paper mixes two test images that carry the sigma noise, then adds sigma noise: in all, noise of
-    std sigma * sqrt(1/4 + 1/4 + 1) (0.5 here: 0.61, where noise added once after mixing would be 0.5)."""
+    """The paper mixes two test images that carry the sigma noise, then adds sigma noise: in all,
+    noise of std sigma * sqrt(1/4 + 1/4 + 1) (0.5 here: 0.61, where noise added once after mixing
+    would be 0.5)."""
     noisy = load_eval_dataset("cifar_interp", None, 0.5, interp_of="synthetic")
     clean = load_eval_dataset("cifar_interp", None, 0.0, interp_of="synthetic")
     noise = torch.stack([noisy[i][0] - clean[i][0] for i in range(4)])
@@ -51,14 +55,17 @@ def test_image_folder_with_test_split_flat_class_tree_and_loose_images(tiny_imag
     assert len(with_split) == 20 and sorted(set(with_split.targets)) == list(range(10))
     flat = load_eval_dataset(os.path.join(tiny_image_folder, "train"), None, 0.0)
     assert len(flat) == 40
-    Image.new("RGB", (178, 218)).save(tmp_path / "000001.jpg")  # CelebA's aligned size, width x height
+    # CelebA's aligned size, width x height
+    Image.new("RGB", (178, 218)).save(tmp_path / "000001.jpg")
     loose = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path))
     x, y = loose[0]
-    assert x.shape == (3, 39, 32) and y == NO_LABEL  # the shorter side to 32, the aspect kept; unlabeled
+    # the shorter side to 32, the aspect kept; unlabeled
+    assert x.shape == (3, 39, 32) and y == NO_LABEL
     other = tmp_path / "other"
     other.mkdir()
     Image.new("RGB", (178, 218)).save(other / "000001.jpg")
-    assert load_eval_dataset(str(other), None, 0.0)[0][0].shape == (3, 32, 32)  # other folders: 32x32
+    # other folders: 32x32
+    assert load_eval_dataset(str(other), None, 0.0)[0][0].shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize("name, kwargs, message", [

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from jem.data import check_labeled, load_eval_dataset, make_loader, one_size_batches
+from jem.data import make_loader
+from jem.eval.datasets import check_labeled, load_eval_dataset, one_size_batches
 from jem.sampler import frozen_parameters, uncached_autocast
 from jem.errors import UserError
 from jem.eval.plots import plot_robustness

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from jem.flags import train as train_flags
 from jem.chain_init import ClassGaussians, IMAGE_SHAPE, UniformNoise
-from jem.data import EVAL_SETS, plain_training_images
+from jem.data import plain_training_images
+from jem.eval.datasets import EVAL_SETS
 from jem.optim import frozen_running_stats
 from jem.eval.plots import save_grid
 from jem.sampler import ReplayBuffer, sample_q
