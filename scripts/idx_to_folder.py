@@ -1,13 +1,14 @@
-"""Write the images of an MNIST-style IDX file as a folder of 32x32 RGB PNGs, one sub-folder per label.
+"""Write the images of an MNIST-style IDX file as a folder of 32x32 RGB PNGs, one sub-folder per
+label.
 
-Grey 28x28 digits are padded by 2 pixels of black on every side and repeated to 3 channels, the usual way
-to show MNIST or Fashion-MNIST to a CIFAR-10 model as an out-of-distribution set:
+Grey 28x28 digits are padded by 2 pixels of black on every side and repeated to 3 channels, the
+usual way to show MNIST or Fashion-MNIST to a CIFAR-10 model as an out-of-distribution set:
 
     python scripts/idx_to_folder.py ../shared/data/mnist/MNIST/raw/t10k-images-idx3-ubyte \
         ../shared/data/mnist/MNIST/raw/t10k-labels-idx1-ubyte runs/ood/mnist --max_images 1000
 
-The result reads as `--ood_dataset runs/ood/mnist` (or in `--datasets`) of eval_wrn_ebm.py. Plain or .gz
-IDX files both work.
+The result reads as `--ood_dataset runs/ood/mnist` (or in `--datasets`) of eval_wrn_ebm.py. Plain or
+.gz IDX files both work.
 """
 import argparse
 import gzip
@@ -34,11 +35,13 @@ def read_idx(path, magic, header_bytes):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="IDX images (+ labels) -> PATH/<label>/NNNNN.png, 32x32 RGB")
+    parser = argparse.ArgumentParser(description="IDX images (+ labels) -> PATH/<label>/NNNNN.png, "
+                                                 "32x32 RGB")
     parser.add_argument("images", help="IDX image file, e.g. t10k-images-idx3-ubyte(.gz)")
     parser.add_argument("labels", help="IDX label file, e.g. t10k-labels-idx1-ubyte(.gz)")
     parser.add_argument("out", help="folder to write (created)")
-    parser.add_argument("--max_images", type=int, default=None, help="only the first this many images")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help="only the first this many images")
     return parser.parse_args(argv)
 
 

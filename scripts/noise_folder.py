@@ -25,7 +25,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.RandomState(args.seed)
     for i in range(args.n_images):
-        Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(args.out, f"{i:05d}.png"))
+        pixels = rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(args.out, f"{i:05d}.png"))
+
     print(f"wrote {args.n_images} noise images to {args.out}")
 
 
