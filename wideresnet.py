@@ -79,7 +79,8 @@ class WideBasic(nn.Module):
 def check_depth(depth):
     """A Wide-ResNet has depth 6n+4 (n blocks in each of three stages); returns n."""
     if depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(f"Wide-ResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        raise ValueError("Wide-ResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got "
+                         f"{depth}")
     return (depth - 4) // 6
 
 

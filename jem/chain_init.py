@@ -1,8 +1,8 @@
-"""Where SGLD chains start: uniform noise (the paper) or per-class Gaussians fitted to the training images
-(JEM++'s and SADA-JEM's "informative initialisation").
+"""Where SGLD chains start: uniform noise (the paper) or per-class Gaussians fitted to the training
+images (JEM++'s and SADA-JEM's "informative initialisation").
 
-Both give a replay buffer's first images (`fill`) and the fresh starts that replace a buffer image with
-probability reinit_freq (`sample`), so the buffer and the chain never ask which one they hold.
+Both give a replay buffer's first images (`fill`) and the fresh starts that replace a buffer image
+with probability reinit_freq (`sample`), so the buffer and the chain never ask which one they hold.
 """
 import hashlib
 
@@ -30,11 +30,13 @@ class UniformNoise:
 
     def restart(self, starts, reinit):
         """starts with the rows where reinit is True replaced by fresh ones."""
-        return torch.where(reinit[:, None, None, None], uniform_noise(len(starts), starts.device), starts)
+        return torch.where(reinit[:, None, None, None], uniform_noise(len(starts), starts.device),
+                           starts)
 
 
 class ClassGaussians:
-    """One Gaussian N(mean_c, cov_c + RIDGE * I) per class c over flattened images, clamped to [-1, 1].
+    """One Gaussian N(mean_c, cov_c + RIDGE * I) per class c over flattened images, clamped to [-1,
+    1].
 
     Held as the means (n_classes, D) and the Cholesky factors of the covariances (n_classes, D, D),
     so a sample is mean_c + L_c z with z ~ N(0, I).
@@ -58,21 +60,25 @@ class ClassGaussians:
         for c in range(n_classes):  # one matrix product per class over all of its images
             members = images[labels == c]
             if len(members) == 0:
-                raise UserError(f"class {c} has no training images, so --buffer_init informative cannot fit its "
-                                "Gaussian; use --buffer_init uniform")
+                raise UserError(f"class {c} has no training images, so --buffer_init informative "
+                                "cannot fit its Gaussian; use --buffer_init uniform")
             means[c] = members.mean(0)
             centred = members - means[c]
             covariances[c] = centred.T @ centred / len(members)
-        # float64: the ridge is 1e-4 next to eigenvalues in the hundreds, too far apart for a float32 Cholesky
+        # float64: the ridge is 1e-4 next to eigenvalues in
+        # the hundreds, too far apart for a float32 Cholesky
         ridge = RIDGE * torch.eye(dim, dtype=torch.float64)
-        scale_tril = torch.stack([torch.linalg.cholesky(cov.double() + ridge).float() for cov in covariances])
+        scale_tril = torch.stack([torch.linalg.cholesky(cov.double() + ridge).float()
+                                  for cov in covariances])
+
         return cls(means, scale_tril)
 
     def to(self, device):
         return ClassGaussians(self.mean.to(device), self.scale_tril.to(device))
 
     def sample(self, n, device, classes=None):
-        """n images, of the given classes or of uniformly random ones (as JEM++ restarts its chains)."""
+        """n images, of the given classes or of uniformly random ones (as JEM++ restarts its
+        chains)."""
         if classes is None:
             classes = torch.randint(0, self.n_classes, (n,), device=device)
         noise = torch.randn(n, self.mean.shape[1], device=device)
@@ -83,22 +89,25 @@ class ClassGaussians:
         return images.clamp_(-1, 1).view(n, *IMAGE_SHAPE)
 
     def restart(self, starts, reinit):
-        """starts with the rows where reinit is True replaced by fresh ones (of random classes, as JEM++ does
-        for class-conditional chains too); only those are drawn: each class's draw reads its whole factor."""
+        """starts with the rows where reinit is True replaced by fresh ones (of random classes, as
+        JEM++ does for class-conditional chains too); only those are drawn: each class's draw reads
+        its whole factor."""
         starts = starts.clone()
         starts[reinit] = self.sample(int(reinit.sum()), starts.device)
         return starts
 
     def fill(self, size, n_classes, device):
-        """A buffer of size // n_classes images of each class in class order (the segments of class-conditional
-        sampling), any remainder of random classes."""
+        """A buffer of size // n_classes images of each class in class order (the segments of
+        class-conditional sampling), any remainder of random classes."""
         per_class = size // n_classes
         classes = torch.arange(n_classes, device=device).repeat_interleave(per_class)
-        classes = torch.cat([classes, torch.randint(0, n_classes, (size - len(classes),), device=device)])
+        classes = torch.cat([classes,
+                             torch.randint(0, n_classes, (size - len(classes),), device=device)])
         return self.sample(size, device, classes)
 
     def fingerprint(self):
-        """SHA-256 of the fitted statistics: whether a refit (on --resume) gave the same numbers, bit for bit."""
+        """SHA-256 of the fitted statistics: whether a refit (on --resume) gave the same numbers,
+        bit for bit."""
         digest = hashlib.sha256()
         for tensor in (self.mean, self.scale_tril):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

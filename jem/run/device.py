@@ -1,18 +1,20 @@
 """Numeric precision and the machine it runs on: where bf16 runs, and whether it pays.
 
-`--amp` trains and evaluates in bf16 mixed precision: every forward pass (the SGLD chain's, the loss's, SAM's
-second one) runs under torch's bf16 autocast, so convolutions and matrix products take bf16 inputs while
-the weights, the optimizer, the replay buffer and the chain's iterate x stay float32. Two details make it
-learn as well as float32 (docs/performance.md, "A bf16 that learns"):
+`--amp` trains and evaluates in bf16 mixed precision: every forward pass (the SGLD chain's, the
+loss's, SAM's second one) runs under torch's bf16 autocast, so convolutions and matrix products take
+bf16 inputs while the weights, the optimizer, the replay buffer and the chain's iterate x stay
+float32. Two details make it learn as well as float32 (docs/performance.md, "A bf16 that learns"):
 
-- the chain's forward passes run without autocast's cache of bf16 copies (`sampler.uncached_autocast`): x
+- the chain's forward passes run without autocast's cache of bf16 copies
+(`sampler.uncached_autocast`): x
   moves in place every step, and a cached copy would show every step the chain's start;
-- the energy, logsumexp of the logits, is taken in float32 (`models.JEM.px_score`), so the energy gap and
+- the energy, logsumexp of the logits, is taken in float32 (`models.JEM.px_score`), so the energy
+gap and
   the divergence check keep float32's resolution.
 
-bf16 pays only where the hardware computes it: GPUs from NVIDIA's Ampere on (compute capability 8.0), CPUs
-with AMX-BF16 or AVX512-BF16 (x86) or the BF16 extension (Arm). Elsewhere torch emulates it, slower than
-float32, so `--amp` there prints one line and trains in float32 (`resolve_amp`).
+bf16 pays only where the hardware computes it: GPUs from NVIDIA's Ampere on (compute capability
+8.0), CPUs with AMX-BF16 or AVX512-BF16 (x86) or the BF16 extension (Arm). Elsewhere torch emulates
+it, slower than float32, so `--amp` there prints one line and trains in float32 (`resolve_amp`).
 """
 import os
 import platform
@@ -22,8 +24,10 @@ import torch
 from jem.errors import UserError
 
 AMP_DTYPE = torch.bfloat16
-# torch.cpu.get_capabilities() names of native bf16 arithmetic, in the order a description prefers them
-CPU_BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "sve_bf16": "SVE-BF16", "bf16": "BF16"}
+# torch.cpu.get_capabilities() names of native bf16
+# arithmetic, in the order a description prefers them
+CPU_BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "sve_bf16": "SVE-BF16",
+                     "bf16": "BF16"}
 
 
 def autocast(device, enabled):
@@ -35,16 +39,19 @@ def cpu_model():
     """The CPU's marketing name, e.g. 'AMD EPYC 9654 96-Core Processor'."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in fh
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
 
 def cpu_bf16_features():
-    """The native bf16 instruction sets of this CPU, as torch detects them (e.g. ['AMX-BF16', 'AVX512-BF16'])."""
+    """The native bf16 instruction sets of this CPU, as torch detects them (e.g. ['AMX-BF16',
+    'AVX512-BF16'])."""
     try:
         capabilities = torch.cpu.get_capabilities()
-    except AttributeError:  # a torch without get_capabilities cannot tell: assume emulation, the safe side
+    # a torch without get_capabilities cannot tell: assume emulation, the safe side
+    except AttributeError:
         return []
     return [name for key, name in CPU_BF16_FEATURES.items() if capabilities.get(key)]
 
@@ -59,34 +66,40 @@ def native_bf16(device):
 
 
 def describe_hardware(device):
-    """One line naming the processor that computes and its bf16 support, for logs, args.json and benchmarks."""
+    """One line naming the processor that computes and its bf16 support, for logs, args.json and
+    benchmarks."""
     if device.type == "cuda":
         bf16 = "native bf16" if native_bf16(device) else "bf16 emulated"
-        return f"{torch.cuda.get_device_name(device)} ({bf16}), CUDA {torch.version.cuda}, torch {torch.__version__}"
+        return (f"{torch.cuda.get_device_name(device)} ({bf16}), CUDA {torch.version.cuda}, "
+                f"torch {torch.__version__}")
+
     if device.type == "cpu":
         features = cpu_bf16_features()
         bf16 = f"native bf16: {', '.join(features)}" if features else "no native bf16"
         threads = torch.get_num_threads()
-        return (f"{cpu_model()} ({os.cpu_count()} cores, {threads} thread{'s' if threads > 1 else ''}; {bf16}), "
-                f"torch {torch.__version__}")
+        return (f"{cpu_model()} ({os.cpu_count()} cores, {threads} "
+                f"thread{'s' if threads > 1 else ''}; {bf16}), torch {torch.__version__}")
     return f"{device.type}, torch {torch.__version__}"
 
 
 def resolve_amp(args, device, say=print):
-    """`--amp` where bf16 is emulated: say so in one line and train in float32 (sets args.amp = False)."""
+    """`--amp` where bf16 is emulated: say so in one line and train in float32 (sets args.amp =
+    False)."""
     if args.amp and not native_bf16(device):
         processor = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
-        say(f"--amp: {processor} has no native bf16 (AMX-BF16, AVX512-BF16 or an Ampere GPU): emulated bf16 is "
-            "slower than float32, so this run uses float32")
+        say(f"--amp: {processor} has no native bf16 (AMX-BF16, AVX512-BF16 or an Ampere GPU): "
+            "emulated bf16 is slower than float32, so this run uses float32")
         args.amp = False
     return args.amp
 
 
 def select_device(name=None):
-    """`--device` or, when not given, cuda if available else cpu. Enables cudnn autotuning on GPU."""
+    """`--device` or, when not given, cuda if available else cpu. Enables cudnn autotuning on
+    GPU."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device "
+                        "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         # Input sizes never change in JEM, so let cudnn pick the fastest convolution algorithms.

@@ -1,12 +1,15 @@
-"""Data-parallel training across processes, started by torchrun (one process per GPU, or CPU processes).
+"""Data-parallel training across processes, started by torchrun (one process per GPU, or CPU
+processes).
 
-    torchrun --standalone --nproc_per_node=4 train_wrn_ebm.py ...            # one node, 4 GPUs
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
-        train_wrn_ebm.py ...                                                 # two nodes (node_rank 1 on the other)
+    torchrun --standalone --nproc_per_node=4 train_wrn_ebm.py ...    # one node, 4 GPUs
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST \
+        --master_port=29500 train_wrn_ebm.py ...    # two nodes (node_rank 1 on the other)
 
-Each process (rank) keeps its own shard of the replay buffer (buffer_size / world_size images) and runs its
-own SGLD chains on its own share of the data; gradients are averaged by DistributedDataParallel. Rank 0
-alone logs, plots and writes checkpoints; a checkpoint holds the whole buffer, the shards in rank order.
+
+Each process (rank) keeps its own shard of the replay buffer (buffer_size / world_size images) and
+runs its own SGLD chains on its own share of the data; gradients are averaged by
+DistributedDataParallel. Rank 0 alone logs, plots and writes checkpoints; a checkpoint holds the
+whole buffer, the shards in rank order.
 """
 import os
 from dataclasses import dataclass
@@ -39,7 +42,8 @@ def init_from_torchrun(device_name):
     """
     if "RANK" not in os.environ:
         return Topology()
-    topology = Topology(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    topology = Topology(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                        int(os.environ["LOCAL_RANK"]))
     use_cuda = torch.cuda.is_available() and (device_name or "cuda").startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(topology.local_rank)
@@ -57,8 +61,9 @@ def device_for(topology, device):
 def shard(full, topology):
     """This rank's contiguous share of a whole replay buffer (what `gather` put together)."""
     if len(full) % topology.world_size:
-        raise UserError(f"a replay buffer of {len(full)} images cannot be split evenly over {topology.world_size} "
-                        "processes; choose a --buffer_size (or a process count) that divides")
+        raise UserError(f"a replay buffer of {len(full)} images cannot be split evenly over "
+                        f"{topology.world_size} processes; choose a --buffer_size (or a process "
+                        "count) that divides")
     size = len(full) // topology.world_size
     return full[topology.rank * size:(topology.rank + 1) * size]
 
@@ -91,7 +96,8 @@ def broadcast(obj, topology):
 
 
 def any_rank(flag_value, topology, device):
-    """The largest value over ranks: one rank's divergence or stop request stops them all together."""
+    """The largest value over ranks: one rank's divergence or stop request stops them all
+    together."""
     if not topology.distributed:
         return flag_value
     value = torch.tensor(flag_value, dtype=torch.float64, device=device)

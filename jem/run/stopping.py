@@ -1,5 +1,5 @@
-"""Why a training run stops: a signal, its time budget, or a divergence (the loss, or SAM's second loss, out of
-bounds or not finite). The training loop asks these; none of them writes anything.
+"""Why a training run stops: a signal, its time budget, or a divergence (the loss, or SAM's second
+loss, out of bounds or not finite). The training loop asks these; none of them writes anything.
 """
 import math
 import signal
@@ -18,20 +18,26 @@ class Diverged(Exception):
 
 
 def has_diverged(loss_value, terms, args):
-    """A loss that is not finite, or |the value --diverge_on names| > --diverge_threshold: the whole loss (the
-    paper) or its p(x) part (SADA-JEM, whose run stopped when |p_x_weight * l_p_x| > 1e5)."""
+    """A loss that is not finite, or |the value --diverge_on names| > --diverge_threshold: the whole
+    loss (the paper) or its p(x) part (SADA-JEM, whose run stopped when |p_x_weight * l_p_x| >
+    1e5)."""
     checked = loss_value
     if args.diverge_on == "p_x" and "l_p_x" in terms:
-        checked = args.p_x_weight * terms["l_p_x"].item() + args.energy_l2 * float(terms.get("l_energy_l2", 0.0))
+        checked = args.p_x_weight * terms["l_p_x"].item() \
+            + args.energy_l2 * float(terms.get("l_energy_l2", 0.0))
+
     return not (math.isfinite(loss_value) and abs(checked) <= args.diverge_threshold)
 
 
 def weights_are_finite(state):
-    return all(torch.isfinite(t).all() for t in state["model_state_dict"].values() if t.is_floating_point())
+    return all(torch.isfinite(t).all() for t in state["model_state_dict"].values()
+               if t.is_floating_point())
+
 
 
 class StopSignals:
-    """SIGTERM / SIGINT ask the run to stop after the current iteration (a second one stops at once)."""
+    """SIGTERM / SIGINT ask the run to stop after the current iteration (a second one stops at
+    once)."""
 
     def __enter__(self):
         self.received = None
@@ -49,9 +55,9 @@ class StopSignals:
 
 
 class TrainingClock:
-    """How long the run has trained: wall-clock and CPU seconds since the trainer was built, plus those of the
-    runs it resumes; evaluations (`paused`) do not count. The CPU seconds are this process's, all threads: with
-    one thread, a clock that a busy machine does not stretch."""
+    """How long the run has trained: wall-clock and CPU seconds since the trainer was built, plus
+    those of the runs it resumes; evaluations (`paused`) do not count. The CPU seconds are this
+    process's, all threads: with one thread, a clock that a busy machine does not stretch."""
 
     def __init__(self, train_seconds=0.0, cpu_seconds=0.0):
         self.restart(train_seconds, cpu_seconds)
