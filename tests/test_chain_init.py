@@ -10,7 +10,9 @@ D = 3 * 32 * 32
 
 def test_fit_matches_numpy_means_and_covariances():
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(30, 3, 32, 32, generator=gen) * 0.2 + torch.linspace(-0.5, 0.5, 3)[:, None, None]
+    images = torch.rand(30, 3, 32, 32, generator=gen) * 0.2 \
+        + torch.linspace(-0.5, 0.5, 3)[:, None, None]
+
     labels = torch.arange(30) % 3
     loader = [(images[:16], labels[:16]), (images[16:], labels[16:])]  # any iterable of batches
     gaussians = ClassGaussians.fit(loader, n_classes=3)
@@ -23,7 +25,8 @@ def test_fit_matches_numpy_means_and_covariances():
 
 
 def test_samples_have_the_fitted_moments():
-    """Two correlated pixels per class; everything small enough that the clamp to [-1, 1] never bites."""
+    """Two correlated pixels per class; everything small enough that the clamp to [-1, 1] never
+    bites."""
     mean = torch.zeros(2, D)
     mean[0, :2], mean[1, :2] = torch.tensor([0.3, -0.2]), torch.tensor([-0.4, 0.1])
     cov = torch.eye(D) * 1e-4
@@ -39,7 +42,8 @@ def test_samples_have_the_fitted_moments():
 
 
 def test_informative_buffer_holds_class_segments_and_restarts_draw_from_the_gaussians():
-    mean = torch.linspace(-0.8, 0.8, 4)[:, None].repeat(1, D)  # class c: every pixel near its own level
+    # class c: every pixel near its own level
+    mean = torch.linspace(-0.8, 0.8, 4)[:, None].repeat(1, D)
     gaussians = ClassGaussians(mean, (torch.eye(D) * 1e-3).repeat(4, 1, 1))
     torch.manual_seed(0)
     buffer = ReplayBuffer(40, 4, reinit_freq=1.0, device="cpu", chain_init=gaussians)
@@ -69,8 +73,9 @@ def test_the_fingerprint_tells_a_refit_of_other_numbers():
 
 
 def quick_fit(loader, n_classes):
-    """A stand-in for ClassGaussians.fit where the fit's cost (ten float64 Cholesky factorisations of 3072 x 3072,
-    seconds on one core) buys a test nothing: the class means of the images, and a small isotropic spread."""
+    """A stand-in for ClassGaussians.fit where the fit's cost (ten float64 Cholesky factorisations
+    of 3072 x 3072, seconds on one core) buys a test nothing: the class means of the images, and a
+    small isotropic spread."""
     images, labels = zip(*((x.flatten(1), y) for x, y in loader))
     images, labels = torch.cat(images), torch.cat(labels)
     means = torch.stack([images[labels == c].mean(0) for c in range(n_classes)])

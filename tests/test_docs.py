@@ -1,10 +1,12 @@
-"""README.md and docs/*.md: every relative link and image resolves, and every command they show is one the
-project's scripts accept, so a renamed flag or a moved page breaks the suite and not a reader.
+"""README.md and docs/*.md: every relative link and image resolves, and every command they show is
+one the project's scripts accept, so a renamed flag or a moved page breaks the suite and not a
+reader.
 
-A command is a line of a ``` block that runs one of the repository's own .py files (with python, under
-torchrun, or directly). Its arguments go through that script's `parse_args(argv)`: argparse-level checks
-only, so placeholders such as MODEL.pt and DIR are fine. Flags written in inline code (`--flag value`) must
-be flags of one of the scripts. New pages under docs/ are picked up on their own.
+A command is a line of a ``` block that runs one of the repository's own .py files (with python,
+under torchrun, or directly). Its arguments go through that script's `parse_args(argv)`:
+argparse-level checks only, so placeholders such as MODEL.pt and DIR are fine. Flags written in
+inline code (`--flag value`) must be flags of one of the scripts. New pages under docs/ are picked
+up on their own.
 """
 import contextlib
 import functools
@@ -32,8 +34,8 @@ def page_id(path):
 # Reading a Markdown page: prose lines, code blocks, headings.
 
 def split_page(text):
-    """(prose, blocks): the page with its ``` blocks blanked out (line numbers kept), and each block as
-    (line number of its first line, its lines)."""
+    """(prose, blocks): the page with its ``` blocks blanked out (line numbers kept), and each block
+    as (line number of its first line, its lines)."""
     prose, blocks, block = [], [], None
     for number, line in enumerate(text.splitlines(), start=1):
         if line.lstrip().startswith("```"):
@@ -55,7 +57,8 @@ INLINE_CODE = re.compile(r"`([^`\n]+)`")
 
 
 def github_slug(heading):
-    """The anchor GitHub gives a heading: its rendered text, lower case, without punctuation, spaces as '-'."""
+    """The anchor GitHub gives a heading: its rendered text, lower case, without punctuation, spaces
+    as '-'."""
     text = INLINE_CODE.sub(r"\1", heading)
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # a link's text stays, its target goes
     text = re.sub(r"<[^>]+>", "", text).strip().lower()
@@ -76,25 +79,29 @@ def anchors(text):
 # --------------------------------------------------------------------------------------------------
 # Links.
 
-LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")  # [text](target "title")
+# [text](target "title")
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HTML_LINK = re.compile(r"""<(?:img|a)\b[^>]*?\b(?:src|href)=["']([^"']+)["']""", re.I)
 REFERENCE = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s.*)?$", re.M)  # [name]: target
 EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # https:, mailto:, ...
 
 
 def link_errors(path, root=ROOT):
-    """One line per relative link or image of the page that does not resolve inside the repository `root`."""
+    """One line per relative link or image of the page that does not resolve inside the repository
+    `root`."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     prose, _ = split_page(text)
     prose = INLINE_CODE.sub("", prose)
-    targets = [m.group(1) for pattern in (LINK, HTML_LINK, REFERENCE) for m in pattern.finditer(prose)]
+    targets = [m.group(1) for pattern in (LINK, HTML_LINK, REFERENCE)
+               for m in pattern.finditer(prose)]
     errors = []
     for target in targets:
         if EXTERNAL.match(target):
             continue
         file_part, _, anchor = target.partition("#")
-        resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path),
+                                                 file_part)) if file_part else path
         if os.path.commonpath([resolved, root]) != root:
             errors.append(f"{target}: points outside the repository")
         elif not os.path.exists(resolved):
@@ -102,14 +109,16 @@ def link_errors(path, root=ROOT):
         elif anchor and resolved.endswith(".md"):
             with open(resolved, encoding="utf-8") as f:
                 if anchor not in anchors(f.read()):
-                    errors.append(f"{target}: no heading with anchor #{anchor} in {os.path.relpath(resolved, ROOT)}")
+                    errors.append(f"{target}: no heading with anchor #{anchor} in "
+                                  f"{os.path.relpath(resolved, ROOT)}")
     return errors
 
 
 # --------------------------------------------------------------------------------------------------
 # Commands.
 
-OTHER_PROGRAMS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr",
+OTHER_PROGRAMS_FLAGS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank",
+                        "--master_addr",
                         "--master_port"}  # torchrun's, which the docs name in prose
 LOOP = re.compile(r"^for\s+(\w+)\s+in\s+(.+?)\s*;\s*do$")
 ENV_ASSIGNMENT = re.compile(r"^\w+=\S*$")
@@ -147,7 +156,8 @@ def simple_commands(tokens):
 
 
 def script_call(tokens):
-    """(script path relative to the repository, argv) if the tokens run one of its .py files, else None."""
+    """(script path relative to the repository, argv) if the tokens run one of its .py files, else
+    None."""
     while tokens and ENV_ASSIGNMENT.match(tokens[0]):
         tokens = tokens[1:]  # OMP_NUM_THREADS=1 python ...
     if not tokens:
@@ -170,8 +180,9 @@ def script_call(tokens):
 
 
 def doc_commands(path):
-    """(line number, command text, script, argv) for every command of the page's ``` blocks that runs one of
-    the repository's scripts; a `for VAR in a b; do ... done` loop gives one command per value."""
+    """(line number, command text, script, argv) for every command of the page's ``` blocks that
+    runs one of the repository's scripts; a `for VAR in a b; do ... done` loop gives one command per
+    value."""
     with open(path, encoding="utf-8") as f:
         _, blocks = split_page(f.read())
     commands = []
@@ -199,14 +210,15 @@ def doc_commands(path):
 
 
 def load_script(script):
-    """The module of a repository script given by its path (train_wrn_ebm.py, scripts/noise_folder.py, ...)."""
+    """The module of a repository script given by its path (train_wrn_ebm.py,
+    scripts/noise_folder.py, ...)."""
     module_name = os.path.normpath(script)[:-len(".py")].replace(os.sep, ".")
     return importlib.import_module(module_name)
 
 
 def command_error(script, argv):
-    """Why the script's own parser rejects argv (argparse's message, or a flag that is only an abbreviation of
-    one, which argparse lets through), or None when it accepts it."""
+    """Why the script's own parser rejects argv (argparse's message, or a flag that is only an
+    abbreviation of one, which argparse lets through), or None when it accepts it."""
     if not os.path.isfile(os.path.join(ROOT, script)):
         return f"{script}: no such script in the repository"
     module = load_script(script)
@@ -219,8 +231,11 @@ def command_error(script, argv):
     except SystemExit as e:
         if e.code not in (0, None):  # 0: --help
             return stderr.getvalue().strip().splitlines()[-1]
-    inexact = [arg for arg in argv if arg.startswith("--") and arg.split("=")[0] not in script_flags(script)]
-    return f"{script}: not its flags, only abbreviations of them: {' '.join(inexact)}" if inexact else None
+    inexact = [arg for arg in argv
+               if arg.startswith("--") and arg.split("=")[0] not in script_flags(script)]
+    if not inexact:
+        return None
+    return f"{script}: not its flags, only abbreviations of them: {' '.join(inexact)}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,7 +248,8 @@ def script_flags(script):
 
 
 def entry_scripts():
-    scripts = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+    scripts = sorted(glob.glob(os.path.join(ROOT, "*.py"))
+                     + glob.glob(os.path.join(ROOT, "scripts", "*.py")))
     scripts = [os.path.relpath(s, ROOT) for s in scripts]
     return [s for s in scripts if hasattr(load_script(s), "parse_args")]
 
@@ -243,7 +259,8 @@ def inline_flags(path):
     with open(path, encoding="utf-8") as f:
         prose, _ = split_page(f.read())
     return [(number, flag) for number, line in enumerate(prose.splitlines(), start=1)
-            for span in INLINE_CODE.findall(line) for flag in re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", span)]
+            for span in INLINE_CODE.findall(line)
+            for flag in re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", span)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,16 +282,18 @@ def test_every_command_shown_is_accepted_by_its_script(page, number, command, sc
 
 
 def test_every_flag_in_inline_code_is_a_flag_of_a_script():
-    """A flag renamed in a script and left in the prose fails here; a flag of another program (torchrun, the
-    paper's scripts) belongs in OTHER_PROGRAMS_FLAGS or outside backticks."""
+    """A flag renamed in a script and left in the prose fails here; a flag of another program
+    (torchrun, the paper's scripts) belongs in OTHER_PROGRAMS_FLAGS or outside backticks."""
     known = set().union(OTHER_PROGRAMS_FLAGS, *(script_flags(s) for s in entry_scripts()))
-    unknown = [f"{page_id(page)}:{number}: {flag}" for page in pages() for number, flag in inline_flags(page)
-               if flag not in known]
+    unknown = [f"{page_id(page)}:{number}: {flag}" for page in pages()
+               for number, flag in inline_flags(page) if flag not in known]
+
     assert unknown == []
 
 
 def test_the_docs_show_the_entry_scripts():
-    """The extraction finds commands at all: the README shows training and evaluation, docs the rest."""
+    """The extraction finds commands at all: the README shows training and evaluation, docs the
+    rest."""
     shown = {script for *_, script, _ in ALL_COMMANDS}
     assert {"train_wrn_ebm.py", "eval_wrn_ebm.py", "bench.py", "scripts/plot_attack.py",
             "scripts/small_scale_study.py"} <= shown
@@ -284,15 +303,19 @@ def test_the_checks_catch_a_renamed_flag_a_missing_page_and_a_wrong_anchor(tmp_p
     """The checks themselves, on a page written to fail them."""
     page = tmp_path / "page.md"
     page.write_text(
-        "# A page\n\n[fine](#a-page) [gone](missing.md) [bad anchor](#no-such-heading) ![img](../nowhere.png)\n\n"
+        "# A page\n\n[fine](#a-page) [gone](missing.md) [bad anchor](#no-such-heading) "
+        "![img](../nowhere.png)\n\n"
         "```\n"
-        "OMP_NUM_THREADS=1 python train_wrn_ebm.py --depth 10 \\\n    --n_sgld_steps 5   # a renamed flag\n"
+        "OMP_NUM_THREADS=1 python train_wrn_ebm.py --depth 10 \\\n    --n_sgld_steps 5   # a "
+        "renamed flag\n"
         "for r in 0 1; do\n  python eval_wrn_ebm.py --load_path M.pt --n_steps_refine $r\ndone\n"
         "torchrun --standalone --nproc_per_node=2 train_wrn_ebm.py --width 1\n"
         "python -m pytest -q tests/test_docs.py && python bench.py --iters 3 > bench.txt 2>&1\n"
         "```\n")
     errors = link_errors(str(page), root=str(tmp_path))
-    assert [e.split(": ")[0] for e in errors] == ["missing.md", "#no-such-heading", "../nowhere.png"]
+    assert [e.split(": ")[0] for e in errors] == ["missing.md", "#no-such-heading",
+                                                   "../nowhere.png"]
+
 
     commands = doc_commands(str(page))
     assert [(number, script, argv) for number, _, script, argv in commands] == [
@@ -302,7 +325,8 @@ def test_the_checks_catch_a_renamed_flag_a_missing_page_and_a_wrong_anchor(tmp_p
         (11, "train_wrn_ebm.py", ["--width", "1"]),
         (12, "bench.py", ["--iters", "3"]),
     ]
-    assert "unrecognized arguments: --n_sgld_steps 5" in command_error("train_wrn_ebm.py", commands[0][3])
+    assert "unrecognized arguments: --n_sgld_steps 5" in command_error("train_wrn_ebm.py",
+                                                                       commands[0][3])
     assert [command_error(script, argv) for _, _, script, argv in commands[1:]] == [None] * 4
     assert "abbreviations" in command_error("train_wrn_ebm.py", ["--n_step", "5"])
     assert "no such script" in command_error("no_such_script.py", [])

@@ -17,7 +17,8 @@ def test_ece_equals_the_value_worked_out_by_hand():
 
 
 def test_ece_averages_within_a_bin_before_taking_the_gap():
-    # both in the last bin (14/15, 1]: |1/2 - 0.96| = 0.46, not the mean per-example gap (0.06 + 0.98) / 2
+    # both in the last bin (14/15, 1]: |1/2 - 0.96| =
+    # 0.46, not the mean per-example gap (0.06 + 0.98) / 2
     assert expected_calibration_error([0.94, 0.98], [1, 0])[0] == pytest.approx(0.46)
 
 

@@ -1,4 +1,5 @@
-"""SAM and ASAM against hand-computed updates, their state dict, and batch norm frozen for the second pass."""
+"""SAM and ASAM against hand-computed updates, their state dict, and batch norm frozen for the
+second pass."""
 import copy
 
 import pytest
@@ -52,13 +53,15 @@ def test_sam_climbs_to_w_plus_e_and_steps_from_w_with_the_gradient_there(adaptiv
     e = [RHO * ti ** 2 * gi / norm for ti, gi in zip(t, g)]
     for a, wi, ei in zip(at, w, e):
         torch.testing.assert_close(a, wi + ei)
-    # the first momentum step is lr * (gradient at w + e + weight decay at w: the weights were put back)
+    # the first momentum step is lr * (gradient at w +
+    # e + weight decay at w: the weights were put back)
     for p, wi, ei in zip(params, w, e):
         torch.testing.assert_close(p.detach(), wi - LR * ((wi + ei) ** 3 + WEIGHT_DECAY * wi))
 
 
 def test_sam_is_not_a_plain_step():
-    """The same toy update without the climb moves elsewhere: the test above can tell SAM from SGD."""
+    """The same toy update without the climb moves elsewhere: the test above can tell SAM from
+    SGD."""
     params, loss_and_grad = toy_problem()
     w = [p.detach().clone() for p in params]
     sam_step(params, loss_and_grad, SAM(params, torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9))

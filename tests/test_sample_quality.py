@@ -1,5 +1,6 @@
-"""Inception Score, FID and KID: the formulas on known features, and the sample_quality mode end to end with a
-randomly initialised Inception network of torch-fidelity's own class, saved as the standard weights file."""
+"""Inception Score, FID and KID: the formulas on known features, and the sample_quality mode end to
+end with a randomly initialised Inception network of torch-fidelity's own class, saved as the
+standard weights file."""
 import hashlib
 import json
 import os
@@ -20,7 +21,8 @@ import train_wrn_ebm
 from jem.checkpoint import load_checkpoint
 from jem.data import make_synthetic
 from conftest import ROOT
-from jem.eval.sample_quality import Inception, WEIGHTS_FILE, frechet_distance, inception_score, reference_from_features, tensor_batches
+from jem.eval.sample_quality import (Inception, WEIGHTS_FILE, frechet_distance, inception_score,
+                                     reference_from_features, tensor_batches)
 from jem.errors import UserError
 
 N_IMAGES = 6  # Inception runs at 299x299: a third of a second per image on one CPU core
@@ -35,12 +37,14 @@ class RandomInception(tf_inception.FeatureExtractorInceptionV3):
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
-    """A state dict in the standard weights format (what --inception_weights takes), random but not degenerate."""
+    """A state dict in the standard weights format (what --inception_weights takes), random but not
+    degenerate."""
     with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}):
         network = RandomInception("inception-v3-compat", ["2048"])
     torch.manual_seed(0)
     for module in network.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):  # keeps activations from vanishing
+        # keeps activations from vanishing
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILE
     torch.save(network.state_dict(), path)
@@ -74,19 +78,21 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
 
 def test_fid_matches_a_direct_scipy_computation_on_the_same_features():
     samples = gaussian_features(200, 8, seed=1) * torch.linspace(0.5, 2.0, 8) + 0.3
-    reference_features = gaussian_features(300, 8, seed=2) @ torch.randn(8, 8, generator=torch.Generator()
-                                                                         .manual_seed(3), dtype=torch.float64)
+    mixing = torch.randn(8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    reference_features = gaussian_features(300, 8, seed=2) @ mixing
     fid = frechet_distance(samples, reference_from_features(reference_features))
     assert fid > 1
     assert fid == pytest.approx(direct_fid(samples, reference_features), rel=1e-6)
 
 
-def test_inception_score_is_one_for_uniform_predictions_and_the_class_count_for_confident_balanced_ones():
-    assert inception_score(torch.zeros(100, 1008, dtype=torch.float64), splits=10) == pytest.approx((1.0, 0.0))
+def test_inception_score_is_one_for_uniform_and_the_class_count_for_confident_balanced():
+    uniform = torch.zeros(100, 1008, dtype=torch.float64)
+    assert inception_score(uniform, splits=10) == pytest.approx((1.0, 0.0))
     n_classes = 7
     confident = 50.0 * torch.eye(1008, dtype=torch.float64)[torch.arange(700) % n_classes]
     assert inception_score(confident, splits=1)[0] == pytest.approx(n_classes, rel=1e-6)
-    # ten random splits of 70 images are not exactly balanced: each scores a little under the class count
+    # ten random splits of 70 images are not exactly
+    # balanced: each scores a little under the class count
     assert n_classes - 1 < inception_score(confident, splits=10)[0] < n_classes
 
 
@@ -94,15 +100,20 @@ def test_inception_score_is_one_for_uniform_predictions_and_the_class_count_for_
 # The weights file.
 
 def test_missing_weights_offline_is_one_line_naming_the_file_and_the_flag(tmp_path):
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": "http://127.0.0.1:9",
-           "HTTPS_PROXY": "http://127.0.0.1:9"}  # an empty hub cache and a proxy that refuses: no network
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval_wrn_ebm.py"), "--eval", "sample_quality",
-                             "--load_path", str(tmp_path / "never_read.pt"), "--save_dir", str(tmp_path / "out")],
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"),
+           "https_proxy": "http://127.0.0.1:9",
+           # an empty hub cache and a proxy that refuses: no network
+           "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval_wrn_ebm.py"), "--eval",
+                             "sample_quality",
+                             "--load_path", str(tmp_path / "never_read.pt"), "--save_dir",
+                             str(tmp_path / "out")],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert WEIGHTS_FILE in lines[0] and "--inception_weights" in lines[0] and "Traceback" not in result.stderr
+    assert WEIGHTS_FILE in lines[0] and "--inception_weights" in lines[0]
+    assert "Traceback" not in result.stderr
 
 
 def test_a_file_that_is_not_the_inception_state_dict_is_refused(tmp_path):
@@ -117,7 +128,8 @@ def test_a_file_that_is_not_the_inception_state_dict_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_buffer_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint's weights with its replay buffer cut to N_IMAGES images (the paper's two keys)."""
+    """The tiny checkpoint's weights with its replay buffer cut to N_IMAGES images (the paper's two
+    keys)."""
     ckpt = load_checkpoint(tiny_checkpoint)
     buffer = ckpt["replay_buffer"][:N_IMAGES].clone()
     path = tmp_path_factory.mktemp("small_buffer") / "ckpt.pt"
@@ -126,26 +138,31 @@ def small_buffer_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 
 def run_sample_quality(checkpoint, save_dir, weights, cache, *flags):
-    eval_wrn_ebm.main(["--eval", "sample_quality", "--load_path", checkpoint, "--save_dir", str(save_dir),
-                       "--device", "cpu", "--print_to_log", "--inception_weights", weights, "--fid_cache",
+    eval_wrn_ebm.main(["--eval", "sample_quality", "--load_path", checkpoint, "--save_dir",
+                       str(save_dir),
+                       "--device", "cpu", "--print_to_log", "--inception_weights", weights,
+                       "--fid_cache",
                        str(cache), "--fid_reference", "synthetic", "--max_images", str(N_IMAGES),
                        "--is_splits", "2", *flags])
     with open(os.path.join(save_dir, "sample_quality.json")) as fh:
         return json.load(fh)
 
 
-def test_sample_quality_scores_the_whole_buffer_and_caches_the_reference(small_buffer_checkpoint, inception_weights,
+def test_sample_quality_scores_the_whole_buffer_and_caches_the_reference(small_buffer_checkpoint,
+                                                                         inception_weights,
                                                                          tmp_path):
     checkpoint, buffer = small_buffer_checkpoint
     cache = tmp_path / "cache"
     first = run_sample_quality(checkpoint, tmp_path / "first", inception_weights, cache)
-    assert not first["reference_cache_hit"] and os.listdir(cache) == [os.path.basename(first["reference_cache"])]
+    assert not first["reference_cache_hit"]
+    assert os.listdir(cache) == [os.path.basename(first["reference_cache"])]
     assert (first["n_samples"], first["n_reference"], first["is_splits"]) == (N_IMAGES, N_IMAGES, 2)
     assert first["reference"] == "synthetic" and first["samples"] == "buffer"
     with open(inception_weights, "rb") as fh:
         assert first["inception_weights_sha256"] == hashlib.sha256(fh.read()).hexdigest()
     assert first["args"]["inception_weights"] == inception_weights
-    assert first["inception_score"] >= 1 - 1e-9 and np.isfinite(first["fid"]) and np.isfinite(first["kid"])
+    assert first["inception_score"] >= 1 - 1e-9
+    assert np.isfinite(first["fid"]) and np.isfinite(first["kid"])
 
     # the FID is that of the buffer's own features against the reference's, computed directly
     inception = Inception(inception_weights, torch.device("cpu"))
@@ -160,7 +177,8 @@ def test_sample_quality_scores_the_whole_buffer_and_caches_the_reference(small_b
         assert second[key] == first[key]
 
     # another reference (fewer images) gets its own statistics, never the cached ones
-    other = run_sample_quality(checkpoint, tmp_path / "other", inception_weights, cache, "--max_images", "4")
+    other = run_sample_quality(checkpoint, tmp_path / "other", inception_weights, cache,
+                               "--max_images", "4")
     assert not other["reference_cache_hit"] and other["n_reference"] == 4
     assert len(os.listdir(cache)) == 2
 
@@ -171,7 +189,8 @@ def test_sample_quality_reads_a_buffer_file(small_buffer_checkpoint, inception_w
     torch.save({"replay_buffer": buffer[:4]}, buffer_file)
     result = run_sample_quality(checkpoint, tmp_path / "out", inception_weights, tmp_path / "cache",
                                 "--samples", str(buffer_file), "--max_images", "2")
-    assert result["n_samples"] == 4 and result["samples"] == str(buffer_file) and result["kid_subset_size"] == 2
+    assert result["n_samples"] == 4 and result["samples"] == str(buffer_file)
+    assert result["kid_subset_size"] == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,20 +206,24 @@ def loose_images(folder, n):
 
 
 def train_tiny(folder, save_dir, *flags):
-    """One epoch of a WRN-10-1 JEM on the tiny folder, logging its 8-image buffer's sample quality against 4
-    reference images; returns the metrics records."""
+    """One epoch of a WRN-10-1 JEM on the tiny folder, logging its 8-image buffer's sample quality
+    against 4 reference images; returns the metrics records."""
     reference = loose_images(save_dir.parent / "reference", 4)
-    train_wrn_ebm.main(["--dataset", folder, "--depth", "10", "--width", "1", "--n_steps", "1", "--batch_size", "16",
-                        "--n_epochs", "1", "--n_valid", "8", "--buffer_size", "8", "--n_workers", "0",
-                        "--device", "cpu", "--save_dir", str(save_dir), "--print_to_log", "--fid_every", "1",
+    train_wrn_ebm.main(["--dataset", folder, "--depth", "10", "--width", "1", "--n_steps", "1",
+                        "--batch_size", "16",
+                        "--n_epochs", "1", "--n_valid", "8", "--buffer_size", "8", "--n_workers",
+                        "0",
+                        "--device", "cpu", "--save_dir", str(save_dir), "--print_to_log",
+                        "--fid_every", "1",
                         "--fid_reference", reference, "--is_splits", "2", *flags])
     with open(save_dir / "metrics.jsonl") as fh:
         return [json.loads(line) for line in fh]
 
 
-def test_fid_every_logs_the_buffer_sample_quality_into_metrics_jsonl(tiny_image_folder, inception_weights, tmp_path):
-    records = train_tiny(tiny_image_folder, tmp_path / "run", "--inception_weights", inception_weights,
-                         "--fid_cache", str(tmp_path / "cache"))
+def test_fid_every_logs_the_buffer_sample_quality_into_metrics_jsonl(tiny_image_folder,
+                                                                     inception_weights, tmp_path):
+    records = train_tiny(tiny_image_folder, tmp_path / "run", "--inception_weights",
+                         inception_weights, "--fid_cache", str(tmp_path / "cache"))
     quality = [r for r in records if r["kind"] == "sample_quality"]
     assert len(quality) == 1 and quality[0]["epoch"] == 0 and quality[0]["n_samples"] == 8
     assert np.isfinite(quality[0]["fid"]) and quality[0]["inception_score"] >= 1 - 1e-9
@@ -217,4 +240,6 @@ def test_fid_every_without_weights_warns_and_trains_on(tiny_image_folder, tmp_pa
     assert (tmp_path / "run" / "last_ckpt.pt").exists()
     with open(tmp_path / "run" / "log.txt") as fh:
         warnings = [line for line in fh if "warning: --fid_every is skipped" in line]
-    assert len(warnings) == 1 and WEIGHTS_FILE in warnings[0] and "--inception_weights" in warnings[0]
+    assert len(warnings) == 1
+    assert WEIGHTS_FILE in warnings[0] and "--inception_weights" in warnings[0]
+

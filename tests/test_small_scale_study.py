@@ -1,5 +1,5 @@
-"""The small-scale study's driver and report: runs continue where they stopped, cells give the mean and range over
-seeds, and reliability bins pool over seeds as one set of predictions would."""
+"""The small-scale study's driver and report: runs continue where they stopped, cells give the mean
+and range over seeds, and reliability bins pool over seeds as one set of predictions would."""
 import importlib.util
 import json
 import os
@@ -21,9 +21,10 @@ study = load_script("small_scale_study")
 report = load_script("study_report")
 
 
-def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(tmp_path, monkeypatch):
-    args = study.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--epochs", "3",
-                             "--seeds", "1", "2", "--amp"])
+def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(tmp_path,
+                                                                                monkeypatch):
+    args = study.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--epochs",
+                             "3", "--seeds", "1", "2", "--amp"])
     save_dir = report.run_dir(args.out, "clf", 2)
     os.makedirs(save_dir)
     commands, endings = [], ["signal", "done"]  # the first run is stopped early, the second ends
@@ -31,22 +32,27 @@ def test_a_run_is_trained_once_and_continued_from_its_checkpoint_when_cut_short(
     def fake_training(cmd, log, cwd=None):
         commands.append(cmd)
         with open(os.path.join(save_dir, "metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps({"kind": "run"}) + "\n" + json.dumps({"kind": "end", "reason": endings.pop(0)}) + "\n")
+            end = {"kind": "end", "reason": endings.pop(0)}
+            fh.write(json.dumps({"kind": "run"}) + "\n" + json.dumps(end) + "\n")
         return 60.0
 
     monkeypatch.setattr(study, "run", fake_training)
-    with pytest.raises(RuntimeError, match="run the study again"):  # nothing there: from the start, cut short
+    # nothing there: from the start, cut short
+    with pytest.raises(RuntimeError, match="run the study again"):
         study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
     fresh = commands[-1]
     assert fresh[fresh.index("--n_epochs") + 1] == "3" and fresh[fresh.index("--seed") + 1] == "2"
     assert "--amp" in fresh and "--eval_train" in fresh and "--max_train_minutes" not in fresh
-    assert fresh[fresh.index("--decay_epochs") + 1:fresh.index("--decay_epochs") + 3] == ["2", "3"]  # 0.8, 0.9 of 3
+    # 0.8, 0.9 of 3
+    assert fresh[fresh.index("--decay_epochs") + 1:fresh.index("--decay_epochs") + 3] == ["2", "3"]
     open(os.path.join(save_dir, "last_ckpt.pt"), "w").close()  # cut short: continue it
     assert study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))[1] == 60.0
     assert commands[-1][2:4] == ["--resume", save_dir]
     command, seconds = study.train_to_the_end(args, "clf", 2, os.path.join(save_dir, "driver.log"))
-    assert len(commands) == 2 and seconds is None  # done: nothing more, and no time that would replace the real one
-    assert command.startswith("python ") and "--resume" not in command  # the command that reproduces the run
+    # done: nothing more, and no time that would replace the real one
+    assert len(commands) == 2 and seconds is None
+    # the command that reproduces the run
+    assert command.startswith("python ") and "--resume" not in command
 
 
 def test_without_epochs_each_run_gets_the_time_budget(tmp_path):
@@ -90,34 +96,40 @@ def test_the_table_reads_every_seed_and_the_figures_are_drawn(tmp_path):
     for seed, acc in ((1, 0.5), (2, 0.7)):
         write_run(out, "clf", seed, bins, [
             {"kind": "train", "iteration": 0, "train_seconds": 1.0, "cpu_seconds": 1.0},
-            {"kind": "eval", "iteration": 65, "end_of_epoch": True, "train_seconds": 60.0, "cpu_seconds": 60.0,
-             "valid_acc": acc,
+            {"kind": "eval", "iteration": 65, "end_of_epoch": True, "train_seconds": 60.0,
+             "cpu_seconds": 60.0, "valid_acc": acc,
              "test_acc": acc, "train_acc": 1.0},
-            {"kind": "eval", "iteration": 130, "end_of_epoch": True, "train_seconds": 130.0, "cpu_seconds": 120.0,
-             "valid_acc": acc,
+            {"kind": "eval", "iteration": 130, "end_of_epoch": True, "train_seconds": 130.0,
+             "cpu_seconds": 120.0, "valid_acc": acc,
              "test_acc": acc, "train_acc": 1.0}])
-    args = study.parse_args(["--data", out, "--out", out, "--seeds", "1", "2", "--figs_dir", str(tmp_path / "figs")])
+    args = study.parse_args(["--data", out, "--out", out, "--seeds", "1", "2", "--figs_dir",
+                             str(tmp_path / "figs")])
     table, numbers = report.build_table(args, ["clf"], ["cifar_interp"])
     assert numbers["clf"]["valid_acc"] == [0.5, 0.7] and numbers["clf"]["epochs"] == [2, 2]
     assert "| validation accuracy (last epoch) | 0.600 (0.500–0.700) |" in table
     assert "| training minutes (one CPU thread, evaluations left out) | 2.0 (2.0–2.0) |" in table
-    assert numbers["clf"]["test_acc"] == [None, None]  # no test_clf evaluation ran: a dash, not an error
+    # no test_clf evaluation ran: a dash, not an error
+    assert numbers["clf"]["test_acc"] == [None, None]
     assert report.reliability_figure(args, ["clf"], str(tmp_path / "r.png"))
     assert report.accuracy_time_figure(args, ["clf"], str(tmp_path / "a.png"))
     assert all(os.path.getsize(tmp_path / f) > 0 for f in ("r.png", "a.png"))
 
 
-def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_commands(tmp_path, monkeypatch):
+def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_commands(tmp_path,
+                                                                                   monkeypatch):
     data, out = tmp_path / "data", tmp_path / "out"
     for split in ("train", "test"):
         os.makedirs(data / split)
     os.makedirs(out / "ood" / "noise")  # made by an earlier invocation; MNIST was never made
     bins = [{"lower": 0.0, "upper": 1.0, "count": 5, "accuracy": 0.6, "confidence": 0.7}]
     write_run(str(out), "clf", 3, bins, [{"kind": "eval", "iteration": 65, "end_of_epoch": True,
-                                          "train_seconds": 60.0, "cpu_seconds": 60.0, "valid_acc": 0.4}])
+                                          "train_seconds": 60.0, "cpu_seconds": 60.0,
+                                          "valid_acc": 0.4}])
     with open(out / "results.json", "w") as fh:  # what the invocation that trained seed 3 wrote
-        json.dump({"seconds": {"clf/seed3/train": 61.0}, "commands": {"clf/seed3": ["python train_wrn_ebm.py"]},
+        json.dump({"seconds": {"clf/seed3/train": 61.0},
+                   "commands": {"clf/seed3": ["python train_wrn_ebm.py"]},
                    "total_seconds": 75.0}, fh)
+
 
     def no_running(*a, **k):
         raise AssertionError("--report_only ran a command")
@@ -128,7 +140,8 @@ def test_report_only_trains_nothing_and_keeps_the_earlier_steps_times_and_comman
                        "--figs_dir", str(tmp_path / "figs")]) == 0
     with open(out / "results.json") as fh:
         written = json.load(fh)
-    assert sorted(os.listdir(out / "ood")) == ["noise"]  # nothing made, not even the test split's link
+    # nothing made, not even the test split's link
+    assert sorted(os.listdir(out / "ood")) == ["noise"]
     assert written["args"]["report_only"] and written["seconds"] == {"clf/seed3/train": 61.0}
     assert written["total_seconds"] == 75.0
     assert written["commands"] == {"clf/seed3": ["python train_wrn_ebm.py"]}
@@ -144,14 +157,16 @@ def test_train_per_class_trains_on_the_first_images_of_each_class(tmp_path):
         for i in range(4):
             (data / "train" / name / f"{i}.png").write_bytes(b"")
     os.makedirs(data / "test")
-    args = study.parse_args(["--data", str(data), "--out", str(tmp_path / "out"), "--train_per_class", "3"])
+    args = study.parse_args(["--data", str(data), "--out", str(tmp_path / "out"),
+                             "--train_per_class", "3"])
     study.make_training_folder(args)
     folder = study.training_folder(args)
     assert sorted(os.listdir(os.path.join(folder, "train", "dog"))) == ["0.png", "1.png", "2.png"]
     assert os.path.realpath(os.path.join(folder, "test")) == os.path.realpath(data / "test")
     cmd = study.train_command(args, "clf", 1)
     assert cmd[cmd.index("--dataset") + 1] == folder
-    too_many = study.parse_args(["--data", str(data), "--out", str(tmp_path / "other"), "--train_per_class", "5"])
+    too_many = study.parse_args(["--data", str(data), "--out", str(tmp_path / "other"),
+                                 "--train_per_class", "5"])
     with pytest.raises(SystemExit, match="fewer than --train_per_class 5"):
         study.make_training_folder(too_many)
     assert not os.path.exists(study.training_folder(too_many))  # nothing half made

@@ -22,7 +22,8 @@ def inputs():
     torch.manual_seed(0)
     model = JEM(CONFIG.depth, CONFIG.width, n_classes=10)
     buffer_images = torch.rand(40, 3, 32, 32) * 2 - 1
-    batch = (torch.rand(8, 3, 32, 32) * 2 - 1, torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (8,)))
+    batch = (torch.rand(8, 3, 32, 32) * 2 - 1, torch.rand(8, 3, 32, 32) * 2 - 1,
+             torch.randint(0, 10, (8,)))
     return model, buffer_images, batch
 
 
@@ -72,7 +73,8 @@ def test_convolution_timer_counts_every_convolution_forward_and_backward(inputs)
 
 
 def test_profile_sees_the_same_convolution_work_on_both_sides(inputs):
-    """The paper runs its three loss passes apart, the project fuses them: different calls, same work."""
+    """The paper runs its three loss passes apart, the project fuses them: different calls, same
+    work."""
     model, buffer_images, batch = inputs
     sides = {"paper": PaperIteration(copy.deepcopy(model), buffer_images, CONFIG, CPU),
              "project": ProjectIteration(copy.deepcopy(model), buffer_images, CONFIG, CPU)}
@@ -103,7 +105,8 @@ def test_cuda_graph_flag_is_ignored_off_the_gpu(inputs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("pyld", [{}, dict(in_steps=3, pyld_lr=0.2, eps=0.01, sgld_lr=0.5)], ids=["sgld", "pyld"])
+@pytest.mark.parametrize("pyld", [{}, dict(in_steps=3, pyld_lr=0.2, eps=0.01, sgld_lr=0.5)],
+                         ids=["sgld", "pyld"])
 def test_captured_chain_replays_the_eager_chain_after_weight_updates(inputs, pyld):
     """Same starts, same noise, same samples, also once an optimizer step has moved the weights."""
     model, buffer_images, batch = inputs
@@ -115,7 +118,9 @@ def test_captured_chain_replays_the_eager_chain_after_weight_updates(inputs, pyl
         for cuda_graph in (False, True):
             buffer = ReplayBuffer(0, 10, 0.05, device, images=buffer_images.to(device))
             torch.manual_seed(0)
-            samples[cuda_graph] = sample_q(model, buffer, 8, n_steps=3, cuda_graph=cuda_graph, **pyld)
+            samples[cuda_graph] = sample_q(model, buffer, 8, n_steps=3, cuda_graph=cuda_graph,
+                                           **pyld)
+
         torch.testing.assert_close(samples[True], samples[False])
         loss = model.classify(batch[0].to(device)).logsumexp(1).mean()
         optimizer.zero_grad()
