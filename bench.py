@@ -92,7 +92,8 @@ FAST_FLAGS = ("amp", "compile", "cuda_graph")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.")
+    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.",
+                                     allow_abbrev=False)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                         help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")

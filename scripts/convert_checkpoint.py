@@ -27,7 +27,8 @@ from utils import run_cli  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Rewrite a trusted format-1 JEM checkpoint in the "
                                                  f"safe format (format {FORMAT_VERSION}). Reading "
-                                                 "OLD unpickles it fully.")
+                                                 "OLD unpickles it fully.",
+                                     allow_abbrev=False)
     parser.add_argument("old", help="checkpoint to read (full unpickling: only a file you trust)")
     parser.add_argument("new", help="where to write the converted checkpoint (may be OLD itself)")
     return parser.parse_args(argv)

@@ -36,7 +36,8 @@ def read_idx(path, magic, header_bytes):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="IDX images (+ labels) -> PATH/<label>/NNNNN.png, "
-                                                 "32x32 RGB")
+                                                 "32x32 RGB",
+                                     allow_abbrev=False)
     parser.add_argument("images", help="IDX image file, e.g. t10k-images-idx3-ubyte(.gz)")
     parser.add_argument("labels", help="IDX label file, e.g. t10k-labels-idx1-ubyte(.gz)")
     parser.add_argument("out", help="folder to write (created)")

@@ -13,7 +13,8 @@ from PIL import Image
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="a folder of uniform-noise 32x32 RGB PNGs")
+    parser = argparse.ArgumentParser(description="a folder of uniform-noise 32x32 RGB PNGs",
+                                     allow_abbrev=False)
     parser.add_argument("out", help="folder to write (created)")
     parser.add_argument("--n_images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

@@ -87,7 +87,8 @@ def decay_flags(args, name):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="JEM, JEM++, SADA-JEM and the plain classifier: "
                                                  "train each for the same budget over several "
-                                                 "seeds, evaluate each, one table")
+                                                 "seeds, evaluate each, one table",
+                                     allow_abbrev=False)
     parser.add_argument("--data", required=True,
                         help="image folder with train/<class>/ and test/<class>/ (e.g. "
                              "../shared/data/cifar10_subset)")

@@ -68,7 +68,8 @@ GRID_POINTS = 200  # the curves are compared on this many equal steps of the bud
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train each configuration for the same time over "
                                                  "several seeds; held-out accuracy against "
-                                                 "training time, and the time to a target")
+                                                 "training time, and the time to a target",
+                                     allow_abbrev=False)
     parser.add_argument("--data", required=True,
                         help="train_wrn_ebm.py's --dataset: synthetic, cifar10, ... or an "
                              "image folder with train/ and test/")

@@ -60,7 +60,14 @@ def add_system_flags(parser):
 
 class OneLineErrors(argparse.ArgumentParser):
     """argparse with its errors (an unknown flag, a bad choice, a word for a number) in one line, as every other
-    bad input: without the usage summary, which for these scripts runs to forty lines."""
+    bad input: without the usage summary, which for these scripts runs to forty lines.
+
+    A flag must be spelled in full: argparse's prefix matching would take `--ood cifar_interp` for
+    `--ood_dataset` and `--n_epoch` for `--n_epochs`, and a new flag could silently change what an
+    old command line means."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (python {self.prog} --help lists every flag)\n")
