@@ -26,6 +26,7 @@ Offline, on the training quickstart's checkpoint (no download):
 Every mode is one function `mode(args, model, replay_buffer, device) -> dict of results`, chosen from MODES.
 """
 import os
+import re
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from jem.checkpoint import describe_state_dict, load_checkpoint, load_model_stat
 from jem.data import loader_workers, make_loader
 from jem.eval.datasets import EVAL_NAMES, check_labeled, load_eval_dataset, one_size_batches
 from jem.model import build_model
-from jem.eval.plots import save_histograms, save_reliability_diagram
+from jem.eval.plots import save_histograms, save_reliability_diagram, short_names
 from jem.eval.sample_quality import INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches, inception_weights_path, load_buffer_file, load_reference, score_sample_quality, tensor_batches
 from jem.eval.sampling import add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples, describe_sampler, sample_as_trained, uncond_samples
 from jem.run.device import autocast, describe_hardware, resolve_amp
@@ -51,7 +52,7 @@ from jem.errors import UserError
 from jem.flags.common import add_model_flags, add_sampler_flags, add_system_flags
 from jem.run.device import select_device
 from jem.run.log import RunLog, write_json
-from utils import prepare_save_dir, run_cli
+from utils import run_cli, save_dir_removed_on_failure
 
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the paper's figure)
@@ -72,8 +73,9 @@ def build_parser():
                "sampled as it was trained (eval_sampling.py): the sampler flags not given default to its training's.")
     parser.add_argument("--eval", choices=list(MODES), default="OOD", help="what to evaluate")
     parser.add_argument("--load_path", type=str, default=None,
-                        help="checkpoint of this project or of the paper's code (every mode but sample_quality of "
-                             "a --samples file or folder needs one)")
+                        help="checkpoint of this project or of the paper's code, or a run's "
+                             "save dir (its last_ckpt.pt); every mode but sample_quality of a "
+                             "--samples file or folder needs one")
     parser.add_argument("--save_dir", type=str, default="./experiment/eval",
                         help="where <mode>.json, figures and samples go")
 
@@ -102,6 +104,12 @@ def build_parser():
                             help="sampling rounds; each round advances --batch_size chains of the buffer")
     evaluation.add_argument("--fresh_samples", action="store_true",
                             help="cond_samples: sample a new buffer instead of using the checkpoint's")
+    evaluation.add_argument("--n_grids", type=int, default=10,
+                            help="cond_samples: grids written at most, the best-ranked "
+                                 "images first (10 images of each class a grid)")
+    evaluation.add_argument("--save_buffer", action="store_true",
+                            help="cond_samples: also write the classified buffer to "
+                                 "cond_samples_buffer.pt")
 
     evaluation.add_argument("--samples", type=str, default="buffer",
                             help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of it), a "
@@ -125,6 +133,7 @@ EVAL_FLAG_RANGES = {
     "pyld_lr": (None, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None), "print_every": (1, None),
     "eps": (0, None), "n_steps_pgd_attack": (0, None), "pgd_step_factor": (0, None), "n_steps_refine": (0, None),
     "n_dup_chains": (1, None), "n_eval": (1, None), "max_chains_per_pass": (1, None),
+    "n_grids": (0, None),
 }
 
 
@@ -143,7 +152,7 @@ def check_args(args):
             raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size N, or "
                             "--buffer_size 0 for chains from fresh noise (the paper: --buffer_size 10000 --n_steps 40)")
     if args.load_path is not None:  # last: a wrong flag is named first; before the save dir is made
-        require_checkpoint_file(args.load_path)
+        args.load_path = require_checkpoint_file(args.load_path)  # of a save dir: its last_ckpt.pt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +332,9 @@ def calibration(args, model, replay_buffer, device):
     ece, bins = expected_calibration_error(confidence.cpu().numpy(), correct)
     path = os.path.join(args.save_dir, "reliability_diagram.png")
     save_reliability_diagram(path, [b["lower"] for b in bins], [b["upper"] for b in bins],
-                             [b["accuracy"] for b in bins], ece, title=args.dataset)
+                             [b["accuracy"] for b in bins], ece,
+                             title=short_names([args.dataset])[args.dataset],
+                             bin_count=[b["count"] for b in bins])
     return {"dataset": args.dataset, "ece": ece, "accuracy": float(correct.mean()), "n_images": len(labels),
             "n_bins": ECE_BINS, "figure": path, "bins": bins}
 
@@ -346,8 +357,13 @@ def logp_hist(args, model, replay_buffer, device):
     datasets = {name: dataset_named(args, name) for name in args.datasets}  # all found before any is scored
     scores = {name: score_dataset(args, model, device, dataset, name).numpy() for name, dataset in datasets.items()}
     plotted = {name: histogram_values(args.score_fn, s) for name, s in scores.items()}
-    figures = save_histograms(os.path.join(args.save_dir, "logp_hist"), plotted, HISTOGRAM_LABELS[args.score_fn])
-    return {"score_fn": args.score_fn, "figures": figures,
+    legend = short_names(plotted)
+    figures = save_histograms(os.path.join(args.save_dir, "logp_hist"),
+                              {legend[name]: s for name, s in plotted.items()},
+                              HISTOGRAM_LABELS[args.score_fn])
+    return {"score_fn": args.score_fn,
+            **{f"mean_{legend[name]}": float(s.mean()) for name, s in plotted.items()},
+            "figures": figures,
             "datasets": {name: {"n_images": len(s), "mean": float(s.mean()), "std": float(s.std())}
                          for name, s in plotted.items()}}
 
@@ -415,16 +431,38 @@ def summary_line(mode, results):
     return f"{mode}: " + ", ".join(f"{k} {shown(v)}" for k, v in results.items() if is_shown(v))
 
 
+def result_files(args):
+    """The JSON files a mode writes its results to: <mode>.json, and for OOD also one named by its
+    score and OOD set, so that runs of other --score_fn or --ood_dataset in one save dir keep theirs
+    (OOD.json holds the last run, what the study scripts read)."""
+    if args.eval == "OOD":
+        ood_set = re.sub(r"[^\w.-]+", "_", short_names([args.ood_dataset])[args.ood_dataset])
+        return ["OOD.json", f"OOD_{args.score_fn}_{ood_set}.json"]
+    return [f"{args.eval}.json"]
+
+
 def main(argv=None):
     parser = build_parser()
     args, given = parser.parse_args(argv), flags_given(parser, argv)
     check_args(args)
-    prepare_save_dir(args.save_dir)
+    # a failed evaluation leaves no new folder behind, even one holding the log of its start
+    with save_dir_removed_on_failure(args.save_dir, scratch=("log.txt", "metrics.jsonl")):
+        return evaluate(args, given)
+
+
+def evaluate(args, given):
     device = select_device(args.device)
     args.device = str(device)
     seed_everything(args.seed)
 
     log = RunLog(args.save_dir, quiet=args.print_to_log, append=True)  # append: the dir may hold a training log
+    try:
+        return run_mode(args, given, device, log)
+    finally:
+        log.close()
+
+
+def run_mode(args, given, device, log):
     resolve_amp(args, device, log.line)
     args.hardware = describe_hardware(device)
     if args.load_path is None:  # sample_quality of a file or a folder: no model (check_args)
@@ -437,10 +475,10 @@ def main(argv=None):
                  f"--recipe {args.recipe}: {describe_sampler(args)}")
     with autocast(device, args.amp):
         results = MODES[args.eval](args, model, replay_buffer, device)
-    write_json(os.path.join(args.save_dir, f"{args.eval}.json"), {**results, "args": vars(args)})
+    for name in result_files(args):
+        write_json(os.path.join(args.save_dir, name), {**results, "args": vars(args)})
     log.record(kind=f"eval_{args.eval}", **results)
     log.line(summary_line(args.eval, results))
-    log.close()
     return results
 
 

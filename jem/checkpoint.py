@@ -41,14 +41,21 @@ def checkpoint_state(model_state_dict, buffer_images, **extra):
 
 
 def require_checkpoint_file(path):
-    """A missing --load_path is a UserError; the scripts check it before they make their save dir."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at --load_path {path}")
+    """The checkpoint file --load_path names: the file itself, or a run's save dir's last_ckpt.pt
+    (as --resume takes). A missing one is a UserError; the scripts check it before they make their
+    save dir."""
+    candidate = os.path.join(path, "last_ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(candidate):
+        held = " (a folder without last_ckpt.pt)" if os.path.isdir(path) else ""
+        raise UserError(f"no checkpoint at --load_path {path}{held}: pass a checkpoint file, or a "
+                        "run's save dir that holds last_ckpt.pt")
+    return candidate
 
 
 def load_checkpoint(path):
-    """The checkpoint dict, on the CPU; a missing or foreign file is a UserError."""
-    require_checkpoint_file(path)
+    """The checkpoint dict, on the CPU, of a file or of a run's save dir (its last_ckpt.pt); a
+    missing or foreign file is a UserError."""
+    path = require_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

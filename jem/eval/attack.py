@@ -390,10 +390,15 @@ def run_attack(args, model, replay_buffer, device):
 # Reading results back (scripts/plot_attack.py overlays several runs).
 
 def run_label(result):
+    """The legend of one run: its refinement steps with the sampler the model was trained with (PYLD
+    when its chain had inner steps, else SGLD), its chains, and a straight-through gradient."""
     settings = result["settings"]
     chains = settings["n_dup_chains"]
-    straight_through = ", straight-through gradient" if settings.get("attack_grad") == "straight_through" else ""
-    return f"{settings['n_steps_refine']} SGLD steps, {chains} chain{'s' if chains > 1 else ''}{straight_through}"
+    pyld = settings.get("in_steps", 0) > 0 and settings.get("pyld_lr", 0) > 0
+    straight_through = ", straight-through gradient" \
+        if settings.get("attack_grad") == "straight_through" else ""
+    return (f"{settings['n_steps_refine']} {'PYLD' if pyld else 'SGLD'} steps, {chains} "
+            f"chain{'s' if chains > 1 else ''}{straight_through}")
 
 
 def read_attack_result(path):

@@ -19,17 +19,16 @@ from tqdm import tqdm
 
 from jem.flags import train as train_flags
 from jem.chain_init import ClassGaussians, IMAGE_SHAPE, UniformNoise
-from jem.data import plain_training_images
+from jem.data import SYNTHETIC_CLASSES, plain_training_images
 from jem.eval.datasets import EVAL_SETS
 from jem.optim import frozen_running_stats
-from jem.eval.plots import save_grid
+from jem.eval.plots import save_grid, save_labeled_rows
 from jem.sampler import ReplayBuffer, sample_q
 from jem.errors import UserError
 
 TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "sigma")  # read from the training
 EVAL_BATCH_SIZE = 100  # images per batch when classifying a buffer
 PER_ROW = 10  # images per class row in the cond_samples grids
-MAX_CLASS_GRIDS = 100  # cond_samples grids at most (the paper's code saved 100)
 
 
 def add_recipe_sampler_flags(parser):
@@ -169,36 +168,66 @@ def classify_images(model, images):
     return predicted, best
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+NAMED_CLASSES = {"cifar10": CIFAR10_CLASSES, "svhn": tuple("0123456789"),
+                 "synthetic": SYNTHETIC_CLASSES}
+
+
+def class_names(dataset, n_classes):
+    """The names of a model's n_classes classes, from the data set it learned them on: CIFAR-10's,
+    SVHN's digits, the synthetic shapes, or an image folder's class folders (in ImageFolder's
+    order); the class indices where the set names none, or names another number of classes."""
+    names = NAMED_CLASSES.get(EVAL_SETS.get(dataset, (dataset,))[0])
+    if names is None and os.path.isdir(dataset):
+        splits = [os.path.join(dataset, split) for split in ("train", "test")]
+        folder = next((split for split in splits if os.path.isdir(split)), dataset)
+        names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if names is None or len(names) != n_classes:
+        return [str(c) for c in range(n_classes)]
+    return list(names)
+
+
 def save_class_grids(args, images, predicted, scores):
-    """Grids of one row per predicted class, PER_ROW images a row, highest log p(x, y) first: grid g holds
-    each class's ranks g*PER_ROW .. (g+1)*PER_ROW-1. Classes short of images get white cells."""
+    """At most --n_grids grids of one row per predicted class, PER_ROW images a row, highest
+    log p(x, y) first: grid g holds each class's ranks g*PER_ROW .. (g+1)*PER_ROW-1. Classes short
+    of images get white cells. Each row is labeled with its class's name (class_names of the
+    training set)."""
     ranked = []
     for c in range(args.n_classes):
         members = (predicted == c).nonzero().squeeze(1)
         ranked.append(images[members[scores[members].argsort(descending=True)]].cpu())
+    training_set = (getattr(args, "training_data", None) or {}).get("dataset", args.dataset)
+    names = class_names(training_set, args.n_classes)
     blank = torch.ones(PER_ROW, *IMAGE_SHAPE)
-    n_grids = min(MAX_CLASS_GRIDS, math.ceil(max(len(members) for members in ranked) / PER_ROW))
+    n_grids = min(args.n_grids, math.ceil(max(len(members) for members in ranked) / PER_ROW))
     grids = []
     for g in range(n_grids):
-        rows = [torch.cat([members[g * PER_ROW:(g + 1) * PER_ROW], blank])[:PER_ROW] for members in ranked]
+        rows = [torch.cat([members[g * PER_ROW:(g + 1) * PER_ROW], blank])[:PER_ROW]
+                for members in ranked]
         grids.append(os.path.join(args.save_dir, f"cond_samples_{g:03d}.png"))
-        save_grid(grids[-1], torch.cat(rows), nrow=PER_ROW)
-    return grids
+        save_labeled_rows(grids[-1], torch.cat(rows), names, PER_ROW)
+    return grids, names
 
 
 def cond_samples(args, model, replay_buffer, device):
-    """Classify every buffer image and save grids with one row per predicted class.
+    """Classify every buffer image and save grids with one row per predicted class (the best-ranked
+    --n_grids grids); the classified buffer too with --save_buffer.
 
     The buffer is the checkpoint's or, with --fresh_samples, a new one sampled as uncond_samples does.
     """
     if args.fresh_samples:
         replay_buffer, _ = sample_fresh_buffer(args, model, device)
     elif len(replay_buffer) == 0:
-        raise UserError(f"{args.load_path} has no replay buffer: sample one with --fresh_samples --buffer_size N "
-                        "--n_steps T")
+        raise UserError(f"{args.load_path} has no replay buffer: sample one with --fresh_samples "
+                        "--buffer_size N --n_steps T")
     predicted, scores = classify_images(model, replay_buffer.images)
-    grids = save_class_grids(args, replay_buffer.images, predicted, scores)
-    return {"buffer_source": "fresh" if args.fresh_samples else "checkpoint", "n_samples": len(replay_buffer),
+    grids, names = save_class_grids(args, replay_buffer.images, predicted, scores)
+    buffer = None
+    if args.save_buffer:
+        buffer = save_buffer(args, replay_buffer.images, predicted_class=predicted.cpu(),
+                             score=scores.cpu())
+    return {"buffer_source": "fresh" if args.fresh_samples else "checkpoint",
+            "n_samples": len(replay_buffer), "class_names": names,
             "class_counts": torch.bincount(predicted, minlength=args.n_classes).tolist(), "grids": grids,
-            "buffer": save_buffer(args, replay_buffer.images, predicted_class=predicted.cpu(),
-                                  score=scores.cpu())}
+            "buffer": buffer}
