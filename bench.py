@@ -32,6 +32,10 @@ both alike, and prints per configuration and side:
               only that side (the first also holds cuDNN's trial workspaces); on a CPU, the peak resident
               set size (VmHWM) of such a process over two iterations, Python and torch's ~0.7 GiB included
   speed-up    the paper's s/iter divided by this side's
+  GFLOP/it    FLOPs of one iteration (convolutions and matrix products, forward and backward),
+              counted on an eager step of the side (jem/run/profiling.py); GFLOP/s: per second
+  % peak      GFLOP/s over the peak of the side's dtype: on a CPU, a 2048x2048 matrix product
+              measured after the timings on the same threads; on a GPU, its dense datasheet peak
 
 With --profile it then runs three more iterations of the paper's and the project's side in turns,
 timing each convolution (forward and backward) on its own, and prints the median seconds spent in
@@ -42,18 +46,13 @@ a step with the same arithmetic and the same convolution kernels could reach on 
 import argparse
 import copy
 import json
-import multiprocessing
-import resource
 import statistics
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from jem.chain_init import ClassGaussians, UniformNoise
 from jem.model import JEM, build_model
@@ -62,6 +61,11 @@ from jem.run.device import describe_hardware, resolve_amp
 from jem.flags.train import parse_args as parse_train_args
 from jem.step import iteration_loss, make_optimizer, to_training_device, update
 from jem.run.device import select_device
+from jem.run.profiling import (convolution_profile, count_flops, describe_peak, gpu_description,
+                               in_fresh_process, peak_rate, peak_resident_bytes, synchronize,
+                               time_alternately)
+from jem.run.profiling import ConvolutionTimer  # noqa: F401  (tests/test_train_step.py imports it)
+from utils import run_cli
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,7 @@ FAST_FLAGS = ("amp", "compile", "cuda_graph")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                         help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")
@@ -107,6 +110,8 @@ def parse_args(argv=None):
                         help="also measure the time in convolutions and the speed-up ceiling it sets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--skip_memory", action="store_true",
+                        help="leave out peak memory, a fresh process per side (quick checks)")
     return parser.parse_args(argv)
 
 
@@ -319,27 +324,6 @@ def summarize(errors):
 # --------------------------------------------------------------------------------------------------
 # Time and memory.
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_alternately(sides, batch, iters, warmup, device):
-    """Seconds per iteration of each side, timed in turns (the order flips every round)."""
-    for _ in range(warmup):
-        for side in sides.values():
-            side.step(*batch)
-    seconds = {name: [] for name in sides}
-    for i in range(iters):
-        for name in (list(sides) if i % 2 == 0 else reversed(sides)):
-            synchronize(device)
-            start = time.perf_counter()
-            sides[name].step(*batch)
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 def peak_memory_of_side(name, config, device_name, opts):
     """Peak memory (bytes) of this process running only `name` (meant for a fresh process).
 
@@ -357,68 +341,20 @@ def peak_memory_of_side(name, config, device_name, opts):
     return peak_resident_bytes()
 
 
-def peak_resident_bytes():
-    """This process's peak resident set size. Linux's VmHWM, unlike ru_maxrss, starts afresh at exec
-    (ru_maxrss would report the parent's size, which a spawned child inherits)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+# --------------------------------------------------------------------------------------------------
+# FLOPs and the share of the peak.
+
+def side_dtype(name, opts):
+    """The dtype of a side's convolutions: bf16 on the fast side under --amp, else float32."""
+    return "bfloat16" if name == "fast" and opts.amp else "float32"
 
 
-def peak_memory(names, config, device, opts):
-    """Each side's peak memory, each measured in a fresh process of its own (a peak is never reset)."""
-    peaks = {}
-    for name in names:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            peaks[name] = pool.submit(peak_memory_of_side, name, config, str(device), opts).result()
-    return peaks
-
-
-class ConvolutionTimer(TorchDispatchMode):
-    """Counts the convolutions, forward and backward, run while it is active and adds up their seconds.
-
-    Every convolution reaches the dispatcher as one of these two operators, below autograd. The device
-    is synchronised around each one, so on a GPU the seconds are the kernels' own.
-    """
-
-    OPERATORS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-
-    def __init__(self, device):
-        super().__init__()
-        self.device, self.seconds, self.calls = device, 0.0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func not in self.OPERATORS:
-            return func(*args, **(kwargs or {}))
-        synchronize(self.device)
-        start = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
-
-
-def convolution_profile(sides, batch, device, rounds=3):
-    """Median seconds per iteration in convolutions and in all, of the paper's and the project's step
-    (timed in turns, under ConvolutionTimer), and the speed-up ceiling they set (see the top)."""
-    names = ("paper", "project")
-    conv, total, calls = {name: [] for name in names}, {name: [] for name in names}, {}
-    for _ in range(rounds):
-        for name in names:
-            start = time.perf_counter()
-            with ConvolutionTimer(device) as timer:
-                sides[name].step(*batch)
-            synchronize(device)
-            total[name].append(time.perf_counter() - start)
-            conv[name].append(timer.seconds)
-            calls[name] = timer.calls
-    conv = {name: statistics.median(seconds) for name, seconds in conv.items()}
-    total = {name: statistics.median(seconds) for name, seconds in total.items()}
-    return {"convolution_seconds": conv, "convolution_share": {name: conv[name] / total[name] for name in names},
-            "convolution_calls": calls, "speedup_ceiling": total["paper"] / conv["project"]}
+def flops_of_side(name, model, buffer_images, config, device, opts, batch):
+    """FLOPs of one iteration of the side, counted on an eager copy of it: --compile and
+    --cuda_graph run the eager step's arithmetic where a dispatch-level counter cannot see it."""
+    eager = argparse.Namespace(**{**vars(opts), "compile": False, "cuda_graph": False})
+    side = make_side(name, copy.deepcopy(model), buffer_images, config, device, eager)
+    return count_flops(side.step, *batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,25 +367,43 @@ def bench_config(name, device, opts):
     sides = {side: make_side(side, copy.deepcopy(model), buffer_images, config, device, opts) for side in names}
     seconds = time_alternately(sides, batch, opts.iters, opts.warmup, device)
     medians = {side: statistics.median(seconds[side]) for side in names}
+    dtypes = dict.fromkeys(side_dtype(side, opts) for side in names)
+    # the peak rates right after the timings: a machine shared with other work slows both alike
+    peaks = {dtype: peak_rate(device, getattr(torch, dtype)) for dtype in dtypes}
     profiled = convolution_profile(sides, batch, device) if opts.profile else None
     del sides
-    memory = peak_memory(names, config, device, opts)
+    # each side's peak memory in a fresh process of its own (a peak is never reset)
+    memory = {side: None if opts.skip_memory else
+              in_fresh_process(peak_memory_of_side, side, config, str(device), opts)
+              for side in names}
+    flops = {side: flops_of_side(side, model, buffer_images, config, device, opts, batch)
+             for side in names}
     results = {}
     for side in names:
         median, n_steps = medians[side], side_steps(side, config)
+        dtype, rate = side_dtype(side, opts), flops[side] / median
         results[side] = {"n_steps": n_steps, "seconds_per_iter": median,
                          "sgld_images_per_s": config.batch_size * n_steps / median,
-                         "peak_memory_mib": memory[side] / 2 ** 20, "speedup": medians["paper"] / median,
+                         "peak_memory_mib": memory[side] and memory[side] / 2 ** 20,
+                         "speedup": medians["paper"] / median,
+                         "dtype": dtype, "flops_per_iter": flops[side], "flops_per_s": rate,
+                         "share_of_peak": rate / peaks[dtype]["flops_per_s"],
+                         "share_of_matmul": rate / peaks[dtype]["matmul_flops_per_s"],
                          "seconds": seconds[side]}
-    return {"config": name, **asdict(config), "sides": results, "check": errors, "profile": profiled}
+    return {"config": name, **asdict(config), "sides": results, "check": errors, "peaks": peaks,
+            "profile": profiled}
 
 
 def print_header(device, opts):
     flags = " ".join(f"--{flag}" for flag in FAST_FLAGS if getattr(opts, flag)) or "none"
     print(f"device: {describe_hardware(device)} | fast flags: {flags} | "
           f"{opts.iters} timed iterations per side after {opts.warmup} warm-up, alternating")
+    if device.type == "cuda":
+        gpu = gpu_description(device)
+        print(f"GPU: {gpu['name']} (compute capability {gpu['capability']}), driver "
+              f"{gpu['driver']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}, torch {gpu['torch']}")
     print(f"{'config':<17} {'batch':>5}  {'side':<8} {'steps':>5} {'s/iter':>8} {'SGLD img/s':>10} "
-          f"{'peak MiB':>9} {'speed-up':>8}")
+          f"{'peak MiB':>9} {'speed-up':>8} {'GFLOP/it':>9} {'GFLOP/s':>9} {'% peak':>7}")
 
 
 def print_result(result):
@@ -457,8 +411,12 @@ def print_result(result):
     for side, r in result["sides"].items():
         lead = f"{result['config']:<17} {result['batch_size']:>5}" if first else " " * 23
         print(f"{lead}  {side:<8} {r['n_steps']:>5} {r['seconds_per_iter']:>8.3f} {r['sgld_images_per_s']:>10.1f} "
-              f"{r['peak_memory_mib']:>9.0f} {r['speedup']:>7.2f}x")
+              f"{r['peak_memory_mib'] or float('nan'):>9.0f} {r['speedup']:>7.2f}x "
+              f"{r['flops_per_iter'] / 1e9:>9.1f} {r['flops_per_s'] / 1e9:>9.1f} "
+              f"{r['share_of_peak']:>7.1%}")
         first = False
+    for dtype, peak in result["peaks"].items():
+        print(f"{'':<23}  peak {dtype}: {describe_peak(peak)}")
     for side, e in result["check"].items():
         print(f"{'':<23}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer {e['buffer']:.1e}, "
               f"worst gradient {e['worst_grad']:.1e} ({e['worst_grad_name']})")
@@ -469,8 +427,8 @@ def print_result(result):
               f"{result['profile']['speedup_ceiling']:.2f}x")
 
 
-def main():
-    opts = parse_args()
+def main(argv=None):
+    opts = parse_args(argv)
     device = select_device(opts.device)
     resolve_amp(opts, device)
     names = opts.configs or DEFAULT_CONFIGS[device.type]
@@ -481,10 +439,11 @@ def main():
         print_result(results[-1])
     if opts.json:
         report = {"device": describe_hardware(device), "torch": torch.__version__, "options": vars(opts),
+                  "gpu": gpu_description(device) if device.type == "cuda" else None,
                   "results": results}
         with open(opts.json, "w") as fh:
             json.dump(report, fh, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
