@@ -59,7 +59,9 @@ from jem.model import JEM, build_model
 from jem.sampler import ReplayBuffer
 from jem.run.device import describe_hardware, resolve_amp
 from jem.flags.train import parse_args as parse_train_args
-from jem.step import iteration_loss, make_optimizer, to_training_device, update
+from jem.flags.train import settings_from_args
+from jem.optim import make_optimizer
+from jem.step import Batch, iteration_loss, to_training_device, update
 from jem.run.device import select_device
 from jem.run.profiling import (convolution_profile, count_flops, describe_peak, gpu_description,
                                in_fresh_process, peak_rate, peak_resident_bytes, synchronize,
@@ -96,7 +98,8 @@ FAST_FLAGS = ("amp", "compile", "cuda_graph")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.")
+    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.",
+                                     allow_abbrev=False)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
                         help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")
@@ -189,22 +192,24 @@ class ProjectIteration:
     """The project's iteration, as train_wrn_ebm's loop (`Trainer.train_epoch`) runs it, with the given flags."""
 
     def __init__(self, model, buffer_images, config, device, flags=()):
-        self.args = project_args(config, flags)
+        self.settings = settings_from_args(project_args(config, flags))
         self.device = device
-        if config.recipe != "jem":  # the recipe's own network (batch norm) on the same trunk, from the same seed
+        if config.recipe != "jem":  # the recipe's own network (batch norm), from the same seed
             torch.manual_seed(0)
-            model = build_model(self.args)
+            model = build_model(self.settings.model)
         self.model = to_training_device(model, device)
-        if self.args.compile:
+        if self.settings.run.compile:
             self.model.f.compile()
-        self.replay_buffer = ReplayBuffer(0, N_CLASSES, REINIT_FREQ, device, images=buffer_images.clone(),
-                                          chain_init=chain_init(self.args, device))
-        self.optimizer = make_optimizer(self.model, self.args)
+        self.replay_buffer = ReplayBuffer(0, N_CLASSES, REINIT_FREQ, device,
+                                          images=buffer_images.clone(),
+                                          chain_init=chain_init(self.settings.buffer.init, device))
+        self.optimizer = make_optimizer(self.model, self.settings.optimizer)
 
     def step(self, x_data, x_lab, y_lab):
-        loss, _, samples = iteration_loss(self.model, self.replay_buffer, x_data, x_lab, y_lab, self.args)
+        batch = Batch(x_data, x_lab, y_lab)
+        loss, _, samples = iteration_loss(self.model, self.replay_buffer, batch, self.settings.step)
         loss.item()  # the loop's divergence check, a device sync
-        update(self.model, self.optimizer, loss, samples, x_data, x_lab, y_lab, self.args)
+        update(self.model, self.optimizer, loss, samples, batch, self.settings.step)
         return loss.detach()
 
     def buffer_images(self):
@@ -222,10 +227,10 @@ def project_args(config, flags=()):
     return args
 
 
-def chain_init(args, device):
-    """Where restarted chains come from: the paper's uniform noise, or (informative starts) class Gaussians of
-    the right size, here of made-up moments: a restart costs the same whatever the data."""
-    if args.buffer_init == "uniform":
+def chain_init(buffer_init, device):
+    """Where restarted chains come from: the paper's uniform noise, or (informative starts) class
+    Gaussians of the right size, here of made-up moments: a restart costs the same whatever the data."""
+    if buffer_init == "uniform":
         return UniformNoise()
     dim = 3 * 32 * 32
     return ClassGaussians(torch.zeros(N_CLASSES, dim), 0.5 * torch.eye(dim).expand(N_CLASSES, dim, dim).clone()) \

@@ -40,7 +40,7 @@ from jem.chain_init import IMAGE_SHAPE
 from jem.checkpoint import describe_state_dict, load_checkpoint, load_model_state, require_checkpoint_file
 from jem.data import loader_workers, make_loader
 from jem.eval.datasets import EVAL_NAMES, check_labeled, load_eval_dataset, one_size_batches
-from jem.model import build_model
+from jem.model import ModelSettings, build_model
 from jem.eval.plots import save_histograms, save_reliability_diagram, short_names
 from jem.eval.sample_quality import INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches, inception_weights_path, load_buffer_file, load_reference, score_sample_quality, tensor_batches
 from jem.eval.sampling import add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples, describe_sampler, sample_as_trained, uncond_samples
@@ -188,7 +188,8 @@ def load_jem(args, device, given=()):
         raise UserError(f"{args.load_path}: model_state_dict is not a state dict")
     resolve_model_flags(args, ckpt)
     sample_as_trained(args, ckpt, given)
-    model = build_model(args)
+    model = build_model(ModelSettings(args.depth, args.width, args.norm, n_classes=args.n_classes,
+                                      uncond=args.uncond))
     load_model_state(model, ckpt["model_state_dict"], args.load_path)
     model.requires_grad_(False)  # evaluation differentiates with respect to inputs only
     model = model.to(device).eval()
@@ -215,7 +216,7 @@ def dataset_named(args, name, labeled=False):
 def batches(args, dataset, device, desc):
     """(x, y) on the device, in batches of EVAL_BATCH_SIZE, with a progress bar; a folder of images that the
     resize leaves of different sizes is one line naming the first odd file."""
-    loader = make_loader(dataset, EVAL_BATCH_SIZE, False, device, loader_workers(args, device))
+    loader = make_loader(dataset, EVAL_BATCH_SIZE, False, device, loader_workers(args.n_workers, device))
     for x, y in tqdm(one_size_batches(loader), desc=desc, total=len(loader), leave=False, disable=args.print_to_log):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -305,7 +306,7 @@ def classify_dataset(args, model, device):
     for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device, args.dataset):
         if args.n_steps > 0:
             with chains_as_trained(model, args):
-                x = sgld(model, x, **chain_settings(args))
+                x = sgld(model, x, chain_settings(args))
         with torch.no_grad():
             logits.append(model.classify(x).float())
         labels.append(y)

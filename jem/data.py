@@ -10,6 +10,8 @@ sets, interpolations, loose image folders) are jem/eval/datasets.py's.
 """
 import functools
 import os
+from dataclasses import dataclass
+from typing import Optional
 from urllib.error import URLError
 
 import numpy as np
@@ -27,6 +29,24 @@ TORCHVISION_SETS = {
     "svhn": (torchvision.datasets.SVHN, "train_32x32.mat / test_32x32.mat", 10),
 }
 VALID_SPLIT_SEED = 1234  # the paper's fixed shuffle for the validation split
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The training data: which set, its splits, noise, augmentation and batches."""
+
+    dataset: str = "cifar10"  # a torchvision set, synthetic, or an image folder's path
+    data_root: str = "../data"
+    n_classes: int = 10
+    n_valid: int = 5000  # training images held out for validation
+    labels_per_class: int = -1  # labels kept per class for p(y|x); -1: all
+    sigma: float = 0.03  # noise added to every training image
+    test_sigma: Optional[float] = None  # noise of validation and test images (None: sigma)
+    px_augment: bool = True  # crop and flip the p(x) batch too (SADA-JEM: no)
+    batch_size: int = 64  # p(x) batch
+    labeled_batch_size: Optional[int] = None  # classification batch (None: batch_size)
+    seed: int = 1  # the shuffles' seed
+    n_workers: Optional[int] = None  # loader processes (None: the device's default)
 
 
 class AddGaussianNoise:
@@ -270,12 +290,12 @@ def default_workers(device):
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def loader_workers(args, device):
+def loader_workers(n_workers, device):
     """--n_workers, or the device's default when it is not given."""
-    return args.n_workers if args.n_workers is not None else default_workers(device)
+    return n_workers if n_workers is not None else default_workers(device)
 
 
-def train_loaders(args, device, rank=0, world_size=1):
+def train_loaders(data, device, rank=0, world_size=1):
     """Loaders for training: all training images (p(x)), the labeled ones, validation and test.
 
     The two training loaders shuffle with ShuffledBatches (seeded from --seed), each rank of a
@@ -284,18 +304,18 @@ def train_loaders(args, device, rank=0, world_size=1):
     get --sigma noise, validation and test images --test_sigma (default: --sigma; JEM++ evaluates
     clean images).
     """
-    test_sigma = args.sigma if args.test_sigma is None else args.test_sigma
-    train_set = load_dataset(args.dataset, args.data_root, True,
-                             train_transform(args.dataset, args.sigma))
-    eval_train_set = load_dataset(args.dataset, args.data_root, True,
-                                  test_transform(args.dataset, test_sigma))
-    test_set = load_dataset(args.dataset, args.data_root, False,
-                            test_transform(args.dataset, test_sigma))
-    train, labeled, valid = split_indices(targets_of(train_set), args.n_valid,
-                                          args.labels_per_class, args.n_classes)
-    labeled_batch_size = args.labeled_batch_size or args.batch_size
-    if len(train) < args.batch_size * world_size:
-        raise UserError(f"only {len(train)} training images for p(x) batches of {args.batch_size}"
+    test_sigma = data.sigma if data.test_sigma is None else data.test_sigma
+    train_set = load_dataset(data.dataset, data.data_root, True,
+                             train_transform(data.dataset, data.sigma))
+    eval_train_set = load_dataset(data.dataset, data.data_root, True,
+                                  test_transform(data.dataset, test_sigma))
+    test_set = load_dataset(data.dataset, data.data_root, False,
+                            test_transform(data.dataset, test_sigma))
+    train, labeled, valid = split_indices(targets_of(train_set), data.n_valid,
+                                          data.labels_per_class, data.n_classes)
+    labeled_batch_size = data.labeled_batch_size or data.batch_size
+    if len(train) < data.batch_size * world_size:
+        raise UserError(f"only {len(train)} training images for p(x) batches of {data.batch_size}"
                         f"{f' on each of {world_size} processes' if world_size > 1 else ''}: an "
                         "epoch would train nothing; use a smaller --batch_size or --n_valid")
     if len(labeled) < labeled_batch_size * world_size:
@@ -303,33 +323,34 @@ def train_loaders(args, device, rank=0, world_size=1):
                         f"{labeled_batch_size}"
                         f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use a "
                         "smaller --batch_size (--labeled_batch_size) or more --labels_per_class")
-    workers = loader_workers(args, device)
+    workers = loader_workers(data.n_workers, device)
 
     def shuffled(dataset, indices, batch_size, stream):
-        batches = ShuffledBatches(len(indices), batch_size, args.seed * 2 + stream, rank,
+        batches = ShuffledBatches(len(indices), batch_size, data.seed * 2 + stream, rank,
                                   world_size)
         return make_loader(Subset(dataset, indices), None, True, device, workers,
                            batch_sampler=batches)
 
-    px_set = train_set if args.px_augment else \
-        load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, args.sigma))
+    px_set = train_set if data.px_augment else \
+        load_dataset(data.dataset, data.data_root, True, test_transform(data.dataset, data.sigma))
     return {
-        "train": shuffled(px_set, train, args.batch_size, 0),
+        "train": shuffled(px_set, train, data.batch_size, 0),
         "labeled": shuffled(train_set, labeled, labeled_batch_size, 1),
         "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
         "test": make_loader(test_set, 100, False, device, workers),
     }
 
 
-def plain_training_images(args, device):
+def plain_training_images(data, device):
     """The training split (validation held out) as it is, without augmentation or noise, in
     batches: what --buffer_init informative fits its class Gaussians to, and --eval_train scores.
     Loaded only then."""
 
-    dataset = load_dataset(args.dataset, args.data_root, True, test_transform(args.dataset, 0.0))
-    train, _, _ = split_indices(targets_of(dataset), args.n_valid, args.labels_per_class,
-                                args.n_classes)
-    return make_loader(Subset(dataset, train), 500, False, device, loader_workers(args, device))
+    dataset = load_dataset(data.dataset, data.data_root, True, test_transform(data.dataset, 0.0))
+    train, _, _ = split_indices(targets_of(dataset), data.n_valid, data.labels_per_class,
+                                data.n_classes)
+    return make_loader(Subset(dataset, train), 500, False, device,
+                       loader_workers(data.n_workers, device))
 
 
 def batches_from(loader, first_batch):

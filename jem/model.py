@@ -7,6 +7,9 @@
 With `uncond=True` the p(x) score comes from a separate scalar head instead (`energy_output`), and
 the model cannot sample class-conditionally.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -66,10 +69,22 @@ class Heads(nn.Module):
         return self.model.heads(x)
 
 
-def build_model(args):
-    """The JEM model described by the run's flags (depth, width, norm, dropout_rate, n_classes, uncond)."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """The network: WRN-depth-width (the paper: WRN-28-10 without norm) and its heads."""
+
+    depth: int = 28
+    width: int = 10
+    norm: Optional[str] = None  # None | batch | instance | layer | act
+    dropout_rate: float = 0.0
+    n_classes: int = 10
+    uncond: bool = False  # score p(x) with the scalar head energy_output
+
+
+def build_model(settings):
+    """The JEM model that ModelSettings describe; a depth that is not 6n+4 is one line."""
     try:
-        return JEM(args.depth, args.width, args.norm, getattr(args, "dropout_rate", 0.0), args.n_classes,
-                   args.uncond)
+        return JEM(settings.depth, settings.width, settings.norm, settings.dropout_rate,
+                   settings.n_classes, settings.uncond)
     except ValueError as e:
         raise UserError(f"{e} (--depth)") from None

@@ -12,11 +12,53 @@ SADA-JEM authors' code (sndnyang/SADAJEM, sam.py): one norm over every parameter
 the weights put back by copy before the base step (so weight decay acts on w, not on w + e).
 """
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 ADAPTIVE_FROM_RHO = 0.5  # SADA-JEM's rule: rho >= 0.5 means the adaptive variant (ASAM's scale of rho)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    name: str = "adam"  # adam (betas 0.9, 0.999) | sgd (momentum 0.9) | sam (SAM over that SGD)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    rho: float = 2.0  # SAM's radius (adaptive from 0.5)
+    clf_only: bool = False  # optimise only the classification head
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate: lr, times decay_rate at each of decay_epochs, ramped up over warmup_iters."""
+
+    lr: float = 1e-4
+    decay_epochs: tuple = (160, 180)
+    decay_rate: float = 0.3
+    warmup_iters: int = -1  # 0 or -1: no warm-up
+
+    def lr_at(self, epoch, iteration, scale=1.0):
+        lr = self.lr * scale * self.decay_rate ** sum(epoch >= e for e in self.decay_epochs)
+        if iteration <= self.warmup_iters and self.warmup_iters > 0:
+            lr *= iteration / self.warmup_iters
+        return lr
+
+
+def make_optimizer(model, settings):
+    params = model.class_output.parameters() if settings.clf_only else model.parameters()
+    if settings.name == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, betas=(0.9, 0.999),
+                                weight_decay=settings.weight_decay)
+    if settings.name == "sam":
+        return sam_over_sgd(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                            rho=settings.rho)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class SAM(torch.optim.Optimizer):

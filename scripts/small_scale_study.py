@@ -387,7 +387,6 @@ def main(argv=None):
     names = [n for n in LABELS
              if any(os.path.exists(os.path.join(run_dir(args.out, n, s), "metrics.jsonl"))
                     for s in args.seeds)]
-
     figures = copy_figures(args, names, PYTHON)
     table, numbers = build_table(args, names, ood_folders)
     # a report alone keeps the wall time of the last invocation that trained or evaluated

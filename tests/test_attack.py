@@ -12,7 +12,7 @@ import eval_wrn_ebm
 from jem.eval.attack import RefinedClassifier, add_attack_flags, pgd_attack, run_attack
 from jem.data import make_synthetic
 from jem.model import JEM
-from jem.sampler import sgld
+from jem.sampler import ChainSettings, sgld
 from jem.errors import UserError
 
 CPU = torch.device("cpu")
@@ -340,9 +340,9 @@ def test_a_pyld_model_is_refined_with_its_pyld_step(model):
     x = torch.rand(2, 3, 32, 32)
     pyld = dict(in_steps=3, pyld_lr=0.2, eps=0.01)
     classifier = RefinedClassifier(model, 0.0, 2, 1, 0.5, 0.0, 64, torch.Generator().manual_seed(0), "exact", pyld)
-    refined = sgld(model, x * 2 - 1, n_steps=2, sgld_lr=0.5, sgld_std=0.0, **pyld)
+    refined = sgld(model, x * 2 - 1, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.0, **pyld))
     torch.testing.assert_close(classifier.logits(x), model.classify(refined))
-    sgld_refined = sgld(model, x * 2 - 1, n_steps=2, sgld_lr=0.5, sgld_std=0.0)
+    sgld_refined = sgld(model, x * 2 - 1, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.0))
     assert not torch.allclose(model.classify(refined), model.classify(sgld_refined))
     grad = classifier.scaled_loss_gradient(x, torch.tensor([1, 2]))  # the exact gradient passes the clamps
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0

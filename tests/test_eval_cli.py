@@ -1,4 +1,5 @@
 """eval_wrn_ebm.py end to end on the synthetic set, with a tiny checkpoint written by train_wrn_ebm."""
+from dataclasses import asdict
 import json
 import os
 import subprocess
@@ -37,9 +38,9 @@ def count_chains(monkeypatch):
     """Record the (n, y) of every sample_q call the sampling modes make."""
     calls = []
 
-    def recording_sample_q(model, replay_buffer, n, y=None, **sgld):
+    def recording_sample_q(model, replay_buffer, n, y=None, chain=None):
         calls.append((n, None if y is None else y.cpu()))
-        return sample_q(model, replay_buffer, n, y, **sgld)
+        return sample_q(model, replay_buffer, n, y, chain)
 
     sample_q = sampling.sample_q
     monkeypatch.setattr(sampling, "sample_q", recording_sample_q)
@@ -300,9 +301,10 @@ def jempp_checkpoint(tiny_image_folder, tmp_path_factory):
 def chain_settings_of_every_call(monkeypatch):
     calls = []
 
-    def recording_sample_q(model, replay_buffer, n, y=None, **settings):
-        calls.append({**settings, "training": model.training, "restarts": type(replay_buffer.chain_init).__name__})
-        return sample_q(model, replay_buffer, n, y, **settings)
+    def recording_sample_q(model, replay_buffer, n, y=None, chain=None):
+        calls.append({**asdict(chain), "training": model.training,
+                      "restarts": type(replay_buffer.chain_init).__name__})
+        return sample_q(model, replay_buffer, n, y, chain)
 
     sample_q = sampling.sample_q
     monkeypatch.setattr(sampling, "sample_q", recording_sample_q)

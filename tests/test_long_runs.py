@@ -14,6 +14,9 @@ import train_wrn_ebm
 from jem import step
 from jem.chain_init import ClassGaussians
 from jem.checkpoint import load_checkpoint
+from jem import trainer
+from jem.flags.train import settings_from_args
+from jem.run.rollback import Rollback
 from jem.run.stopping import has_diverged
 from test_chain_init import quick_fit
 from utils import run_cli
@@ -145,13 +148,13 @@ def test_each_rollback_restores_the_last_checkpoint_byte_for_byte(tiny, tmp_path
     second rollback to the same checkpoint (on a CPU, where copies to the CPU are no copies)."""
     diverge_at(monkeypatch, {9, 11})  # iterations 8 and then 7 (replayed): both roll back to the end of epoch 0
     restored = []
-    recover = train_wrn_ebm.Trainer.recover_from_divergence
+    recover = Rollback.recover
 
     def recover_and_record(self, loss_value):
         recover(self, loss_value)
-        restored.append(copy.deepcopy(self.state_dict()))
+        restored.append(copy.deepcopy(self.trainer.state_dict()))
 
-    monkeypatch.setattr(train_wrn_ebm.Trainer, "recover_from_divergence", recover_and_record)
+    monkeypatch.setattr(Rollback, "recover", recover_and_record)
     train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--on_diverge", "rollback", "--ckpt_every", "1"])
     last_good = load_checkpoint(str(tmp_path / "ckpt_0.pt"))
     assert len(restored) == 2
@@ -210,7 +213,7 @@ def test_a_nan_in_sams_second_loss_rolls_back_like_any_divergence(tiny, tmp_path
 def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny, tmp_path, monkeypatch, capsys):
     """A step can turn the weights to NaN while its loss was finite (the next loss shows it): the run then keeps
     the last checkpoint's state, not the NaN weights."""
-    real_update, calls = train_wrn_ebm.update, []
+    real_update, calls = trainer.update, []
 
     def update_then_spoil(model, *args, **kwargs):
         real_update(model, *args, **kwargs)
@@ -219,7 +222,7 @@ def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny,
             with torch.no_grad():
                 model.f.conv1.weight.fill_(float("nan"))
 
-    monkeypatch.setattr(train_wrn_ebm, "update", update_then_spoil)
+    monkeypatch.setattr(trainer, "update", update_then_spoil)
     with pytest.raises(SystemExit):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
     assert "(iteration 6)" in capsys.readouterr().err
@@ -227,14 +230,20 @@ def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny,
     assert kept["iteration"] == 6 and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values())
 
 
+def criterion(argv):
+    args = train_wrn_ebm.parse_args(argv)
+    args.n_classes = 10
+    return settings_from_args(args).divergence
+
+
 def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold():
-    sada = train_wrn_ebm.parse_args(["--recipe", "sadajem"])
+    sada, paper = (criterion(argv) for argv in (["--recipe", "sadajem"], []))
     terms = {"l_p_x": torch.tensor(-2e5), "l_p_y_given_x": torch.tensor(1.0)}
     assert has_diverged(-2e5 + 1, terms, sada)  # |p_x_weight * l_p_x| > 1e5, as SADA-JEM's run stopped
-    assert not has_diverged(-2e5 + 1, terms, train_wrn_ebm.parse_args([]))  # the paper's: |L| <= 1e8
+    assert not has_diverged(-2e5 + 1, terms, paper)  # the paper's: |L| <= 1e8
     assert not has_diverged(5e7, {"l_p_x": torch.tensor(3.0), "l_p_y_given_x": torch.tensor(5e7)}, sada)
     assert has_diverged(float("nan"), {"l_p_x": torch.tensor(3.0)}, sada)  # NaN always
-    assert has_diverged(1e9, {}, train_wrn_ebm.parse_args([]))
+    assert has_diverged(1e9, {}, paper)
 
 
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ from jem.run import device as precision
 import train_wrn_ebm
 from bench import Config, ProjectIteration
 from jem.model import JEM
-from jem.sampler import sgld
+from jem.sampler import ChainSettings, sgld
 
 CPU = torch.device("cpu")
 CONFIG = Config(depth=10, width=1, batch_size=16, n_steps=3)
@@ -56,18 +56,18 @@ def test_a_bf16_chain_takes_every_gradient_at_its_current_point():
         return -(conv(x) ** 2).flatten(1).sum(1)
 
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
-    settings = dict(n_steps=3, sgld_lr=0.2, sgld_std=0.0)
+    settings = ChainSettings(n_steps=3, sgld_lr=0.2, sgld_std=0.0)
     expected = x0.clone()
-    for _ in range(settings["n_steps"]):  # each step in a region of its own: nothing cached survives it
+    for _ in range(settings.n_steps):  # each step in a region of its own: nothing cached survives it
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x = expected.clone().requires_grad_(True)
             grad, = torch.autograd.grad(score(x).sum(), x)
-        expected = expected + settings["sgld_lr"] * grad
+        expected = expected + settings.sgld_lr * grad
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = x0.clone().requires_grad_(True)
         first_grad, = torch.autograd.grad(score(x).sum(), x)
-        chain = sgld(score, x0, **settings)
-    stale = x0 + settings["n_steps"] * settings["sgld_lr"] * first_grad
+        chain = sgld(score, x0, settings)
+    stale = x0 + settings.n_steps * settings.sgld_lr * first_grad
     torch.testing.assert_close(chain, expected)
     assert (stale - expected).abs().max() > 0.1  # what the cached chain gave is far from it
 

@@ -12,6 +12,7 @@ the mask picks, and draws SADA-JEM's p(x) noise even at sigma 0; the numbers it 
 seed the two sides must agree to float32 rounding after two iterations: weights, batch-norm statistics,
 momentum and replay buffer.
 """
+import argparse
 import copy
 import os
 
@@ -27,7 +28,7 @@ from jem.data import n_classes_of
 from jem.run.distributed import Topology
 from jem.model import JEM
 from test_chain_init import quick_fit
-from train_wrn_ebm import Trainer
+from jem.trainer import Trainer
 from jem.run.log import SilentLog
 
 TINY = ["--depth", "10", "--width", "1", "--n_steps", "2", "--buffer_size", "40", "--reinit_freq", "0.5",
@@ -49,7 +50,8 @@ def project_run(folder, save_dir, recipe, flags):
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as patch:  # any Gaussians serve: both sides start from the trainer's
         patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
-        trainer = Trainer(args, Topology(), torch.device("cpu"), SilentLog())
+        trainer = Trainer(train_flags.settings_from_args(args), vars(args), Topology(),
+                          torch.device("cpu"), SilentLog())
     before = dict(model=copy.deepcopy(trainer.model.state_dict()), buffer=trainer.replay_buffer.images.clone(),
                   gaussians=trainer.chain_init)
     torch.manual_seed(7)
@@ -57,6 +59,11 @@ def project_run(folder, save_dir, recipe, flags):
     for _ in range(ITERATIONS):
         assert trainer.train_epoch(StopAfterEachIteration()) == "stopped"
     return before, trainer, rng
+
+
+def flags_of(trainer):
+    """The run's flags, as the authors' scripts read theirs (attributes)."""
+    return argparse.Namespace(**trainer.flags)
 
 
 def batch_indices(loader, iteration):
@@ -154,7 +161,7 @@ def jempp_batches(trainer, raw, a, iteration):
 
 
 def run_jempp(before, trainer, rng, raw, swap_passes=False):
-    a = trainer.args
+    a = flags_of(trainer)
     f, buffer = their_model(before, a), before["buffer"].clone()
     optim = torch.optim.SGD(f.parameters(), lr=a.lr, momentum=.9, weight_decay=a.weight_decay)
     torch.set_rng_state(rng)
@@ -250,7 +257,7 @@ def sadajem_batches(trainer, raw, iteration):
 
 
 def run_sadajem(before, trainer, rng, raw, swap_passes=False):
-    a = trainer.args
+    a = flags_of(trainer)
     assert a.sigma == 0 and a.sgld_std == 0 and a.energy_l2 == 0
     f, buffer = their_model(before, a), before["buffer"].clone()
     optim = TheirSAM(f.parameters(), rho=a.rho, adaptive=a.rho >= 0.5, lr=a.lr, momentum=.9,
@@ -305,7 +312,7 @@ def raw_images(small_image_folder):
 
 def test_jempp_iterations_equal_their_train_jempp(small_image_folder, raw_images, tmp_path):
     before, trainer, rng = project_run(small_image_folder, tmp_path, "jempp", ["--n_valid", "20"])
-    assert (trainer.args.in_steps, trainer.args.sgld_lr, trainer.args.sgld_std, trainer.args.sigma) == (5, 0, 0, 0.03)
+    assert (flags_of(trainer).in_steps, flags_of(trainer).sgld_lr, flags_of(trainer).sgld_std, flags_of(trainer).sigma) == (5, 0, 0, 0.03)
     f, buffer, optim = run_jempp(before, trainer, rng, raw_images)
     assert not torch.equal(buffer, before["buffer"])  # the chains wrote back
     assert_same_state(trainer, f, buffer, optim)
@@ -316,7 +323,7 @@ def test_jempp_iterations_equal_their_train_jempp(small_image_folder, raw_images
 
 def test_sadajem_iterations_equal_their_train_sadajem(small_image_folder, raw_images, tmp_path):
     before, trainer, rng = project_run(small_image_folder, tmp_path, "sadajem", ["--labeled_batch_size", "16"])
-    assert (trainer.args.optimizer, trainer.args.epoch_over, trainer.args.px_augment) == ("sam", "labeled", False)
+    assert (flags_of(trainer).optimizer, flags_of(trainer).epoch_over, flags_of(trainer).px_augment) == ("sam", "labeled", False)
     f, buffer, optim = run_sadajem(before, trainer, rng, raw_images)
     assert not torch.equal(buffer, before["buffer"])
     # Their second pass counts its three batches in num_batches_tracked (momentum 0); ours is not tracked at all.

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from jem.flags import train as train_flags
-from jem import step
+from dataclasses import replace
+
 from jem.model import JEM
-from jem.sampler import ReplayBuffer, frozen_parameters, sample_q, sgld
+from jem.sampler import ChainSettings, ReplayBuffer, frozen_parameters, sample_q, sgld
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def test_one_sgld_step_is_gradient_ascent_plus_noise(model):
     torch.manual_seed(123)
     noise = torch.randn_like(x0)
     torch.manual_seed(123)
-    out = sgld(model, x0, n_steps=1, sgld_lr=0.7, sgld_std=0.05)
+    out = sgld(model, x0, ChainSettings(n_steps=1, sgld_lr=0.7, sgld_std=0.05))
     torch.testing.assert_close(out, x0 + 0.7 * grad + 0.05 * noise)
     assert not out.requires_grad
 
@@ -30,7 +31,7 @@ def test_sgld_raises_the_score_and_leaves_the_start_alone(model):
     model.eval()
     x0 = torch.rand(8, 3, 32, 32) * 2 - 1
     start = x0.clone()
-    out = sgld(model, x0, n_steps=10, sgld_lr=1.0, sgld_std=0.0)
+    out = sgld(model, x0, ChainSettings(n_steps=10, sgld_lr=1.0, sgld_std=0.0))
     assert model(out).mean() > model(x0).mean()
     assert torch.equal(x0, start)
 
@@ -80,7 +81,7 @@ def test_sample_q_writes_samples_back_and_restores_the_model(model):
     before = buffer.images.clone()
     model.train()
     torch.manual_seed(0)
-    samples = sample_q(model, buffer, 6, n_steps=3)
+    samples = sample_q(model, buffer, 6, chain=ChainSettings(n_steps=3))
     assert samples.shape == (6, 3, 32, 32)
     changed = (buffer.images != before).flatten(1).any(1)
     assert 1 <= changed.sum() <= 6
@@ -95,7 +96,7 @@ def test_conditional_sample_q_writes_into_the_label_segment(model):
     buffer = ReplayBuffer(40, 10, reinit_freq=0.0, device="cpu")
     before = buffer.images.clone()
     y = torch.full((3,), 7)
-    sample_q(model, buffer, 3, y=y, n_steps=2)
+    sample_q(model, buffer, 3, y=y, chain=ChainSettings(n_steps=2))
     changed = (buffer.images != before).flatten(1).any(1).nonzero().flatten()
     assert len(changed) >= 1 and ((changed // 4) == 7).all()
 
@@ -135,7 +136,7 @@ def test_one_pyld_step_by_hand(model):
     torch.manual_seed(5)
     expected = expected + 0.01 * torch.randn_like(x0)
     torch.manual_seed(5)
-    out = sgld(model, x0, n_steps=1, sgld_lr=0.3 * big, sgld_std=0.01, in_steps=3, pyld_lr=big, eps=eps)
+    out = sgld(model, x0, ChainSettings(n_steps=1, sgld_lr=0.3 * big, sgld_std=0.01, in_steps=3, pyld_lr=big, eps=eps))
     torch.testing.assert_close(out, expected)
     assert ((x0 + 4 * big * grad.clamp(-eps, eps)).abs() > 1).float().mean() > 0.1
 
@@ -166,7 +167,7 @@ def test_pyld_inner_steps_through_conv1_equal_the_shared_gradient(model):
     x0 = torch.rand(6, 3, 32, 32) * 2 - 1
     eps = 0.003
     literal = jempp_inner_loop(model, x0, n_steps=3, in_steps=5, pyld_lr=0.2, eps=eps)
-    cheap = sgld(model, x0, n_steps=3, sgld_lr=0.0, sgld_std=0.0, in_steps=5, pyld_lr=0.2, eps=eps)
+    cheap = sgld(model, x0, ChainSettings(n_steps=3, sgld_lr=0.0, sgld_std=0.0, in_steps=5, pyld_lr=0.2, eps=eps))
     torch.testing.assert_close(cheap, literal)
     assert not torch.allclose(literal, x0, atol=1e-3)
 
@@ -176,9 +177,9 @@ def test_pyld_lr_zero_turns_the_inner_steps_off(model):
     model.eval()
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1
     torch.manual_seed(2)
-    plain = sgld(model, x0, n_steps=2, sgld_lr=0.5, sgld_std=0.01)
+    plain = sgld(model, x0, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.01))
     torch.manual_seed(2)
-    off = sgld(model, x0, n_steps=2, sgld_lr=0.5, sgld_std=0.01, in_steps=5, pyld_lr=0.0)
+    off = sgld(model, x0, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.01, in_steps=5, pyld_lr=0.0))
     assert torch.equal(plain, off)
 
 
@@ -188,19 +189,22 @@ def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
     model = JEM(depth=10, width=1, norm="batch", n_classes=10).eval()
     running = model.f.bn1.running_mean.clone()
     buffer = ReplayBuffer(20, 10, reinit_freq=0.0, device="cpu")
-    sample_q(model, buffer, 6, n_steps=1, train_mode=True)
+    sample_q(model, buffer, 6, chain=ChainSettings(n_steps=1, train_mode=True))
     assert not model.training
     assert not torch.equal(model.f.bn1.running_mean, running)  # training-mode passes update the statistics
     running = model.f.bn1.running_mean.clone()
-    sample_q(model, buffer, 6, n_steps=1)
+    sample_q(model, buffer, 6, chain=ChainSettings(n_steps=1))
     assert torch.equal(model.f.bn1.running_mean, running)
 
 
 def test_the_sadajem_recipe_chain_is_their_clipped_and_clamped_step(model):
     """SADA-JEM's step is x <- clamp(x + lr * clamp(g, -1, 1), -1, 1) with their --sgld_lr 1 as lr and no
     noise; --recipe sadajem sets it as one PYLD inner step of pyld_lr = lr, clip eps = 1, and no outer step."""
-    settings = step.chain_settings(train_flags.parse_args(["--recipe", "sadajem"]))
-    assert settings == dict(n_steps=5, sgld_lr=0.0, sgld_std=0.0, in_steps=1, pyld_lr=1.0, eps=1.0)
+    args = train_flags.parse_args(["--recipe", "sadajem"])
+    args.n_classes = 10
+    settings = train_flags.settings_from_args(args).step.chain
+    assert settings == ChainSettings(n_steps=5, sgld_lr=0.0, sgld_std=0.0, in_steps=1, pyld_lr=1.0,
+                                     eps=1.0, train_mode=True)
     model.eval()
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1
     # The network's input gradients are far below 1: scale the score so that the clip and the clamp both act.
@@ -211,4 +215,4 @@ def test_the_sadajem_recipe_chain_is_their_clipped_and_clamped_step(model):
         grad, = torch.autograd.grad(score(x).sum(), x)
         expected = (expected + 1.0 * grad.clamp(-1, 1)).clamp(-1, 1)
     assert (grad.abs() > 1).float().mean() > 0.1 and (expected.abs() == 1).float().mean() > 0.1
-    torch.testing.assert_close(sgld(score, x0, **{**settings, "n_steps": 2}), expected)
+    torch.testing.assert_close(sgld(score, x0, replace(settings, n_steps=2)), expected)

@@ -146,3 +146,27 @@ def test_without_the_package_one_line_says_what_to_install(tmp_path, monkeypatch
     message = str(error.value)
     assert "\n" not in message and "pip install tensorboard" in message
     assert not os.path.exists(tmp_path / "metrics.jsonl")  # nothing of an earlier run overwritten
+
+
+def test_a_training_run_with_tensorboard_writes_its_metrics_energies_and_grids(small_image_folder,
+                                                                               tmp_path):
+    """train_wrn_ebm.py --tensorboard from a shell, then resumed: one curve per value, equal to
+    metrics.jsonl, energy histograms at the logged iterations, the sample grids."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = str(tmp_path / "run")
+    flags = ["--dataset", small_image_folder, "--depth", "10", "--width", "1", "--n_steps", "2",
+             "--batch_size", "16", "--n_valid", "20", "--buffer_size", "100", "--print_every", "1",
+             "--n_workers", "0", "--device", "cpu", "--print_to_log", "--plot_uncond"]
+    for argv in ([*flags, "--n_epochs", "1", "--tensorboard", "--save_dir", run],
+                 ["--resume", run, "--n_epochs", "2"]):
+        done = subprocess.run([sys.executable, "train_wrn_ebm.py", *argv], cwd=root, text=True,
+                              capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+    events = read_events(run)
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert [step for step, _ in scalar_curve(events, "train/loss")] == list(range(12))
+    assert scalar_curve(events, "train/loss") == [(r["iteration"], as_float32(r["loss"])) for r in train]
+    assert {"eval/valid_acc", "train/energy_gap"} <= set(events.Tags()["scalars"])
+    assert {"energy/data", "energy/q"} <= set(events.Tags()["histograms"])
+    assert "samples/x_q" in events.Tags()["images"]

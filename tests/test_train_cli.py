@@ -10,6 +10,7 @@ import torch
 from jem.flags import train as train_flags
 import train_wrn_ebm
 from jem import step
+from jem.optim import Schedule
 from jem.checkpoint import load_checkpoint
 from jem.model import JEM
 from utils import run_cli
@@ -91,7 +92,8 @@ def test_warmup_and_decay_set_the_learning_rate(tiny, tmp_path):
 @pytest.mark.parametrize("warmup_iters", ["0", "-1"])
 def test_no_warmup_trains_at_the_full_learning_rate_from_the_first_iteration(warmup_iters):
     args = train_wrn_ebm.parse_args(["--warmup_iters", warmup_iters, "--lr", "0.1"])
-    assert [step.scheduled_lr(args, 0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
+    schedule = Schedule(args.lr, tuple(args.decay_epochs), args.decay_rate, args.warmup_iters)
+    assert [schedule.lr_at(0, it) for it in (0, 1, 1000)] == [0.1, 0.1, 0.1]
 
 
 def test_clf_only_trains_only_the_classifier_head(tiny, tmp_path):
@@ -176,12 +178,12 @@ def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(
     first call moves batch norm's running statistics."""
     real_loss, calls = step.jem_loss, []
 
-    def recording_loss(model, samples, x_data, x_lab, y_lab, args, heads=None, data_heads=None):
+    def recording_loss(model, samples, batch, objective, heads=None, data_heads=None):
         before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
         weights = model.f.conv1.weight.detach().clone()
-        result = real_loss(model, samples, x_data, x_lab, y_lab, args, heads, data_heads)
+        result = real_loss(model, samples, batch, objective, heads, data_heads)
         moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-        calls.append(dict(inputs=(samples["p_x"], x_data, x_lab, y_lab), weights=weights, stats_moved=moved))
+        calls.append(dict(inputs=(samples["p_x"], *batch), weights=weights, stats_moved=moved))
         return result
 
     monkeypatch.setattr(step, "jem_loss", recording_loss)
@@ -331,7 +333,9 @@ def test_the_sadajem_published_command_after_the_recipe_means_what_it_meant_in_t
         (200, [60, 120, 180], "labeled", 128)
     assert (args.diverge_on, args.diverge_threshold, args.px_augment, args.sigma) == ("p_x", 1e5, False, 0.0)
     recipe_alone = train_wrn_ebm.parse_args(["--recipe", "sadajem"])
-    assert step.chain_settings(args) == step.chain_settings(recipe_alone)
+    args.n_classes = recipe_alone.n_classes = 10
+    assert train_flags.settings_from_args(args).step.chain == \
+        train_flags.settings_from_args(recipe_alone).step.chain
 
 
 def test_cuda_graph_refuses_batch_norm(tiny, tmp_path, capsys):

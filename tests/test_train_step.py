@@ -10,7 +10,7 @@ import torch
 
 from bench import Config, ConvolutionTimer, PaperIteration, ProjectIteration, convolution_profile
 from jem.model import JEM
-from jem.sampler import ReplayBuffer, frozen_parameters, sample_q
+from jem.sampler import ChainSettings, ReplayBuffer, frozen_parameters, sample_q
 
 CONFIG = Config(depth=10, width=1, batch_size=8, n_steps=3)
 CPU = torch.device("cpu")
@@ -100,7 +100,8 @@ def test_cuda_graph_flag_is_ignored_off_the_gpu(inputs):
     for cuda_graph in (False, True):
         buffer = ReplayBuffer(0, 10, 0.05, CPU, images=buffer_images.clone())
         torch.manual_seed(3)
-        results.append(sample_q(model, buffer, 8, n_steps=2, cuda_graph=cuda_graph))
+        results.append(sample_q(model, buffer, 8,
+                                chain=ChainSettings(n_steps=2, cuda_graph=cuda_graph)))
     assert torch.equal(results[0], results[1])
 
 
@@ -118,8 +119,8 @@ def test_captured_chain_replays_the_eager_chain_after_weight_updates(inputs, pyl
         for cuda_graph in (False, True):
             buffer = ReplayBuffer(0, 10, 0.05, device, images=buffer_images.to(device))
             torch.manual_seed(0)
-            samples[cuda_graph] = sample_q(model, buffer, 8, n_steps=3, cuda_graph=cuda_graph,
-                                           **pyld)
+            chain = ChainSettings(n_steps=3, cuda_graph=cuda_graph, **pyld)
+            samples[cuda_graph] = sample_q(model, buffer, 8, chain=chain)
 
         torch.testing.assert_close(samples[True], samples[False])
         loss = model.classify(batch[0].to(device)).logsumexp(1).mean()

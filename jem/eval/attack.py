@@ -52,6 +52,7 @@ from jem.data import make_loader
 from jem.eval.datasets import check_labeled, load_eval_dataset, one_size_batches
 from jem.sampler import frozen_parameters, uncached_autocast
 from jem.errors import UserError
+from jem.eval.sampling import chain_settings
 from jem.eval.plots import plot_robustness
 
 EPS_UNITS = {  # --eps value -> perturbation size in [0, 1] pixel space
@@ -351,8 +352,8 @@ def run_attack(args, model, replay_buffer, device):
     check_attack_args(args)
     eps_list = sorted(set(args.eps or DEFAULT_EPS[args.distance]))
     rng = torch.Generator().manual_seed(args.seed)
-    pyld = dict(in_steps=args.in_steps, pyld_lr=args.pyld_lr, eps=args.pyld_eps) \
-        if args.in_steps > 0 and args.pyld_lr > 0 else None  # a model trained with PYLD (eval_sampling.py)
+    chain = chain_settings(args)  # a model trained with PYLD is refined with PYLD (jem/eval/sampling.py)
+    pyld = dict(in_steps=chain.in_steps, pyld_lr=chain.pyld_lr, eps=chain.eps) if chain.is_pyld else None
     classifier = RefinedClassifier(model, args.sigma, args.n_steps_refine, args.n_dup_chains, args.sgld_lr,
                                    args.sgld_std, args.max_chains_per_pass, rng, args.attack_grad, pyld)
     loader = attack_loader(args, model.n_classes, device)

@@ -11,19 +11,18 @@ the command line always wins.
 """
 import math
 import os
-from argparse import Namespace
 from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
-from jem.flags import train as train_flags
 from jem.chain_init import ClassGaussians, IMAGE_SHAPE, UniformNoise
-from jem.data import SYNTHETIC_CLASSES, plain_training_images
+from jem.data import SYNTHETIC_CLASSES, DataSettings, plain_training_images
 from jem.eval.datasets import EVAL_SETS
 from jem.optim import frozen_running_stats
 from jem.eval.plots import save_grid, save_labeled_rows
-from jem.sampler import ReplayBuffer, sample_q
+from jem.recipes import RECIPES, sampler_of
+from jem.sampler import ChainSettings, ReplayBuffer, sample_q
 from jem.errors import UserError
 
 TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "sigma")  # read from the training
@@ -33,7 +32,7 @@ PER_ROW = 10  # images per class row in the cond_samples grids
 
 def add_recipe_sampler_flags(parser):
     group = parser.add_argument_group("the sampler of a later recipe (default: the checkpoint's training)")
-    group.add_argument("--recipe", choices=sorted(train_flags.RECIPES), default="jem",
+    group.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
                        help="sample as this recipe trained (for files that store no training flags, e.g. JEM++'s and "
                             "SADA-JEM's published models); default: the checkpoint's recipe, else jem")
     group.add_argument("--in_steps", type=int, default=0, help="PYLD inner steps per step (0: SGLD)")
@@ -61,15 +60,16 @@ def trained_flags(recipe, recipe_given, stored):
     """The training flags of a later recipe's model: --recipe's own when given, else the checkpoint's when its
     chains were PYLD; {} for the paper's models (and the paper's recipe)."""
     if recipe_given:
-        return vars(train_flags.parse_args(["--recipe", recipe])) if recipe != "jem" else {}
+        return sampler_of(recipe) if recipe != "jem" else {}
     if stored.get("recipe", "jem") != "jem" or stored.get("in_steps", 0) > 0:
         return stored
     return {}
 
 
 def chain_settings(args):
-    return dict(n_steps=args.n_steps, sgld_lr=args.sgld_lr, sgld_std=args.sgld_std, in_steps=args.in_steps,
-                pyld_lr=args.pyld_lr, eps=args.pyld_eps)
+    """Evaluation's chains, from its flags once sample_as_trained has set them."""
+    return ChainSettings(args.n_steps, args.sgld_lr, args.sgld_std, args.in_steps, args.pyld_lr,
+                         args.pyld_eps, train_mode=args.chains_in_train_mode)
 
 
 def describe_sampler(args):
@@ -105,9 +105,9 @@ def fresh_chain_starts(args, device):
     if args.buffer_init == "uniform":
         return UniformNoise()
     data = args.training_data or {"dataset": EVAL_SETS.get(args.dataset, (args.dataset,))[0], "n_valid": 0}
-    flags = Namespace(**{"labels_per_class": -1, **data, "data_root": args.data_root, "n_classes": args.n_classes,
-                         "n_workers": args.n_workers})
-    return ClassGaussians.fit(plain_training_images(flags, device), args.n_classes).to(device)
+    training = DataSettings(**{"labels_per_class": -1, **data, "data_root": args.data_root,
+                               "n_classes": args.n_classes, "n_workers": args.n_workers})
+    return ClassGaussians.fit(plain_training_images(training, device), args.n_classes).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,8 +122,7 @@ def advance_buffer(args, model, replay_buffer, grid_prefix):
     grids, short_run = [], []
     for round_ in tqdm(range(args.n_sample_steps), desc="sampling rounds", disable=args.print_to_log):
         with chains_as_trained(model, args):
-            samples = sample_q(model, replay_buffer, args.batch_size, train_mode=args.chains_in_train_mode,
-                               **chain_settings(args))
+            samples = sample_q(model, replay_buffer, args.batch_size, chain=chain_settings(args))
         if len(replay_buffer) == 0:
             short_run.append(samples.cpu())
         if round_ % args.print_every == 0:

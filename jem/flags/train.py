@@ -1,41 +1,35 @@
-"""train_wrn_ebm.py's command line: its flags, the later recipes' presets (--recipe), the range of every number
-(FLAG_RANGES) and the checks of flag combinations that cannot work.
+"""train_wrn_ebm.py's command line: its flags, the later recipes' presets (--recipe), the range of
+every number (FLAG_RANGES), the checks of flag combinations that cannot work, and the typed settings
+the library takes (`settings_from_args`, built once).
 
-Flags and defaults are the paper's code's (its command lines run unchanged); `--recipe jempp` / `--recipe
-sadajem` fill in JEM++'s and SADA-JEM's published settings for every flag not given (docs/recipes.md).
-bench.py builds the training step's flags here too, so it never imports the training script. `resumed_args`
-reads the flags of the run that --resume continues.
+Flags and defaults are the paper's code's (its command lines run unchanged); `--recipe jempp` /
+`--recipe sadajem` fill in JEM++'s and SADA-JEM's published settings for every flag not given
+(docs/recipes.md). bench.py builds the training step's settings here too, so it never imports the
+training script. `resumed_args` reads the flags of the run that --resume continues.
 """
 import argparse
 import os
 import sys
 
 from jem.checkpoint import find_resume_checkpoint, load_checkpoint
-from jem.data import TORCHVISION_SETS
-from jem.eval.sample_quality import add_sample_quality_flags
+from jem.data import TORCHVISION_SETS, DataSettings
 from jem.errors import UserError
-from jem.flags.common import (OneLineErrors, add_model_flags, add_sampler_flags, add_system_flags, check_ranges,
-                              flags_given)
+from jem.eval.sample_quality import add_sample_quality_flags
+from jem.flags.common import (OneLineErrors, add_model_flags, add_sampler_flags, add_system_flags,
+                              check_ranges, flags_given)
+from jem.model import ModelSettings
+from jem.optim import OptimizerSettings, Schedule
+from jem.recipes import RECIPES
+from jem.run.held_out import HeldOutSchedule
+from jem.run.rollback import RollbackSettings
+from jem.run.stopping import DivergenceCriterion
+from jem.sampler import ChainSettings
+from jem.step import Objective, StepSettings
+from jem.trainer import BufferSettings, RunSettings, TrainSettings
 
 PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
-
-# --recipe: each later paper's training as its authors published it (the command of their README and
-# scripts/, over their code's defaults: JEMPP's train_jempp.py, SADAJEM's train_sadajem.py) for the flags that
-# exist here; a flag given on the command line wins.
-RECIPES = {
-    "jem": {},
-    "jempp": dict(norm="batch", optimizer="sgd", lr=0.1, weight_decay=4e-4, warmup_iters=1000, n_epochs=150,
-                  decay_epochs=[50, 100, 125], decay_rate=0.2, n_steps=10, in_steps=5, pyld_lr=0.2, eps=1.0,
-                  sgld_lr=0.0, sgld_std=0.0, buffer_init="informative", model="yopo", test_sigma=0.0),
-    # SADA-JEM's chain step, x <- clamp(x + clamp(g, -1, 1), -1, 1), is one PYLD inner step of 1 (their
-    # --sgld_lr 1: see sadajem_meanings). Their epoch is a pass over the labeled batches of 128, and their run
-    # stops when |p_x_weight * l_p_x| > 1e5.
-    "sadajem": dict(norm="batch", optimizer="sam", rho=2.0, lr=0.1, weight_decay=5e-4, warmup_iters=1000,
-                    n_epochs=200, decay_epochs=[60, 120, 180], decay_rate=0.2, sigma=0.0, n_valid=0,
-                    px_augment=False, labeled_batch_size=128, epoch_over="labeled", n_steps=5, in_steps=1,
-                    pyld_lr=1.0, eps=1.0, sgld_lr=0.0, sgld_std=0.0, buffer_init="informative",
-                    diverge_on="p_x", diverge_threshold=1e5),
-}
+# Flags that cannot change within a run: its network and its data (the class count follows the data).
+FIXED_IN_A_RUN = ("depth", "width", "norm", "uncond", "model", "dataset")
 
 
 def parse_args(argv=None):
@@ -86,11 +80,12 @@ def sadajem_meanings(args, given):
 
 
 def resumed_args(argv):
-    """(flags, training state) of the run that --resume continues; the flags given now win over the stored
-    ones, read in the stored run's recipe (a SADA-JEM flag means what it meant when the run started).
+    """(flags, training state, {flag: (stored, now)} changed) of the run that --resume continues.
 
-    The device and the loader processes belong to this machine, not to the run, so they are not taken over;
-    flags the stored run predates take their default, which is what that run did.
+    The flags given now win over the stored ones, read in the stored run's recipe (a SADA-JEM flag
+    means what it meant when the run started); those of FIXED_IN_A_RUN are refused if they differ.
+    The device and the loader processes belong to this machine, not to the run, so they are not taken
+    over; flags the stored run predates take their default, which is what that run did.
     """
     argv = sys.argv[1:] if argv is None else list(argv)  # from a shell argv is None: the flags typed are here
     args, given = parse_args_and_given(argv)
@@ -105,8 +100,14 @@ def resumed_args(argv):
     defaults = vars(parse_args([]))
     stored = {k: v for k, v in stored.items() if k not in ("device", "n_workers")}
     now = {k: getattr(args, k) for k in given}
+    changed = {k: (stored.get(k, defaults.get(k)), v) for k, v in now.items()
+               if k not in ("resume", "save_dir") and stored.get(k, defaults.get(k)) != v}
+    for flag in FIXED_IN_A_RUN:
+        if flag in changed:
+            raise UserError(f"--{flag} cannot change within a run: {path} was trained with --{flag} "
+                            f"{changed[flag][0]}; drop --{flag}, or start a new run with --load_path")
     merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **now, "resume": path}
-    return argparse.Namespace(**merged), ckpt
+    return argparse.Namespace(**merged), ckpt, changed
 
 
 def build_parser():
@@ -220,6 +221,9 @@ def build_parser():
                          "other work on the machine does not stretch); metrics.jsonl records both")
     io.add_argument("--plot_uncond", action="store_true", help=f"save unconditional samples every {PLOT_EVERY} its")
     io.add_argument("--plot_cond", action="store_true", help=f"save class-conditional samples every {PLOT_EVERY} its")
+    io.add_argument("--tensorboard", action="store_true",
+                    help="also write every metrics.jsonl value, energy histograms and sample grids as "
+                         "TensorBoard events to SAVE_DIR/tensorboard (tensorboard --logdir SAVE_DIR)")
     io.add_argument("--log_arg", type=str, default=None,
                     help="JEM++'s run-name flag: accepted and recorded in args.json (the run goes to --save_dir)")
     io.add_argument("--fid_every", type=int, default=0,
@@ -274,3 +278,32 @@ def check_args(args, world_size=1):
     if args.fid_every and not 1 <= args.is_splits <= args.buffer_size // world_size:
         raise UserError(f"--fid_every scores the replay buffer in --is_splits {args.is_splits} splits: it needs "
                         "1 <= --is_splits <= --buffer_size (per process)")
+
+
+def settings_from_args(args):
+    """The typed settings of a run, from its flags (after check_args)."""
+    objective = Objective(args.p_x_weight, args.p_y_given_x_weight, args.p_x_y_weight, args.energy_l2,
+                          args.class_cond_p_x_sample, args.n_classes)
+    chain = ChainSettings(args.n_steps, args.sgld_lr, args.sgld_std, args.in_steps, args.pyld_lr,
+                          args.eps, train_mode=args.norm == "batch", cuda_graph=args.cuda_graph)
+    return TrainSettings(
+        model=ModelSettings(args.depth, args.width, args.norm, args.dropout_rate, args.n_classes,
+                            args.uncond),
+        data=DataSettings(args.dataset, args.data_root, args.n_classes, args.n_valid,
+                          args.labels_per_class, args.sigma, args.test_sigma, args.px_augment,
+                          args.batch_size, args.labeled_batch_size, args.seed, args.n_workers),
+        step=StepSettings(objective, chain, args.amp),
+        optimizer=OptimizerSettings(args.optimizer, args.lr, args.weight_decay, args.rho,
+                                    args.clf_only),
+        schedule=Schedule(args.lr, tuple(args.decay_epochs), args.decay_rate, args.warmup_iters),
+        buffer=BufferSettings(args.buffer_size, args.reinit_freq, args.buffer_init,
+                              needs_conditional_buffer(args)),
+        divergence=DivergenceCriterion(args.diverge_on, args.diverge_threshold, args.p_x_weight,
+                                       args.energy_l2),
+        rollback=RollbackSettings(args.on_diverge, args.max_rollbacks, args.rollback_lr_scale),
+        held_out=HeldOutSchedule(args.eval_every, args.eval_every_iters, args.eval_every_minutes,
+                                 args.train_clock, args.eval_train),
+        run=RunSettings(args.save_dir, args.n_epochs, args.epoch_over, args.seed, args.print_every,
+                        PLOT_EVERY, args.plot_uncond, args.plot_cond, args.ckpt_every,
+                        args.ckpt_every_iters, args.keep_last, args.fid_every,
+                        args.max_train_minutes, args.train_clock, args.compile, args.print_to_log))

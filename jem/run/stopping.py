@@ -5,6 +5,7 @@ import math
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -17,16 +18,24 @@ class Diverged(Exception):
         self.loss_value = loss_value
 
 
-def has_diverged(loss_value, terms, args):
-    """A loss that is not finite, or |the value --diverge_on names| > --diverge_threshold: the whole
-    loss (the paper) or its p(x) part (SADA-JEM, whose run stopped when |p_x_weight * l_p_x| >
-    1e5)."""
-    checked = loss_value
-    if args.diverge_on == "p_x" and "l_p_x" in terms:
-        checked = args.p_x_weight * terms["l_p_x"].item() \
-            + args.energy_l2 * float(terms.get("l_energy_l2", 0.0))
+@dataclass(frozen=True)
+class DivergenceCriterion:
+    """When training has diverged: a loss that is not finite, or |the checked value| > threshold.
+    The checked value is the whole loss (the paper: 1e8) or its p(x) part, p_x_weight * l_p_x (+ the
+    energy penalty), as SADA-JEM's run stopped when it passed 1e5."""
 
-    return not (math.isfinite(loss_value) and abs(checked) <= args.diverge_threshold)
+    on: str = "loss"  # loss | p_x
+    threshold: float = 1e8
+    p_x_weight: float = 1.0
+    energy_l2: float = 0.0
+
+
+def has_diverged(loss_value, terms, criterion):
+    checked = loss_value
+    if criterion.on == "p_x" and "l_p_x" in terms:
+        checked = criterion.p_x_weight * terms["l_p_x"].item() \
+            + criterion.energy_l2 * float(terms.get("l_energy_l2", 0.0))
+    return not (math.isfinite(loss_value) and abs(checked) <= criterion.threshold)
 
 
 def weights_are_finite(state):
