@@ -413,3 +413,31 @@ def test_flags_typed_with_resume_win_for_every_recipe(tiny, tmp_path, recipe):
     train_from_shell(["--resume", run, "--n_epochs", "2"])
     ckpt = load_checkpoint(os.path.join(run, "last_ckpt.pt"))
     assert ckpt["epoch"] == 1 and ckpt["args"]["n_epochs"] == 2 and ckpt["args"]["recipe"] == recipe
+
+
+def test_a_finished_run_stays_finished_and_a_typed_flag_extends_it(tiny, tmp_path):
+    """--resume of a run at its last epoch trains nothing and leaves last_ckpt.pt alone; --n_epochs
+    typed now extends it, the log names the changed flag, and the summary says how to go on."""
+    run = str(tmp_path / "run")
+    done = train_from_shell([*tiny, "--n_epochs", "1", "--save_dir", run])
+    assert "evaluate: python eval_wrn_ebm.py --load_path" in open(os.path.join(run, "log.txt")).read()
+    checkpoint = os.path.join(run, "last_ckpt.pt")
+    before = os.path.getmtime(checkpoint)
+    train_from_shell(["--resume", run])
+    assert os.path.getmtime(checkpoint) == before
+    assert "nothing left to train" in open(os.path.join(run, "log.txt")).read()
+    train_from_shell(["--resume", run, "--n_epochs", "2"])
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "flags changed from the stored run: --n_epochs 1 -> 2" in log
+    assert load_checkpoint(checkpoint)["epoch"] == 1 and done.returncode == 0
+
+
+@pytest.mark.parametrize("flag, value, stored", [("--depth", "16", "10"), ("--norm", "batch", "None")])
+def test_a_flag_fixed_within_a_run_is_refused_naming_its_stored_value(tiny, tmp_path, flag, value,
+                                                                      stored):
+    run = str(tmp_path / "run")
+    train_from_shell([*tiny, "--n_epochs", "1", "--save_dir", run])
+    done = subprocess.run([sys.executable, "train_wrn_ebm.py", "--resume", run, flag, value],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert f"{flag} cannot change within a run" in done.stderr and f"{flag} {stored}" in done.stderr
