@@ -1,4 +1,5 @@
-"""Train a Joint Energy Model (JEM) on CIFAR-10/100, SVHN, an image folder or the built-in synthetic set.
+"""Train a Joint Energy Model (JEM) on CIFAR-10/100, SVHN, an image folder or the built-in synthetic
+set.
 
 The paper's CIFAR-10 run (WRN-28-10, days on one GPU):
 
@@ -11,8 +12,8 @@ The later recipes, JEM++ and SADA-JEM, as their authors published them (docs/rec
     python train_wrn_ebm.py --recipe jempp --plot_uncond --save_dir runs/jempp
     python train_wrn_ebm.py --recipe sadajem --plot_uncond --save_dir runs/sadajem
 
-A quickstart that needs no download and runs on a CPU in a few minutes (JEM++'s sampler, batch norm and
-chain starts, with Adam):
+A quickstart that needs no download and runs on a CPU in a few minutes (JEM++'s sampler, batch norm
+and chain starts, with Adam):
 
     python train_wrn_ebm.py --recipe jempp --dataset synthetic --depth 10 --width 1 --optimizer adam --lr 1e-3 \
         --weight_decay 0 --warmup_iters 0 --n_steps 5 --batch_size 32 --n_epochs 2 --n_valid 500 \

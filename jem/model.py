@@ -39,8 +39,9 @@ class JEM(nn.Module):
         return logits, self.px_score(features, logits)
 
     def px_score(self, features, logits):
-        """-E(x) in float32 at least, also from bf16 logits (--amp): the energy gap is a small difference of two of
-        them. A float64 model keeps float64 (the attack's gradient checks by finite differences need it)."""
+        """-E(x) in float32 at least, also from bf16 logits (--amp): the energy gap is a small
+        difference of two of them. A float64 model keeps float64 (the attack's gradient checks by
+        finite differences need it)."""
         if self.uncond:
             return at_least_float32(self.energy_output(features).squeeze(1))
         return at_least_float32(logits).logsumexp(1)
@@ -59,7 +60,8 @@ def at_least_float32(tensor):
 
 
 class Heads(nn.Module):
-    """A JEM's (logits, score) pass as a module's forward, the call DistributedDataParallel wraps."""
+    """A JEM's (logits, score) pass as a module's forward, the call DistributedDataParallel
+    wraps."""
 
     def __init__(self, model):
         super().__init__()

@@ -1,15 +1,15 @@
-"""The optimizers training can choose beyond torch's own: sharpness-aware minimisation (SAM) and its adaptive
-variant (ASAM), which SADA-JEM trains with.
+"""The optimizers training can choose beyond torch's own: sharpness-aware minimisation (SAM) and its
+adaptive variant (ASAM), which SADA-JEM trains with.
 
-SAM (Foret et al., ICLR 2021) takes two gradients per update. With g the gradient at the weights w, it moves
-to w + e, where the loss is about the highest within a ball of radius rho, takes the gradient there, goes
-back to w and lets the base optimizer step with that second gradient:
+SAM (Foret et al., ICLR 2021) takes two gradients per update. With g the gradient at the weights w,
+it moves to w + e, where the loss is about the highest within a ball of radius rho, takes the
+gradient there, goes back to w and lets the base optimizer step with that second gradient:
 
     e = rho * T^2 g / ||T g||        T = 1 (SAM), or |w| elementwise (ASAM, Kwon et al., ICML 2021)
 
-ASAM's ball scales with each weight's size, so its rho is far larger (SADA-JEM: 2.0). Both follow the
-SADA-JEM authors' code (sndnyang/SADAJEM, sam.py): one norm over every parameter, 1e-12 added to it, and
-the weights put back by copy before the base step (so weight decay acts on w, not on w + e).
+ASAM's ball scales with each weight's size, so its rho is far larger (SADA-JEM: 2.0). Both follow
+the SADA-JEM authors' code (sndnyang/SADAJEM, sam.py): one norm over every parameter, 1e-12 added to
+it, and the weights put back by copy before the base step (so weight decay acts on w, not on w + e).
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +31,8 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The learning rate: lr, times decay_rate at each of decay_epochs, ramped up over warmup_iters."""
+    """The learning rate: lr, times decay_rate at each of decay_epochs, ramped up over
+    warmup_iters."""
 
     lr: float = 1e-4
     decay_epochs: tuple = (160, 180)
@@ -62,13 +63,15 @@ def set_lr(optimizer, lr):
 
 
 class SAM(torch.optim.Optimizer):
-    """SAM around a base optimizer, torch.optim-style: `SAM(params, torch.optim.SGD, rho=2.0, adaptive=True,
-    lr=0.1, momentum=0.9)` (keyword arguments after `adaptive` go to the base optimizer).
+    """SAM around a base optimizer, torch.optim-style: `SAM(params, torch.optim.SGD, rho=2.0,
+    adaptive=True, lr=0.1, momentum=0.9)` (keyword arguments after `adaptive` go to the base
+    optimizer).
 
-    Use: backpropagate the loss at w, then `step(closure)`, where closure() computes the loss on the same
-    batch at the current weights and backpropagates it (it runs once, at w + e). The param groups are the
-    base optimizer's, so learning-rate changes reach it; the state dict is the base optimizer's (its momentum
-    buffers, and rho and adaptive in each group), so a run resumes exactly.
+    Use: backpropagate the loss at w, then `step(closure)`, where closure() computes the loss on the
+    same batch at the current weights and backpropagates it (it runs once, at w + e). The param
+    groups are the base optimizer's, so learning-rate changes reach it; the state dict is the base
+    optimizer's (its momentum buffers, and rho and adaptive in each group), so a run resumes
+    exactly.
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **base_kwargs):
@@ -82,8 +85,8 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure):
         """One update from the gradients at w (already in .grad); returns what closure returns.
 
-        Should the closure raise (the training loop's check of a diverged loss), the weights go back to w and
-        the base optimizer does not step.
+        Should the closure raise (the training loop's check of a diverged loss), the weights go back
+        to w and the base optimizer does not step.
         """
         weights = self.climb()
         self.zero_grad()
@@ -121,12 +124,20 @@ class SAM(torch.optim.Optimizer):
 
 def sam_over_sgd(params, lr, weight_decay, rho):
     """SADA-JEM's optimizer: SAM over SGD with momentum 0.9, adaptive (ASAM) when rho >= 0.5."""
-    return SAM(params, torch.optim.SGD, rho=rho, adaptive=rho >= ADAPTIVE_FROM_RHO, lr=lr, momentum=0.9,
-               weight_decay=weight_decay)
+    return SAM(
+        params,
+        torch.optim.SGD,
+        rho=rho,
+        adaptive=rho >= ADAPTIVE_FROM_RHO,
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+    )
 
 
 def optimizer_step(optimizer, recompute_loss):
-    """optimizer.step() on the gradients already computed; SAM calls recompute_loss() at its perturbed weights."""
+    """optimizer.step() on the gradients already computed; SAM calls recompute_loss() at its
+    perturbed weights."""
     if isinstance(optimizer, SAM):
         optimizer.step(recompute_loss)
     else:
@@ -135,11 +146,12 @@ def optimizer_step(optimizer, recompute_loss):
 
 @contextmanager
 def frozen_running_stats(model):
-    """Batch norm still normalises training batches by their own statistics but leaves its running statistics
-    (and batch count) as they are: SAM's second pass sees the same batch again, at weights never kept.
+    """Batch norm still normalises training batches by their own statistics but leaves its running
+    statistics (and batch count) as they are: SAM's second pass sees the same batch again, at
+    weights never kept.
 
-    SADA-JEM sets the momentum to 0 for this; not tracking gives the same normalisation and also keeps
-    num_batches_tracked.
+    SADA-JEM sets the momentum to 0 for this; not tracking gives the same normalisation and also
+    keeps num_batches_tracked.
     """
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     for m in norms:

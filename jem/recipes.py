@@ -1,10 +1,10 @@
 """The later recipes for this model as their authors published them: flag values over the paper's
-defaults (the command of their README and scripts over their code's defaults: JEMPP's train_jempp.py,
-SADAJEM's train_sadajem.py), for the flags that exist here.
+defaults (the command of their README and scripts over their code's defaults: JEMPP's
+train_jempp.py, SADAJEM's train_sadajem.py), for the flags that exist here.
 
-`--recipe NAME` applies them to training (a flag given on the command line wins) and tells evaluation
-how a published model was sampled. A new recipe is an entry here; a new sampler or optimizer it needs
-goes next to its siblings in jem/sampler.py or jem/optim.py, chosen by a flag.
+`--recipe NAME` applies them to training (a flag given on the command line wins) and tells
+evaluation how a published model was sampled. A new recipe is an entry here; a new sampler or
+optimizer it needs goes next to its siblings in jem/sampler.py or jem/optim.py, chosen by a flag.
 """
 
 RECIPES = {

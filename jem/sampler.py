@@ -2,10 +2,11 @@
 
 Two samplers, chosen by in_steps, each step following g = d score(x)/dx where score = -E:
 
-- SGLD (the paper; in_steps = 0): x <- x + sgld_lr * g + sgld_std * N(0, I). The step size and the noise
-  scale are decoupled on purpose, as in the paper (not the textbook sgld_lr/2 and sqrt(sgld_lr)).
-- PYLD (JEM++; in_steps > 0): g clipped to [-eps, eps], then in_steps steps of pyld_lr along it, each
-  followed by a clamp to [-1, 1]; see `pyld_step`.
+- SGLD (the paper; in_steps = 0): x <- x + sgld_lr * g + sgld_std * N(0, I). The step size and the
+  noise scale are decoupled on purpose, as in the paper (not the textbook sgld_lr/2 and
+  sqrt(sgld_lr)).
+- PYLD (JEM++; in_steps > 0): g clipped to [-eps, eps], then in_steps steps of pyld_lr along it,
+  each followed by a clamp to [-1, 1]; see `pyld_step`.
 
 Where chains start (uniform noise or per-class Gaussians) is chain_init.py's business.
 """
@@ -21,7 +22,8 @@ from jem.chain_init import UniformNoise
 
 @dataclass(frozen=True)
 class ChainSettings:
-    """How a chain moves; the paper's SGLD by default, JEM++'s PYLD when in_steps > 0 and pyld_lr > 0."""
+    """How a chain moves; the paper's SGLD by default, JEM++'s PYLD when in_steps > 0 and pyld_lr >
+    0."""
 
     n_steps: int = 20  # Langevin steps per sample
     sgld_lr: float = 1.0  # step along the score's gradient (PYLD: an optional clipped first step)
@@ -64,8 +66,8 @@ class ReplayBuffer:
     def sample_start(self, n, y=None):
         """Chain starts for n chains (of classes y if given) and the buffer indices they came from.
 
-        Each start is replaced by a fresh one (from chain_init) with probability reinit_freq. Indices
-        are None when there is no buffer.
+        Each start is replaced by a fresh one (from chain_init) with probability reinit_freq.
+        Indices are None when there is no buffer.
         """
         if len(self) == 0:
             return self.chain_init.sample(n, self.device), None
@@ -78,7 +80,8 @@ class ReplayBuffer:
         return self.chain_init.restart(self.images[inds], reinit), inds
 
     def write(self, inds, samples):
-        """Store samples at their start indices; where an index was drawn twice, the later chain wins.
+        """Store samples at their start indices; where an index was drawn twice, the later chain
+        wins.
 
         A plain `images[inds] = samples` with repeated indices may interleave the pixels of both
         chains (the write order is undefined), so each index is written once.
@@ -111,12 +114,14 @@ def sgld_step(x, grad, sgld_lr, sgld_std):
 
 
 def pyld_step(x, grad, sgld_lr, sgld_std, in_steps, pyld_lr, eps):
-    """JEM++'s step, in place, in their order: an optional clipped outer step of sgld_lr and a clamp,
-    in_steps inner steps of pyld_lr each followed by a clamp, then noise of sgld_std (not clamped).
+    """JEM++'s step, in place, in their order: an optional clipped outer step of sgld_lr and a
+    clamp, in_steps inner steps of pyld_lr each followed by a clamp, then noise of sgld_std (not
+    clamped).
 
-    Their inner steps re-differentiate only the first convolution, <conv1(x), p> with p the score's gradient
-    at conv1's output. The convolution is linear, so that gradient is conv1^T p = grad at every inner
-    iterate (tests/test_sampler.py checks it): the inner steps cost no network pass here.
+    Their inner steps re-differentiate only the first convolution, <conv1(x), p> with p the score's
+    gradient at conv1's output. The convolution is linear, so that gradient is conv1^T p = grad at
+    every inner iterate (tests/test_sampler.py checks it): the inner steps cost no network pass
+    here.
     """
     clipped = grad.clamp(-eps, eps)
     # Each step is multiplied out before it is added, as theirs: add_(alpha=) fuses the two into one
@@ -131,9 +136,9 @@ def pyld_step(x, grad, sgld_lr, sgld_std, in_steps, pyld_lr, eps):
 
 
 def sgld(score_fn, x, chain):
-    """chain.n_steps of Langevin ascent on score_fn (per-example scores, shape (N,)); returns detached
-    samples. SGLD steps, or PYLD steps for chain.is_pyld (JEM++ turns its inner steps off for a
-    pyld_lr <= 0)."""
+    """chain.n_steps of Langevin ascent on score_fn (per-example scores, shape (N,)); returns
+    detached samples. SGLD steps, or PYLD steps for chain.is_pyld (JEM++ turns its inner steps off
+    for a pyld_lr <= 0)."""
     if chain.is_pyld:
         step = partial(pyld_step, sgld_lr=chain.sgld_lr, sgld_std=chain.sgld_std,
                        in_steps=chain.in_steps, pyld_lr=chain.pyld_lr, eps=chain.eps)
@@ -151,10 +156,10 @@ def sgld(score_fn, x, chain):
 def uncached_autocast(device_type):
     """The caller's autocast (on or off, same dtype) without its cache of low-precision copies.
 
-    Autocast keeps the bf16 copy of a leaf tensor that requires grad, by identity, until its outermost region
-    ends. The chain's x is such a leaf and moves in place every step: with the cache, every step after the
-    first would see the chain's start again, and a bf16 chain would climb along its first gradient only
-    (docs/performance.md, "bf16 that learns").
+    Autocast keeps the bf16 copy of a leaf tensor that requires grad, by identity, until its
+    outermost region ends. The chain's x is such a leaf and moves in place every step: with the
+    cache, every step after the first would see the chain's start again, and a bf16 chain would
+    climb along its first gradient only (docs/performance.md, "bf16 that learns").
     """
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
                           enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
@@ -217,10 +222,10 @@ def captured_chain(model, starts, y, chain):
 def sample_q(model, replay_buffer, n, y=None, chain=ChainSettings()):
     """Draw n samples from the model (class-conditional when y is given) and update the buffer.
 
-    The chain runs with frozen parameters, the model in eval mode as in the paper, or in training mode
-    with chain.train_mode (JEM++'s batch norm: statistics of the chain's own batch); the previous mode
-    and parameter flags are restored afterwards. chain.cuda_graph replays a captured chain (see
-    CapturedChain) when the buffer is on a GPU; elsewhere it is ignored.
+    The chain runs with frozen parameters, the model in eval mode as in the paper, or in training
+    mode with chain.train_mode (JEM++'s batch norm: statistics of the chain's own batch); the
+    previous mode and parameter flags are restored afterwards. chain.cuda_graph replays a captured
+    chain (see CapturedChain) when the buffer is on a GPU; elsewhere it is ignored.
     """
     starts, inds = replay_buffer.sample_start(n, y)
     was_training = model.training

@@ -6,10 +6,11 @@ times it). Given a data batch x_data for p(x) and a labeled batch (x_lab, y_lab)
     update(model, optimizer, loss, samples, batch, settings)
 
 `iteration_loss` draws the samples (`draw_samples`: Langevin chains from the replay buffer) and
-computes the JEM loss on them (`jem_loss`), under --amp's autocast; `update` backpropagates and steps
-the optimizer (SAM: a second loss pass on the same samples).
+computes the JEM loss on them (`jem_loss`), under --amp's autocast; `update` backpropagates and
+steps the optimizer (SAM: a second loss pass on the same samples).
 
-A new loss term is a weight in `Objective`, its value in `jem_loss`, and a flag in jem/flags/train.py.
+A new loss term is a weight in `Objective`, its value in `jem_loss`, and a flag in
+jem/flags/train.py.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -57,7 +58,8 @@ def has_batch_norm(model):
 
 
 def can_fuse_forward(model):
-    """One forward pass over all batches equals separate passes unless a norm couples the examples."""
+    """One forward pass over all batches equals separate passes unless a norm couples the
+    examples."""
     return not has_batch_norm(model) and \
         all(m.initialized.item() for m in model.modules() if hasattr(m, "initialized"))
 
@@ -85,10 +87,10 @@ def draw_samples(model, replay_buffer, batch, settings, heads=None):
     """This iteration's samples by the term they serve ('p_x', 'p_x_y'), and the data batch's
     (logits, score) when they had to come first (else None).
 
-    The samples are drawn once per iteration, apart from the loss, so that a second loss pass (SAM's)
-    sees the same ones. With batch norm, as JEM++ ("alltrain1"), the data batch goes through the
-    network in training mode before the chain, so the chain starts from statistics of real images;
-    the loss reuses that pass.
+    The samples are drawn once per iteration, apart from the loss, so that a second loss pass
+    (SAM's) sees the same ones. With batch norm, as JEM++ ("alltrain1"), the data batch goes through
+    the network in training mode before the chain, so the chain starts from statistics of real
+    images; the loss reuses that pass.
     """
     objective, x_data = settings.objective, batch.x_data
     samples, data_heads = {}, None

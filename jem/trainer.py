@@ -1,6 +1,6 @@
-"""The training run: what it holds (model, optimizer, replay buffer, data, position, random state) and
-the loop over epochs. One iteration is `Trainer.iterate`; logging, held-out evaluation, divergence
-rollback and stopping are small objects of jem/run/ that the loop calls.
+"""The training run: what it holds (model, optimizer, replay buffer, data, position, random state)
+and the loop over epochs. One iteration is `Trainer.iterate`; logging, held-out evaluation,
+divergence rollback and stopping are small objects of jem/run/ that the loop calls.
 
 `state_dict()` is the whole training state, so a checkpoint resumes exactly and a divergence rolls
 back to the last one.
@@ -86,8 +86,11 @@ class Trainer:
             settings, flags, topology, device, log
         run = settings.run
         self.save_dir, self.seed = run.save_dir, run.seed
-        self.clock = TrainingClock(*(resume_state.get(k, 0.0) for k in ("train_seconds", "cpu_seconds"))
-                                   if resume_state else ())
+        self.clock = TrainingClock(
+            *(resume_state.get(k, 0.0) for k in ("train_seconds", "cpu_seconds"))
+            if resume_state
+            else ()
+        )
         self.loaders = train_loaders(settings.data, device, topology.rank, topology.world_size)
         if settings.held_out.on_training_split:
             self.loaders["train_clean"] = plain_training_images(settings.data, device)
@@ -120,9 +123,9 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------------
 
     def make_chain_init(self, resume_state):
-        """Uniform noise, or the per-class Gaussians of the training images, fitted by rank 0 and sent
-        to every rank. They are not saved (380 MB for CIFAR-10): --resume fits them again and checks
-        the fit against the fingerprint in the checkpoint."""
+        """Uniform noise, or the per-class Gaussians of the training images, fitted by rank 0 and
+        sent to every rank. They are not saved (380 MB for CIFAR-10): --resume fits them again and
+        checks the fit against the fingerprint in the checkpoint."""
         if self.settings.buffer.init == "uniform":
             return UniformNoise()
         gaussians, n_classes = None, self.settings.model.n_classes
@@ -137,9 +140,9 @@ class Trainer:
             elif stored == self.gaussians_fingerprint:
                 refit = " (the same numbers as when the run started)"
             else:
-                refit = (": they differ in rounding from those the run started with (another machine "
-                         "or thread count?), so this run will not repeat an uninterrupted one bit for "
-                         "bit")
+                refit = (": they differ in rounding from those the run started with (another "
+                         "machine or thread count?), so this run will not repeat an uninterrupted "
+                         "one bit for bit")
             self.log.line(f"fitted {n_classes} class Gaussians to the training images in "
                           f"{time.time() - tick:.1f}s{refit}")
         return broadcast(gaussians, self.topology).to(self.device)
@@ -159,13 +162,14 @@ class Trainer:
                               self.device, images=shard(images, self.topology).float(),
                               chain_init=self.chain_init)
         if self.settings.buffer.conditional and not buffer.can_condition():
-            raise UserError(f"the loaded replay buffer shard of {len(buffer)} images does not divide "
-                            f"by the {self.settings.model.n_classes} classes needed for "
+            raise UserError(f"the loaded replay buffer shard of {len(buffer)} images does not "
+                            f"divide by the {self.settings.model.n_classes} classes needed for "
                             "class-conditional sampling")
         return buffer
 
     def state_dict(self):
-        """The whole training state, copied to the CPU (every rank calls this: buffers are gathered)."""
+        """The whole training state, copied to the CPU (every rank calls this: buffers are
+        gathered)."""
         return checkpoint_state(
             {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             gather(self.replay_buffer.images, self.topology),
@@ -253,7 +257,8 @@ class Trainer:
         return ended
 
     def stop_reason(self, signals):
-        """Why this process should stop after the current iteration (a signal, the budget), or None."""
+        """Why this process should stop after the current iteration (a signal, the budget), or
+        None."""
         if signals.received is None and self.budget_used():
             return f"--max_train_minutes {self.settings.run.max_train_minutes:g} used"
         return signals.received
@@ -265,8 +270,8 @@ class Trainer:
         return (px, labeled) if self.settings.run.epoch_over == "px" else (labeled, px)
 
     def epoch_batches(self, loader):
-        """(p(x) batch, labeled batch) pairs to the end of the epoch, each stream's batch drawn in the
-        authors' order (their augmentations draw random numbers)."""
+        """(p(x) batch, labeled batch) pairs to the end of the epoch, each stream's batch drawn in
+        the authors' order (their augmentations draw random numbers)."""
         alongside = batches_from(self.epoch_streams()[1], self.iteration)
         for batch in loader:
             if self.settings.run.epoch_over == "px":
@@ -278,8 +283,14 @@ class Trainer:
         """Iterations to the end of the epoch: 'finished', 'stopped' or 'rolled back'."""
         loader = self.epoch_streams()[0]
         loader.batch_sampler.start(self.epoch, self.batch_in_epoch)
-        bar = tqdm(loader, desc=f"epoch {self.epoch}", initial=self.batch_in_epoch, total=len(loader),
-                   leave=False, disable=self.settings.run.quiet or not self.topology.is_main)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {self.epoch}",
+            initial=self.batch_in_epoch,
+            total=len(loader),
+            leave=False,
+            disable=self.settings.run.quiet or not self.topology.is_main,
+        )
         self.tick = time.time()
         with bar:
             for px_batch, labeled_batch in self.epoch_batches(bar):
@@ -364,8 +375,9 @@ class Trainer:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def evaluate(self, end_of_epoch=True):
-        """Validation and test accuracy (and with --eval_train the training split's), logged; returns
-        the validation accuracy (-inf without a split). The training clock stops meanwhile."""
+        """Validation and test accuracy (and with --eval_train the training split's), logged;
+        returns the validation accuracy (-inf without a split). The training clock stops
+        meanwhile."""
         splits = {"valid": "valid", "test": "test"}
         if self.settings.held_out.on_training_split:
             splits["train"] = "train_clean"
@@ -373,7 +385,8 @@ class Trainer:
             results = {split: evaluate_classifier(self.model, self.loaders[loader], self.device)
                        for split, loader in splits.items()}
         record = dict(kind="eval", end_of_epoch=end_of_epoch)
-        message = [f"epoch {self.epoch}" if end_of_epoch else f"epoch {self.epoch} it {self.iteration}"]
+        message = [f"epoch {self.epoch}" if end_of_epoch else f"epoch {self.epoch} it "
+                                                              f"{self.iteration}"]
         for split, result in results.items():
             if result is not None:
                 record[f"{split}_acc"], record[f"{split}_loss"] = result
@@ -392,13 +405,14 @@ class Trainer:
             scores = self.buffer_quality(self.replay_buffer.images)
         reference = self.flags.get("fid_reference")
         self.log.line(f"epoch {self.epoch} | buffer IS {scores['inception_score']:.3f} FID "
-                      f"{scores['fid']:.2f} KID {scores['kid']:.4f} ({len(self.replay_buffer)} images "
-                      f"vs {reference})", console_writer=tqdm.write)
+                      f"{scores['fid']:.2f} KID {scores['kid']:.4f} ({len(self.replay_buffer)} "
+                      f"images vs {reference})", console_writer=tqdm.write)
         self.record(kind="sample_quality", n_samples=len(self.replay_buffer), reference=reference,
                     **scores)
 
     def plot_samples(self, iteration):
-        """Grids of fresh samples: unconditional, and one row per class (--plot_uncond/--plot_cond)."""
+        """Grids of fresh samples: unconditional, and one row per class
+        (--plot_uncond/--plot_cond)."""
         run, objective = self.settings.run, self.settings.step.objective
         chain = replace(self.settings.step.chain, cuda_graph=False)
         device = self.replay_buffer.device
@@ -417,7 +431,8 @@ class Trainer:
             self.log.images("samples/x_q_y", x_q, iteration, nrow=objective.n_classes)
 
     def record(self, **fields):
-        """A metrics.jsonl record at this point of the run: epoch, iteration, clock, then `fields`."""
+        """A metrics.jsonl record at this point of the run: epoch, iteration, clock, then
+        `fields`."""
         self.log.record(**{"epoch": self.epoch, "iteration": self.iteration, **self.clock.read(),
                            **fields})
 

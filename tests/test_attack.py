@@ -19,14 +19,24 @@ CPU = torch.device("cpu")
 
 
 def eval_args(*argv):
-    """The arguments eval_wrn_ebm.py hands to run_attack (the checkpoint is not read by run_attack)."""
+    """The arguments eval_wrn_ebm.py hands to run_attack (the checkpoint is not read by
+    run_attack)."""
     return eval_wrn_ebm.parse_args(["--load_path", "unused.pt", "--eval", "attack", "--dataset", "synthetic", *argv])
 
 
 def classifier_for(model, n_steps_refine=0, n_dup_chains=1, sigma=0.0, sgld_lr=1.0, sgld_std=0.0,
                    max_chains_per_pass=64, seed=0, gradient="exact"):
-    return RefinedClassifier(model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std, max_chains_per_pass,
-                             torch.Generator().manual_seed(seed), gradient)
+    return RefinedClassifier(
+        model,
+        sigma,
+        n_steps_refine,
+        n_dup_chains,
+        sgld_lr,
+        sgld_std,
+        max_chains_per_pass,
+        torch.Generator().manual_seed(seed),
+        gradient,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +49,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def model64():
-    """Double precision and smooth activations, for gradient checks by finite differences (with LeakyReLU the
-    score's gradient jumps wherever a unit changes sign, and the refined input jumps with it), and a steep
-    energy (logits x100), so that SGLD steps bend the input's gradient measurably."""
+    """Double precision and smooth activations, for gradient checks by finite differences (with
+    LeakyReLU the score's gradient jumps wherever a unit changes sign, and the refined input jumps
+    with it), and a steep energy (logits x100), so that SGLD steps bend the input's gradient
+    measurably."""
     torch.manual_seed(0)
     model = JEM(depth=10, width=1).double().eval()
     for module in list(model.modules()):
@@ -74,8 +85,9 @@ def test_the_defence_is_random_but_repeats_under_a_seed(model):
 
 
 def test_refinement_passes_the_attack_gradient_exactly(model64):
-    """The attack's gradient through two SGLD steps is the true gradient of the loss (checked by finite
-    differences along random directions; noise off, so the map is smooth) times one positive factor."""
+    """The attack's gradient through two SGLD steps is the true gradient of the loss (checked by
+    finite differences along random directions; noise off, so the map is smooth) times one positive
+    factor."""
     torch.manual_seed(1)
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64) * 0.8 + 0.1
     y = torch.tensor([3])
@@ -92,8 +104,8 @@ def test_refinement_passes_the_attack_gradient_exactly(model64):
         factors.append((grad * direction).sum() / numerical)
     assert factors[0] > 0
     torch.testing.assert_close(factors[0], factors[1], rtol=1e-6, atol=0)
-    # The refinement bends the gradient (by far more than the check's tolerance): a gradient that skipped
-    # the refinement's Jacobian, this one, would fail the check above.
+    # The refinement bends the gradient (by far more than the check's tolerance): a gradient that
+    # skipped the refinement's Jacobian, this one, would fail the check above.
     plain = classifier_for(model64).scaled_loss_gradient(x, y)
     assert F.cosine_similarity(grad.flatten(), plain.flatten(), dim=0) < 0.9999
 
@@ -101,12 +113,20 @@ def test_refinement_passes_the_attack_gradient_exactly(model64):
 @pytest.mark.parametrize("n_images, n_dup_chains, max_chains_per_pass", [(2, 1, 64), (1, 3, 2)])  # 1 pass, 2
 def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model64, n_images, n_dup_chains,
                                                                            max_chains_per_pass):
-    """The paper's estimate: refine, take the loss gradient at the refined chains, pass it back as if the
-    refinement were the identity (times 2, the map from [0, 1] pixels to the model's [-1, 1])."""
+    """The paper's estimate: refine, take the loss gradient at the refined chains, pass it back as
+    if the refinement were the identity (times 2, the map from [0, 1] pixels to the model's [-1,
+    1])."""
     x = torch.rand(n_images, 3, 32, 32, dtype=torch.float64) * 0.8 + 0.1
     y = torch.tensor([3, 5][:n_images])
-    settings = dict(n_steps_refine=2, n_dup_chains=n_dup_chains, sigma=0.1, sgld_lr=3.0, sgld_std=0.05,
-                    max_chains_per_pass=max_chains_per_pass, seed=4)
+    settings = dict(
+        n_steps_refine=2,
+        n_dup_chains=n_dup_chains,
+        sigma=0.1,
+        sgld_lr=3.0,
+        sgld_std=0.05,
+        max_chains_per_pass=max_chains_per_pass,
+        seed=4,
+    )
     straight = classifier_for(model64, gradient="straight_through", **settings).scaled_loss_gradient(x, y)
     exact = classifier_for(model64, **settings).scaled_loss_gradient(x, y)
 
@@ -127,8 +147,8 @@ def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model
     logit_grad = attack.cross_entropy_logit_gradient(mean_logits.detach(), y)
     at_refined, = torch.autograd.grad(mean_logits, z_refined, grad_outputs=logit_grad)
     torch.testing.assert_close(straight, 2 * at_refined.sum(1))
-    # The exact gradient goes through the refinement's Jacobian too: a few percent off here, far beyond
-    # float64 rounding (the match above holds to 1e-7).
+    # The exact gradient goes through the refinement's Jacobian too: a few percent off here, far
+    # beyond float64 rounding (the match above holds to 1e-7).
     assert (exact - straight).norm() > 0.01 * straight.norm()
 
 
@@ -140,8 +160,9 @@ def test_noisy_refinement_gives_a_nonzero_input_gradient(model):
 
 
 def test_chains_split_over_passes_give_the_gradient_of_the_whole_average(model64):
-    """With more chains than fit in a pass, the two-pass gradient is that of the loss of the full average
-    (the same noise replayed in both passes), scaled by 1 / the runner-up class's probability."""
+    """With more chains than fit in a pass, the two-pass gradient is that of the loss of the full
+    average (the same noise replayed in both passes), scaled by 1 / the runner-up class's
+    probability."""
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
     y = torch.tensor([4])
     classifier = classifier_for(model64, n_steps_refine=1, n_dup_chains=3, sigma=0.3, sgld_std=0.1,
@@ -157,7 +178,8 @@ def test_chains_split_over_passes_give_the_gradient_of_the_whole_average(model64
 
 
 def test_a_saturated_softmax_still_gives_an_ascent_direction():
-    """float32 rounds softmax - one_hot to zero at a margin of ~100; the rescaled gradient keeps its direction."""
+    """float32 rounds softmax - one_hot to zero at a margin of ~100; the rescaled gradient keeps its
+    direction."""
     moderate = torch.tensor([[3.0, 1.0, -2.0]])
     y = torch.tensor([0])
     exact = moderate.softmax(1) - F.one_hot(y, 3)
@@ -201,14 +223,16 @@ def test_eps_zero_leaves_the_images_alone(model):
 
 
 # --------------------------------------------------------------------------------------------------
-# The evaluation mode, end to end, on a tiny classifier trained on the images it is then attacked on.
+# The evaluation mode, end to end, on a tiny classifier trained on the images it is then attacked
+# on.
 
 N_IMAGES = 20
 
 
 @pytest.fixture(scope="module")
 def trained_model():
-    """A WRN-10-1 fitted to the very synthetic test images run_attack draws (seconds, not minutes)."""
+    """A WRN-10-1 fitted to the very synthetic test images run_attack draws (seconds, not
+    minutes)."""
     images, labels = next(iter(attack.attack_loader(eval_args("--n_eval", str(N_IMAGES), "--seed", "0"), 10, CPU)))
     torch.manual_seed(0)
     model = JEM(depth=10, width=1)
@@ -224,9 +248,28 @@ def trained_model():
 
 @pytest.fixture(scope="module")
 def linf_run(trained_model, tmp_path_factory):
-    args = eval_args("--n_eval", str(N_IMAGES), "--seed", "0", "--distance", "Linf", "--eps", "32", "0", "2",
-                     "--n_steps_pgd_attack", "10", "--n_steps_refine", "0", "--n_dup_chains", "1", "--sigma", "0",
-                     "--save_dir", str(tmp_path_factory.mktemp("attack")))
+    args = eval_args(
+        "--n_eval",
+        str(N_IMAGES),
+        "--seed",
+        "0",
+        "--distance",
+        "Linf",
+        "--eps",
+        "32",
+        "0",
+        "2",
+        "--n_steps_pgd_attack",
+        "10",
+        "--n_steps_refine",
+        "0",
+        "--n_dup_chains",
+        "1",
+        "--sigma",
+        "0",
+        "--save_dir",
+        str(tmp_path_factory.mktemp("attack")),
+    )
     return run_attack(args, trained_model, None, CPU)
 
 
@@ -255,8 +298,25 @@ def test_the_run_is_described_and_plotted(linf_run):
 
 
 def test_the_defended_run_repeats_under_a_seed(trained_model, tmp_path):
-    argv = ("--n_eval", "8", "--seed", "3", "--distance", "L2", "--eps", "0", "2", "--n_steps_pgd_attack", "2",
-            "--n_steps_refine", "1", "--n_dup_chains", "2", "--save_dir", str(tmp_path))
+    argv = (
+        "--n_eval",
+        "8",
+        "--seed",
+        "3",
+        "--distance",
+        "L2",
+        "--eps",
+        "0",
+        "2",
+        "--n_steps_pgd_attack",
+        "2",
+        "--n_steps_refine",
+        "1",
+        "--n_dup_chains",
+        "2",
+        "--save_dir",
+        str(tmp_path),
+    )
     first, again = (run_attack(eval_args(*argv), trained_model, None, CPU) for _ in range(2))
     assert first == again
     assert first["robust_accuracy"][1] <= first["robust_accuracy"][0] == first["clean_accuracy"]
@@ -277,10 +337,34 @@ def test_unlabeled_images_cannot_be_attacked(tmp_path):
 
 
 def test_eval_script_runs_the_attack_and_writes_attack_json(tiny_checkpoint, tiny_image_folder, tmp_path):
-    eval_wrn_ebm.main(["--load_path", tiny_checkpoint, "--eval", "attack", "--dataset", tiny_image_folder,
-                       "--distance", "L2", "--eps", "0", "1", "--n_steps_pgd_attack", "2", "--n_steps_refine", "1",
-                       "--n_dup_chains", "2", "--n_eval", "6", "--device", "cpu", "--save_dir", str(tmp_path),
-                       "--print_to_log"])
+    eval_wrn_ebm.main(
+        [
+            "--load_path",
+            tiny_checkpoint,
+            "--eval",
+            "attack",
+            "--dataset",
+            tiny_image_folder,
+            "--distance",
+            "L2",
+            "--eps",
+            "0",
+            "1",
+            "--n_steps_pgd_attack",
+            "2",
+            "--n_steps_refine",
+            "1",
+            "--n_dup_chains",
+            "2",
+            "--n_eval",
+            "6",
+            "--device",
+            "cpu",
+            "--save_dir",
+            str(tmp_path),
+            "--print_to_log",
+        ]
+    )
     result = attack.read_attack_result(str(tmp_path))
     assert result["n_images"] == 6 and len(result["robust_accuracy"]) == 2
     assert result["robust_accuracy"][0] == result["clean_accuracy"]
@@ -291,8 +375,24 @@ def test_eval_script_runs_the_attack_and_writes_attack_json(tiny_checkpoint, tin
 # Flags and the overlay helper.
 
 def test_the_issue_command_line_parses_with_units_in_the_help():
-    args = eval_args("--distance", "Linf", "--eps", "0", "1", "2", "4", "8", "16", "--n_steps_pgd_attack", "40",
-                     "--n_steps_refine", "10", "--n_dup_chains", "5", "--random_start")
+    args = eval_args(
+        "--distance",
+        "Linf",
+        "--eps",
+        "0",
+        "1",
+        "2",
+        "4",
+        "8",
+        "16",
+        "--n_steps_pgd_attack",
+        "40",
+        "--n_steps_refine",
+        "10",
+        "--n_dup_chains",
+        "5",
+        "--random_start",
+    )
     assert args.eps == [0, 1, 2, 4, 8, 16] and args.random_start and args.n_steps_refine == 10
     assert not eval_args("--no-random_start").random_start
     help_text = argparse.ArgumentParser()
@@ -312,8 +412,12 @@ plot_attack = load_script("scripts/plot_attack.py")
 
 
 def write_result(path, distance, n_steps_refine, nested):
-    result = {"distance": distance, "eps": [0, 8], "robust_accuracy": [0.9, 0.2 + 0.05 * n_steps_refine],
-              "settings": {"n_steps_refine": n_steps_refine, "n_dup_chains": 5}}
+    result = {
+        "distance": distance,
+        "eps": [0, 8],
+        "robust_accuracy": [0.9, 0.2 + 0.05 * n_steps_refine],
+        "settings": {"n_steps_refine": n_steps_refine, "n_dup_chains": 5},
+    }
     path.write_text(json.dumps({"args": {"eval": "attack"}, "result": result} if nested else result))
     return str(path)
 
@@ -336,7 +440,8 @@ def test_overlay_refuses_mixed_norms_and_foreign_files(tmp_path):
 
 
 def test_a_pyld_model_is_refined_with_its_pyld_step(model):
-    """The defence of a model trained with PYLD takes the sampler's PYLD step (no noise: the same chain)."""
+    """The defence of a model trained with PYLD takes the sampler's PYLD step (no noise: the same
+    chain)."""
     x = torch.rand(2, 3, 32, 32)
     pyld = dict(in_steps=3, pyld_lr=0.2, eps=0.01)
     classifier = RefinedClassifier(model, 0.0, 2, 1, 0.5, 0.0, 64, torch.Generator().manual_seed(0), "exact", pyld)

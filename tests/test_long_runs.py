@@ -1,4 +1,5 @@
-"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty, torchrun (SAM too)."""
+"""Long runs: exact resume, SIGTERM, checkpoint cadence, divergence rollback, energy penalty,
+torchrun (SAM too)."""
 import copy
 import json
 import os
@@ -22,9 +23,32 @@ from test_chain_init import quick_fit
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_valid", "20", "--depth", "10", "--width", "1", "--batch_size", "16", "--n_steps", "2",
-        "--buffer_size", "100", "--n_epochs", "2", "--print_every", "1", "--print_to_log", "--lr", "1e-3",
-        "--n_workers", "0", "--device", "cpu", "--plot_cond"]
+TINY = [
+    "--n_valid",
+    "20",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--batch_size",
+    "16",
+    "--n_steps",
+    "2",
+    "--buffer_size",
+    "100",
+    "--n_epochs",
+    "2",
+    "--print_every",
+    "1",
+    "--print_to_log",
+    "--lr",
+    "1e-3",
+    "--n_workers",
+    "0",
+    "--device",
+    "cpu",
+    "--plot_cond",
+]
 
 
 @pytest.fixture
@@ -81,10 +105,21 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeyp
 
 
 def test_sam_run_with_batch_norm_resumes_exactly(tiny, tmp_path, monkeypatch):
-    """SADA-JEM's pieces: SAM's momentum, batch norm's statistics, the plain p(x) stream and epochs over the
-    labeled batches all resume."""
-    sada = tiny + ["--optimizer", "sam", "--norm", "batch", "--no_px_augment", "--labeled_batch_size", "16",
-                   "--batch_size", "8", "--epoch_over", "labeled"]
+    """SADA-JEM's pieces: SAM's momentum, batch norm's statistics, the plain p(x) stream and epochs
+    over the labeled batches all resume."""
+    sada = tiny + [
+        "--optimizer",
+        "sam",
+        "--norm",
+        "batch",
+        "--no_px_augment",
+        "--labeled_batch_size",
+        "16",
+        "--batch_size",
+        "8",
+        "--epoch_over",
+        "labeled",
+    ]
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "straight")])
     interrupt_at(monkeypatch, 2 * 8 + 1)  # SAM calls the loss twice an iteration: stop in iteration 8
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "split")])
@@ -108,8 +143,19 @@ def test_resume_refuses_a_file_without_training_state(tiny, tmp_path, capsys):
 
 
 def test_iteration_checkpoints_and_keep_last(tiny, tmp_path):
-    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--ckpt_every_iters", "4", "--keep_last", "2",
-                               "--ckpt_every", "1"])
+    train_wrn_ebm.main(
+        tiny
+        + [
+            "--save_dir",
+            str(tmp_path),
+            "--ckpt_every_iters",
+            "4",
+            "--keep_last",
+            "2",
+            "--ckpt_every",
+            "1",
+        ]
+    )
     numbered = sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt_"))
     assert numbered == ["ckpt_1.pt", "ckpt_iter_12.pt"]  # written: iter 4, 8, epoch 0, iter 12, epoch 1
     assert load_checkpoint(str(tmp_path / "ckpt_iter_12.pt"))["iteration"] == 12
@@ -144,8 +190,9 @@ def test_rollback_recovers_from_an_injected_divergence(tiny, tmp_path, monkeypat
 
 
 def test_each_rollback_restores_the_last_checkpoint_byte_for_byte(tiny, tmp_path, monkeypatch):
-    """Buffer, weights and optimizer after a rollback are those of the checkpoint written last, also after a
-    second rollback to the same checkpoint (on a CPU, where copies to the CPU are no copies)."""
+    """Buffer, weights and optimizer after a rollback are those of the checkpoint written last, also
+    after a second rollback to the same checkpoint (on a CPU, where copies to the CPU are no
+    copies)."""
     diverge_at(monkeypatch, {9, 11})  # iterations 8 and then 7 (replayed): both roll back to the end of epoch 0
     restored = []
     recover = Rollback.recover
@@ -179,7 +226,8 @@ def test_rollback_gives_up_after_max_rollbacks(tiny, tmp_path, monkeypatch, caps
 
 
 def nan_at(monkeypatch, calls_to_spoil):
-    """Make jem_loss return NaN at the given 1-based call numbers (SAM calls it twice an iteration)."""
+    """Make jem_loss return NaN at the given 1-based call numbers (SAM calls it twice an
+    iteration)."""
     real_loss, calls = step.jem_loss, []
 
     def loss(*args, **kwargs):
@@ -205,14 +253,15 @@ def test_a_nan_in_sams_second_loss_rolls_back_like_any_divergence(tiny, tmp_path
     train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--optimizer", "sam", "--lr", "0.01",
                                "--on_diverge", "rollback"])
     diverged = [r for r in records(tmp_path) if r["kind"] == "diverged"]
-    assert [(r["iteration"], r["what"]) for r in diverged] == [(7, "SAM's loss at its perturbed weights")]
+    assert [(r["iteration"], r["what"]) for r in diverged] == [(7, "SAM's loss at its perturbed "
+                                                                   "weights")]
     final = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
     assert final["iteration"] == 12 and final["rollbacks"] == 1
 
 
 def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny, tmp_path, monkeypatch, capsys):
-    """A step can turn the weights to NaN while its loss was finite (the next loss shows it): the run then keeps
-    the last checkpoint's state, not the NaN weights."""
+    """A step can turn the weights to NaN while its loss was finite (the next loss shows it): the
+    run then keeps the last checkpoint's state, not the NaN weights."""
     real_update, calls = trainer.update, []
 
     def update_then_spoil(model, *args, **kwargs):
@@ -248,8 +297,11 @@ def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold
 
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
     real_loss = step.jem_loss
-    monkeypatch.setattr(step, "jem_loss",
-                        lambda *a, **k: (lambda loss, terms: (loss * float("nan"), terms))(*real_loss(*a, **k)))
+    monkeypatch.setattr(
+        step,
+        "jem_loss",
+        lambda *a, **k: (lambda loss, terms: (loss * float("nan"), terms))(*real_loss(*a, **k)),
+    )
     with pytest.raises(SystemExit):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
     assert "diverged" in capsys.readouterr().err
@@ -287,12 +339,34 @@ train_wrn_ebm.main(sys.argv[1:])
 
 
 def test_two_process_sam_run_keeps_the_ranks_equal(tiny, tmp_path):
-    """Both SAM passes average their gradients over the ranks: the weights stay the same on every rank."""
+    """Both SAM passes average their gradients over the ranks: the weights stay the same on every
+    rank."""
     script = tmp_path / "ranks_agree.py"
     script.write_text(RANKS_AGREE.format(root=ROOT))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)] \
-        + tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8", "--n_epochs", "1", "--optimizer", "sam",
-                  "--lr", "0.01"]
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+        ]
+        + tiny
+        + [
+            "--save_dir",
+            str(tmp_path / "run"),
+            "--batch_size",
+            "8",
+            "--n_epochs",
+            "1",
+            "--optimizer",
+            "sam",
+            "--lr",
+            "0.01",
+        ]
+    )
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -300,9 +374,19 @@ def test_two_process_sam_run_keeps_the_ranks_equal(tiny, tmp_path):
 
 
 def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path), "--batch_size", "8",
-                                             "--ckpt_every_iters", "3"]
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "train_wrn_ebm.py",
+        ]
+        + tiny
+        + ["--save_dir", str(tmp_path), "--batch_size", "8", "--ckpt_every_iters", "3"]
+    )
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -312,14 +396,37 @@ def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_pa
     assert ckpt["iteration"] == 2 * 6  # 100 images / 2 ranks / batch 8 = 6 iterations an epoch
     log = (tmp_path / "log.txt").read_text()
     assert log.count("epoch 0 it 0 ") == 1  # rank 0 alone logs
-    result = eval_wrn_ebm.main(["--load_path", str(tmp_path / "last_ckpt.pt"), "--eval", "test_clf",
-                                "--dataset", tiny[1], "--device", "cpu", "--save_dir", str(tmp_path / "eval"),
-                                "--print_to_log"])
+    result = eval_wrn_ebm.main(
+        [
+            "--load_path",
+            str(tmp_path / "last_ckpt.pt"),
+            "--eval",
+            "test_clf",
+            "--dataset",
+            tiny[1],
+            "--device",
+            "cpu",
+            "--save_dir",
+            str(tmp_path / "eval"),
+            "--print_to_log",
+        ]
+    )
     assert 0 <= result["accuracy"] <= 1
-    # A single process resumes it, re-sharding the two buffer shards into one. Its position inside the epoch
-    # is counted in images: 3 batches of 8 on each of 2 processes are 6 batches of 8 on one.
-    train_wrn_ebm.main(["--resume", str(tmp_path / "ckpt_iter_3.pt"), "--save_dir", str(tmp_path / "one"),
-                        "--n_epochs", "1", "--device", "cpu"])
+    # A single process resumes it, re-sharding the two buffer shards into one. Its position inside
+    # the epoch is counted in images: 3 batches of 8 on each of 2 processes are 6 batches of 8 on
+    # one.
+    train_wrn_ebm.main(
+        [
+            "--resume",
+            str(tmp_path / "ckpt_iter_3.pt"),
+            "--save_dir",
+            str(tmp_path / "one"),
+            "--n_epochs",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "at epoch 0, iteration 3" in (tmp_path / "one" / "log.txt").read_text()
     rows = [r for r in records(tmp_path / "one") if r["kind"] == "train"]
     assert [r["iteration"] for r in rows] == [3, 4, 5, 6, 7, 8]  # the 6 batches of 8 left of 12, no more
@@ -342,13 +449,21 @@ train_wrn_ebm.main(sys.argv[1:])
 
 
 def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians(tiny, tmp_path):
-    """Rank 0 fits the class Gaussians and sends them to rank 1; a resumed two-process run fits them again and
-    finds the fingerprint its checkpoint holds."""
+    """Rank 0 fits the class Gaussians and sends them to rank 1; a resumed two-process run fits them
+    again and finds the fingerprint its checkpoint holds."""
     script = tmp_path / "quick_fit.py"
     script.write_text(QUICK_FIT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    flags = tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8", "--buffer_init", "informative",
-                    "--n_epochs", "1"]
+    flags = tiny + [
+        "--save_dir",
+        str(tmp_path / "run"),
+        "--batch_size",
+        "8",
+        "--buffer_init",
+        "informative",
+        "--n_epochs",
+        "1",
+    ]
     for command in (torchrun + flags, torchrun + ["--resume", str(tmp_path / "run"), "--n_epochs", "2"]):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -363,16 +478,17 @@ def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians
 
 @pytest.fixture
 def quick_gaussians():
-    """ClassGaussians.fit stubbed (test_chain_init.quick_fit) by a patch of its own, which monkeypatch.undo()
-    leaves in place: the run and its resume fit alike."""
+    """ClassGaussians.fit stubbed (test_chain_init.quick_fit) by a patch of its own, which
+    monkeypatch.undo() leaves in place: the run and its resume fit alike."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
         yield
 
 
 def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_path, monkeypatch, quick_gaussians):
-    """JEM++'s batch-norm recipe (training-mode passes, PYLD, informative starts): a run stopped by SIGTERM
-    and resumed ends bit for bit where an uninterrupted one does, running statistics included."""
+    """JEM++'s batch-norm recipe (training-mode passes, PYLD, informative starts): a run stopped by
+    SIGTERM and resumed ends bit for bit where an uninterrupted one does, running statistics
+    included."""
     flags = tiny + ["--recipe", "jempp", "--norm", "batch", "--optimizer", "sgd", "--lr", "0.05",
                     "--warmup_iters", "3"]
     train_wrn_ebm.main(flags + ["--save_dir", str(tmp_path / "straight")])
@@ -387,23 +503,45 @@ def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_pat
     assert not torch.allclose(running_var, torch.ones_like(running_var))  # the statistics were trained
     losses = [r["loss"] for r in records(tmp_path / "straight") if r["kind"] == "train"]
     assert len(losses) == 12 and all(abs(v) < 1e3 for v in losses)
-    result = eval_wrn_ebm.main(["--load_path", str(tmp_path / "straight" / "last_ckpt.pt"), "--eval", "test_clf",
-                                "--dataset", tiny[1], "--device", "cpu", "--norm", "batch",
-                                "--save_dir", str(tmp_path / "eval"), "--print_to_log"])
+    result = eval_wrn_ebm.main(
+        [
+            "--load_path",
+            str(tmp_path / "straight" / "last_ckpt.pt"),
+            "--eval",
+            "test_clf",
+            "--dataset",
+            tiny[1],
+            "--device",
+            "cpu",
+            "--norm",
+            "batch",
+            "--save_dir",
+            str(tmp_path / "eval"),
+            "--print_to_log",
+        ]
+    )
     assert 0 <= result["accuracy"] <= 1
 
 
 def train_from_shell(flags, cwd=ROOT):
-    """train_wrn_ebm.py run as a user types it (argv read from the command line, not passed to main)."""
-    done = subprocess.run([sys.executable, "train_wrn_ebm.py", *flags], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """train_wrn_ebm.py run as a user types it (argv read from the command line, not passed to
+    main)."""
+    done = subprocess.run(
+        [sys.executable, "train_wrn_ebm.py", *flags],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 
 
 @pytest.mark.parametrize("recipe", ["jem", "jempp", "sadajem"])
 def test_flags_typed_with_resume_win_for_every_recipe(tiny, tmp_path, recipe):
-    """`--resume DIR --n_epochs 2` from a shell trains the second epoch, whatever recipe the run has."""
+    """`--resume DIR --n_epochs 2` from a shell trains the second epoch, whatever recipe the run
+    has."""
     run = str(tmp_path / "run")
     first = [*tiny, "--recipe", recipe, "--buffer_init", "uniform", "--n_epochs", "1", "--save_dir", run]
     if recipe == "sadajem":

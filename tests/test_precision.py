@@ -1,5 +1,5 @@
-"""--amp: a bf16 step computes the float32 step's loss and gradients to bf16's precision, a bf16 chain moves
-with every step, and a CPU without native bf16 trains in float32 after one line."""
+"""--amp: a bf16 step computes the float32 step's loss and gradients to bf16's precision, a bf16
+chain moves with every step, and a CPU without native bf16 trains in float32 after one line."""
 import copy
 import json
 import os
@@ -27,9 +27,10 @@ def one_step(model, buffer_images, batch, flags):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_bf16_step_gives_the_float32_loss_and_gradients_to_bf16_precision(seed):
-    """Stated tolerances: the loss to 1e-3 relative; every parameter's gradient to 10% of its norm (bf16 keeps
-    8 bits; the p(x) gradient is a difference of two near-equal terms, which magnifies rounding) and all of
-    them together to 2%. Measured: loss 1e-6 to 3e-5, worst gradient 4% (the first convolution's), all 0.6%."""
+    """Stated tolerances: the loss to 1e-3 relative; every parameter's gradient to 10% of its norm
+    (bf16 keeps 8 bits; the p(x) gradient is a difference of two near-equal terms, which magnifies
+    rounding) and all of them together to 2%. Measured: loss 1e-6 to 3e-5, worst gradient 4% (the
+    first convolution's), all 0.6%."""
     torch.manual_seed(seed)
     model = JEM(CONFIG.depth, CONFIG.width, n_classes=10)
     buffer_images = torch.rand(40, 3, 32, 32) * 2 - 1
@@ -47,8 +48,9 @@ def test_a_bf16_step_gives_the_float32_loss_and_gradients_to_bf16_precision(seed
 
 
 def test_a_bf16_chain_takes_every_gradient_at_its_current_point():
-    """Autocast caches the bf16 copy of a leaf that requires grad; the chain's x is one and moves in place, so a
-    cached copy would give every step the gradient at the start (the bug that made --amp learn badly)."""
+    """Autocast caches the bf16 copy of a leaf that requires grad; the chain's x is one and moves in
+    place, so a cached copy would give every step the gradient at the start (the bug that made --amp
+    learn badly)."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
 
@@ -92,9 +94,31 @@ def test_amp_without_native_bf16_says_so_in_one_line_and_trains_in_float32(tiny_
         return real_autocast(device, enabled)
 
     monkeypatch.setattr("jem.step.autocast", recording_autocast)
-    train_wrn_ebm.main(["--dataset", tiny_image_folder, "--depth", "10", "--width", "1", "--n_steps", "1",
-                        "--batch_size", "16", "--n_epochs", "1", "--n_valid", "8", "--buffer_size", "40",
-                        "--device", "cpu", "--amp", "--save_dir", str(tmp_path)])
+    train_wrn_ebm.main(
+        [
+            "--dataset",
+            tiny_image_folder,
+            "--depth",
+            "10",
+            "--width",
+            "1",
+            "--n_steps",
+            "1",
+            "--batch_size",
+            "16",
+            "--n_epochs",
+            "1",
+            "--n_valid",
+            "8",
+            "--buffer_size",
+            "40",
+            "--device",
+            "cpu",
+            "--amp",
+            "--save_dir",
+            str(tmp_path),
+        ]
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert len(lines) == 1 and "no native bf16" in lines[0] and "float32" in lines[0]
     assert autocast_flags and not any(autocast_flags)

@@ -1,16 +1,17 @@
 """Each later recipe's training iterations equal a literal transcription of its authors' iteration.
 
 The transcriptions are written afresh from JEM++'s train_jempp.py (sndnyang/JEMPP, with its default
---plc alltrain1) and SADA-JEM's train_sadajem.py (sndnyang/SADAJEM), as tests/test_train_step.py does for the
-paper's: their transforms on the raw images, their passes through the network in their order (batch norm in
-training mode throughout, their running statistics), their chain, their optimizer (SAM's two steps written out)
-and their write-back to the buffer. The project's side is the training loop itself (`Trainer.train_epoch`) on a
-tiny image folder. Both sides take the same batches (the project's seeded order) and draw their random numbers
-in the project's order: the augmentations image by image, then buffer indices, the restart mask, the
-restarted chains' classes and Gaussian noise. (Their code draws a Gaussian start for every chain and keeps those
-the mask picks, and draws SADA-JEM's p(x) noise even at sigma 0; the numbers it keeps are the same.) From one
-seed the two sides must agree to float32 rounding after two iterations: weights, batch-norm statistics,
-momentum and replay buffer.
+--plc alltrain1) and SADA-JEM's train_sadajem.py (sndnyang/SADAJEM), as tests/test_train_step.py
+does for the paper's: their transforms on the raw images, their passes through the network in their
+order (batch norm in training mode throughout, their running statistics), their chain, their
+optimizer (SAM's two steps written out) and their write-back to the buffer. The project's side is
+the training loop itself (`Trainer.train_epoch`) on a tiny image folder. Both sides take the same
+batches (the project's seeded order) and draw their random numbers in the project's order: the
+augmentations image by image, then buffer indices, the restart mask, the restarted chains' classes
+and Gaussian noise. (Their code draws a Gaussian start for every chain and keeps those the mask
+picks, and draws SADA-JEM's p(x) noise even at sigma 0; the numbers it keeps are the same.) From one
+seed the two sides must agree to float32 rounding after two iterations: weights, batch-norm
+statistics, momentum and replay buffer.
 """
 import argparse
 import copy
@@ -31,19 +32,40 @@ from test_chain_init import quick_fit
 from jem.trainer import Trainer
 from jem.run.log import SilentLog
 
-TINY = ["--depth", "10", "--width", "1", "--n_steps", "2", "--buffer_size", "40", "--reinit_freq", "0.5",
-        "--warmup_iters", "-1", "--batch_size", "8", "--n_workers", "0", "--device", "cpu", "--print_to_log"]
+TINY = [
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--n_steps",
+    "2",
+    "--buffer_size",
+    "40",
+    "--reinit_freq",
+    "0.5",
+    "--warmup_iters",
+    "-1",
+    "--batch_size",
+    "8",
+    "--n_workers",
+    "0",
+    "--device",
+    "cpu",
+    "--print_to_log",
+]
 ITERATIONS = 2
 NORMALISE = [T.ToTensor(), T.Normalize((.5, .5, .5), (.5, .5, .5))]
 
 
 class StopAfterEachIteration:
-    """What train_epoch reads of the signal handler: a stop asked for, so that it returns after one iteration."""
+    """What train_epoch reads of the signal handler: a stop asked for, so that it returns after one
+    iteration."""
     received = "test"
 
 
 def project_run(folder, save_dir, recipe, flags):
-    """(the trainer's state before, the trainer after ITERATIONS iterations of its loop, the seed's RNG state)."""
+    """(the trainer's state before, the trainer after ITERATIONS iterations of its loop, the seed's
+    RNG state)."""
     args = train_flags.parse_args(["--recipe", recipe, "--dataset", folder, "--save_dir", str(save_dir), *TINY, *flags])
     args.n_classes = n_classes_of(args.dataset)
     train_flags.check_args(args)
@@ -52,8 +74,11 @@ def project_run(folder, save_dir, recipe, flags):
         patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
         trainer = Trainer(train_flags.settings_from_args(args), vars(args), Topology(),
                           torch.device("cpu"), SilentLog())
-    before = dict(model=copy.deepcopy(trainer.model.state_dict()), buffer=trainer.replay_buffer.images.clone(),
-                  gaussians=trainer.chain_init)
+    before = dict(
+        model=copy.deepcopy(trainer.model.state_dict()),
+        buffer=trainer.replay_buffer.images.clone(),
+        gaussians=trainer.chain_init,
+    )
     torch.manual_seed(7)
     rng = torch.get_rng_state()
     for _ in range(ITERATIONS):
@@ -67,7 +92,8 @@ def flags_of(trainer):
 
 
 def batch_indices(loader, iteration):
-    """The data-set indices of a training loader's batch `iteration` of pass 0 (both recipes stay in pass 0)."""
+    """The data-set indices of a training loader's batch `iteration` of pass 0 (both recipes stay in
+    pass 0)."""
     loader.batch_sampler.start(0)
     batch = list(loader.batch_sampler)[iteration]
     return [loader.dataset.indices[i] for i in batch]
@@ -92,8 +118,9 @@ def ccf_score(f, x):
 
 
 def chain_starts(buffer, n, reinit_freq, gaussians):
-    """sample_p_0: buffer images at random indices, a share reinit_freq replaced by draws from a random class's
-    Gaussian (init_random: MultivariateNormal(mean_c, cov_c + 1e-4 I).sample(), clamped to [-1, 1])."""
+    """sample_p_0: buffer images at random indices, a share reinit_freq replaced by draws from a
+    random class's Gaussian (init_random: MultivariateNormal(mean_c, cov_c + 1e-4 I).sample(),
+    clamped to [-1, 1])."""
     inds = torch.randint(0, len(buffer), (n,))
     choose_random = torch.rand(n) < reinit_freq
     k = int(choose_random.sum())
@@ -109,12 +136,14 @@ def chain_starts(buffer, n, reinit_freq, gaussians):
 # JEM++.
 
 def jempp_sample_q(f, buffer, a, gaussians):
-    """Their PYLD chain (sgld_lr 0, sgld_std 0): per step the gradient eta and p, the gradient at conv1's output;
-    in_steps inner steps re-differentiate the Hamiltonian sum(conv1(x) * p) and move by the clipped gradient.
+    """Their PYLD chain (sgld_lr 0, sgld_std 0): per step the gradient eta and p, the gradient at
+    conv1's output; in_steps inner steps re-differentiate the Hamiltonian sum(conv1(x) * p) and move
+    by the clipped gradient.
 
-    Their step multiplies, then adds (two roundings); torch's add_(g, alpha=0.2) fuses both into one FMA on
-    AVX2/AVX-512 CPUs, so a chain written that way moves pixels by an ulp that two iterations of batch
-    norm in training mode magnify to 1% of a conv1 weight: this test fails on such a chain."""
+    Their step multiplies, then adds (two roundings); torch's add_(g, alpha=0.2) fuses both into one
+    FMA on AVX2/AVX-512 CPUs, so a chain written that way moves pixels by an ulp that two iterations
+    of batch norm in training mode magnify to 1% of a conv1 weight: this test fails on such a
+    chain."""
     x_k, inds = chain_starts(buffer, a.batch_size, a.reinit_freq, gaussians)
     x_k.requires_grad_(True)
     for _ in range(a.n_steps):
@@ -152,9 +181,17 @@ def jempp_iteration(f, buffer, optim, a, gaussians, x_p_d, x_lab, y_lab, swap_pa
 
 
 def jempp_batches(trainer, raw, a, iteration):
-    """The p(x) batch (the epoch's stream), then the labeled one, both through their transform_train."""
-    transform_train = T.Compose([T.Pad(4, padding_mode="reflect"), T.RandomCrop(32), T.RandomHorizontalFlip(),
-                                 *NORMALISE, lambda x: x + a.sigma * torch.randn_like(x)])
+    """The p(x) batch (the epoch's stream), then the labeled one, both through their
+    transform_train."""
+    transform_train = T.Compose(
+        [
+            T.Pad(4, padding_mode="reflect"),
+            T.RandomCrop(32),
+            T.RandomHorizontalFlip(),
+            *NORMALISE,
+            lambda x: x + a.sigma * torch.randn_like(x),
+        ]
+    )
     x_p_d, _ = their_batch(raw, batch_indices(trainer.loaders["train"], iteration), transform_train)
     x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration), transform_train)
     return x_p_d, x_lab, y_lab
@@ -175,7 +212,8 @@ def run_jempp(before, trainer, rng, raw, swap_passes=False):
 # SADA-JEM.
 
 def sadajem_sample_q(f, buffer, a, gaussians):
-    """Their chain: x <- clamp(x + clamp(eta, -1, 1) * sgld_lr, -1, 1) (sgld_std 0), sgld_lr = their 1."""
+    """Their chain: x <- clamp(x + clamp(eta, -1, 1) * sgld_lr, -1, 1) (sgld_std 0), sgld_lr = their
+    1."""
     sgld_lr = a.pyld_lr  # their --sgld_lr, as the recipe reads it
     x_k, inds = chain_starts(buffer, a.batch_size, a.reinit_freq, gaussians)
     x_k.requires_grad_(True)
@@ -216,7 +254,8 @@ class TheirSAM:
 
 
 def set_batch_norm_momentum(f, momentum):
-    """disable_running_stats (momentum 0) and enable_running_stats (the backed-up momentum) of their utils.py."""
+    """disable_running_stats (momentum 0) and enable_running_stats (the backed-up momentum) of their
+    utils.py."""
     for module in f.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = momentum
@@ -247,10 +286,11 @@ def sadajem_iteration(f, buffer, optim, a, gaussians, x_lab, y_lab, x_p_d, swap_
 
 
 def sadajem_batches(trainer, raw, iteration):
-    """The labeled batch (the epoch's stream) through transform_train, then the p(x) batch through transform_px
-    (no augmentation; their sigma noise is 0 in the recipe)."""
-    transform_train = T.Compose([T.Pad(4, padding_mode="reflect"), T.RandomCrop(32), T.RandomHorizontalFlip(),
-                                 *NORMALISE])
+    """The labeled batch (the epoch's stream) through transform_train, then the p(x) batch through
+    transform_px (no augmentation; their sigma noise is 0 in the recipe)."""
+    transform_train = T.Compose(
+        [T.Pad(4, padding_mode="reflect"), T.RandomCrop(32), T.RandomHorizontalFlip(), *NORMALISE]
+    )
     x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration), transform_train)
     x_p_d, _ = their_batch(raw, batch_indices(trainer.loaders["train"], iteration), T.Compose(NORMALISE))
     return x_lab, y_lab, x_p_d
@@ -272,8 +312,9 @@ def run_sadajem(before, trainer, rng, raw, swap_passes=False):
 # --------------------------------------------------------------------------------------------------
 
 def their_model(before, a):
-    """Their CCF with the project's starting weights, in the project's memory layout (channels-last): the same
-    arithmetic rounded alike (ASAM's climb of rho 2 magnifies the rounding of other convolution kernels)."""
+    """Their CCF with the project's starting weights, in the project's memory layout
+    (channels-last): the same arithmetic rounded alike (ASAM's climb of rho 2 magnifies the rounding
+    of other convolution kernels)."""
     f = JEM(a.depth, a.width, norm="batch", n_classes=a.n_classes)
     f.load_state_dict(before["model"])
     return f.to(memory_format=torch.channels_last).train()
@@ -286,8 +327,8 @@ def assert_same_state(trainer, f, buffer, optim, batch_norm_passes_they_count_mo
             assert ours[key] + batch_norm_passes_they_count_more == value, key
         else:
             torch.testing.assert_close(ours[key], value, msg=lambda m: f"{key}: {m}")
-    # Pixels in [-1, 1]: a few of them differ by up to 1/40 of an 8-bit level, float32 rounding that two chains
-    # through batch norm in training mode magnify after the first update.
+    # Pixels in [-1, 1]: a few of them differ by up to 1/40 of an 8-bit level, float32 rounding that
+    # two chains through batch norm in training mode magnify after the first update.
     torch.testing.assert_close(trainer.replay_buffer.images, buffer, rtol=0, atol=2e-4)
     momenta = {i: state["momentum_buffer"] for i, state in trainer.optimizer.state_dict()["state"].items()}
     theirs = {i: optim.state[p]["momentum_buffer"] for i, p in enumerate(f.parameters()) if p in optim.state}
@@ -296,9 +337,10 @@ def assert_same_state(trainer, f, buffer, optim, batch_norm_passes_they_count_mo
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Both sides on one thread: with two, a batch's reductions may split differently between the project's passes
-    and the transcription's, and batch norm's training-mode chains magnify that rounding past float32's tolerance
-    (seen: 2% of a conv1 weight after two JEM++ iterations). The arithmetic compared is the same either way."""
+    """Both sides on one thread: with two, a batch's reductions may split differently between the
+    project's passes and the transcription's, and batch norm's training-mode chains magnify that
+    rounding past float32's tolerance (seen: 2% of a conv1 weight after two JEM++ iterations). The
+    arithmetic compared is the same either way."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -326,7 +368,8 @@ def test_sadajem_iterations_equal_their_train_sadajem(small_image_folder, raw_im
     assert (flags_of(trainer).optimizer, flags_of(trainer).epoch_over, flags_of(trainer).px_augment) == ("sam", "labeled", False)
     f, buffer, optim = run_sadajem(before, trainer, rng, raw_images)
     assert not torch.equal(buffer, before["buffer"])
-    # Their second pass counts its three batches in num_batches_tracked (momentum 0); ours is not tracked at all.
+    # Their second pass counts its three batches in num_batches_tracked (momentum 0); ours is not
+    # tracked at all.
     assert_same_state(trainer, f, buffer, optim, batch_norm_passes_they_count_more=3 * ITERATIONS)
     f, buffer, optim = run_sadajem(before, trainer, rng, raw_images, swap_passes=True)
     with pytest.raises(AssertionError):  # the comparison sees the order of the passes

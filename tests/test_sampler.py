@@ -123,7 +123,8 @@ def test_repeated_index_keeps_one_whole_chain():
 # JEM++'s PYLD sampler.
 
 def test_one_pyld_step_by_hand(model):
-    """An outer clipped step of sgld_lr, in_steps clipped steps of pyld_lr each clamped, then noise."""
+    """An outer clipped step of sgld_lr, in_steps clipped steps of pyld_lr each clamped, then
+    noise."""
     model.eval()
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1
     x = x0.clone().requires_grad_(True)
@@ -142,8 +143,9 @@ def test_one_pyld_step_by_hand(model):
 
 
 def jempp_inner_loop(model, x, n_steps, in_steps, pyld_lr, eps):
-    """JEM++'s sample_q for sgld_lr = sgld_std = 0 (their defaults), literally: per outer step the gradient p
-    at the first convolution's output, then in_steps steps on the Hamiltonian <conv1(x), p> through conv1."""
+    """JEM++'s sample_q for sgld_lr = sgld_std = 0 (their defaults), literally: per outer step the
+    gradient p at the first convolution's output, then in_steps steps on the Hamiltonian <conv1(x),
+    p> through conv1."""
     conv1 = model.f.conv1
     for _ in range(n_steps):
         x = x.detach().requires_grad_(True)
@@ -160,8 +162,8 @@ def jempp_inner_loop(model, x, n_steps, in_steps, pyld_lr, eps):
 
 
 def test_pyld_inner_steps_through_conv1_equal_the_shared_gradient(model):
-    """The first convolution is linear, so re-differentiating it at each inner iterate gives the outer gradient:
-    the cheap chain (no pass per inner step) matches the authors' loop."""
+    """The first convolution is linear, so re-differentiating it at each inner iterate gives the
+    outer gradient: the cheap chain (no pass per inner step) matches the authors' loop."""
     model.eval()
     torch.manual_seed(1)
     x0 = torch.rand(6, 3, 32, 32) * 2 - 1
@@ -184,7 +186,8 @@ def test_pyld_lr_zero_turns_the_inner_steps_off(model):
 
 
 def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
-    """train_mode=True (JEM++'s batch norm) runs the chain in training mode and restores eval mode after."""
+    """train_mode=True (JEM++'s batch norm) runs the chain in training mode and restores eval mode
+    after."""
     torch.manual_seed(0)
     model = JEM(depth=10, width=1, norm="batch", n_classes=10).eval()
     running = model.f.bn1.running_mean.clone()
@@ -198,8 +201,9 @@ def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
 
 
 def test_the_sadajem_recipe_chain_is_their_clipped_and_clamped_step(model):
-    """SADA-JEM's step is x <- clamp(x + lr * clamp(g, -1, 1), -1, 1) with their --sgld_lr 1 as lr and no
-    noise; --recipe sadajem sets it as one PYLD inner step of pyld_lr = lr, clip eps = 1, and no outer step."""
+    """SADA-JEM's step is x <- clamp(x + lr * clamp(g, -1, 1), -1, 1) with their --sgld_lr 1 as lr
+    and no noise; --recipe sadajem sets it as one PYLD inner step of pyld_lr = lr, clip eps = 1, and
+    no outer step."""
     args = train_flags.parse_args(["--recipe", "sadajem"])
     args.n_classes = 10
     settings = train_flags.settings_from_args(args).step.chain
@@ -207,7 +211,8 @@ def test_the_sadajem_recipe_chain_is_their_clipped_and_clamped_step(model):
                                      eps=1.0, train_mode=True)
     model.eval()
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1
-    # The network's input gradients are far below 1: scale the score so that the clip and the clamp both act.
+    # The network's input gradients are far below 1: scale the score so that the clip and the clamp
+    # both act.
     score = lambda x: 3e4 * model(x)  # noqa: E731
     expected = x0.clone()
     for _ in range(2):

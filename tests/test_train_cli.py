@@ -16,8 +16,27 @@ from jem.model import JEM
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_valid", "20", "--depth", "10", "--width", "1", "--batch_size", "16", "--n_steps", "2",
-        "--buffer_size", "100", "--n_epochs", "1", "--print_every", "2", "--print_to_log", "--lr", "1e-3"]
+TINY = [
+    "--n_valid",
+    "20",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--batch_size",
+    "16",
+    "--n_steps",
+    "2",
+    "--buffer_size",
+    "100",
+    "--n_epochs",
+    "1",
+    "--print_every",
+    "2",
+    "--print_to_log",
+    "--lr",
+    "1e-3",
+]
 
 
 @pytest.fixture
@@ -133,8 +152,9 @@ def test_divergence_stops_without_touching_checkpoints(tiny, tmp_path, monkeypat
     assert len(err.splitlines()) == 1 and "diverged" in err and "--load_path" in err
     assert load_checkpoint(str(tmp_path / "last_ckpt.pt"))["epoch"] == 0
     saved = load_checkpoint(str(tmp_path / "last_good_before_divergence.pt"))
-    assert saved["iteration"] == 8 and all(torch.isfinite(t).all() for t in saved["model_state_dict"].values()
-                                           if t.is_floating_point())
+    assert saved["iteration"] == 8 and all(
+        torch.isfinite(t).all() for t in saved["model_state_dict"].values() if t.is_floating_point()
+    )
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -174,8 +194,8 @@ def test_a_missing_starting_checkpoint_makes_no_save_dir(tiny, tmp_path, capsys)
 
 
 def test_sam_second_pass_sees_the_same_batches_and_leaves_batch_norm_statistics(tiny, tmp_path, monkeypatch):
-    """Each iteration calls the loss twice (at w, then at w + e) on the same inputs and samples; only the
-    first call moves batch norm's running statistics."""
+    """Each iteration calls the loss twice (at w, then at w + e) on the same inputs and samples;
+    only the first call moves batch norm's running statistics."""
     real_loss, calls = step.jem_loss, []
 
     def recording_loss(model, samples, batch, objective, heads=None, data_heads=None):
@@ -215,8 +235,13 @@ def test_checkpoint_of_another_network_is_one_line(tiny, tmp_path, capsys):
 
 def test_unwritable_save_dir_is_refused_before_training(tiny, tmp_path):
     (tmp_path / "file").write_text("")
-    result = subprocess.run([sys.executable, "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path / "file" / "x")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path / "file" / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--save_dir" in result.stderr
     assert "Traceback" not in result.stderr
@@ -250,9 +275,29 @@ def test_paper_defaults():
 
 @pytest.mark.slow
 def test_plain_classifier_learns_synthetic_far_above_chance(tmp_path):
-    train_wrn_ebm.main(["--dataset", "synthetic", "--n_valid", "500", "--depth", "10", "--width", "1",
-                        "--p_x_weight", "0", "--lr", "1e-3", "--batch_size", "32", "--n_epochs", "3",
-                        "--print_to_log", "--save_dir", str(tmp_path)])
+    train_wrn_ebm.main(
+        [
+            "--dataset",
+            "synthetic",
+            "--n_valid",
+            "500",
+            "--depth",
+            "10",
+            "--width",
+            "1",
+            "--p_x_weight",
+            "0",
+            "--lr",
+            "1e-3",
+            "--batch_size",
+            "32",
+            "--n_epochs",
+            "3",
+            "--print_to_log",
+            "--save_dir",
+            str(tmp_path),
+        ]
+    )
     test_acc = [r for r in records(tmp_path) if r["kind"] == "eval"][-1]["test_acc"]
     assert test_acc > 0.5
 
@@ -296,12 +341,29 @@ def test_recipe_defaults_yield_to_flags_given():
 
 @pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
 def test_recipe_runs_end_to_end_and_resume_fits_the_same_gaussians_again(tiny, tmp_path, recipe):
-    train(tiny, tmp_path, "--recipe", recipe, "--n_valid", "20", "--warmup_iters", "2", "--n_workers", "0",
-          "--device", "cpu", "--plot_uncond", "--labeled_batch_size", "16")
+    train(
+        tiny,
+        tmp_path,
+        "--recipe",
+        recipe,
+        "--n_valid",
+        "20",
+        "--warmup_iters",
+        "2",
+        "--n_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--plot_uncond",
+        "--labeled_batch_size",
+        "16",
+    )
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["recipe"] == recipe and args["buffer_init"] == "informative" and args["n_steps"] == 2
-    assert (args["norm"], args["optimizer"], args["px_augment"], args["epoch_over"]) == \
-        {"jempp": ("batch", "sgd", True, "px"), "sadajem": ("batch", "sam", False, "labeled")}[recipe]
+    assert (args["norm"], args["optimizer"], args["px_augment"], args["epoch_over"]) == {
+        "jempp": ("batch", "sgd", True, "px"),
+        "sadajem": ("batch", "sam", False, "labeled"),
+    }[recipe]
     assert not (tmp_path / "class_gaussians.pt").exists()  # 380 MB for CIFAR-10: fitted again, not stored
     fingerprint = load_checkpoint(str(tmp_path / "last_ckpt.pt"))["class_gaussians_sha256"]
     assert len(fingerprint) == 64
@@ -317,7 +379,8 @@ def test_every_numeric_flag_has_its_range_checked():
     assert numeric == set(train_flags.FLAG_RANGES)
 
 
-# SADA-JEM's published command (scripts/sadajem_cifar10.sh of sndnyang/SADAJEM), its script name dropped.
+# SADA-JEM's published command (scripts/sadajem_cifar10.sh of sndnyang/SADAJEM), its script name
+# dropped.
 SADAJEM_COMMAND = """--dataset cifar10 --lr .1 --optimizer sgd --px 1.0 --pyx 1.0 --sigma .0 --width 10 --depth 28
     --plot_uncond --warmup_iters 1000 --model wrn --norm batch --print_every 100 --n_epochs 200
     --decay_epochs 60 120 180 --n_steps 5 --sgld_lr 1 --sgld_std 0.0 --gpu-id 0""".split()
@@ -326,7 +389,8 @@ SADAJEM_COMMAND = """--dataset cifar10 --lr .1 --optimizer sgd --px 1.0 --pyx 1.
 def test_the_sadajem_published_command_after_the_recipe_means_what_it_meant_in_their_code():
     args = train_wrn_ebm.parse_args(["--recipe", "sadajem"] + SADAJEM_COMMAND)
     assert (args.optimizer, args.rho, args.lr, args.weight_decay) == ("sam", 2.0, 0.1, 5e-4)  # SGD, wrapped in SAM
-    # their step x <- clamp(x + 1 * clamp(g, -1, 1), -1, 1), once per step: one PYLD inner step, no outer one
+    # their step x <- clamp(x + 1 * clamp(g, -1, 1), -1, 1), once per step: one PYLD inner step, no
+    # outer one
     assert (args.n_steps, args.in_steps, args.pyld_lr, args.eps, args.sgld_lr, args.sgld_std) == (5, 1, 1.0, 1.0, 0, 0)
     # their epochs are passes over the labeled batches of 128
     assert (args.n_epochs, args.decay_epochs, args.epoch_over, args.labeled_batch_size) == \

@@ -16,8 +16,8 @@ class HeldOutSchedule:
 
 
 class EvaluationTimer:
-    """Answers whether a learning-curve evaluation is due after an iteration (`due`), and is told when
-    the minutes it counts have been evaluated (`mark_done`)."""
+    """Answers whether a learning-curve evaluation is due after an iteration (`due`), and is told
+    when the minutes it counts have been evaluated (`mark_done`)."""
 
     def __init__(self, schedule, clock):
         self.schedule, self.clock = schedule, clock

@@ -1,4 +1,5 @@
-"""The run's records: readable lines (log.txt), machine-readable records (metrics.jsonl), JSON files."""
+"""The run's records: readable lines (log.txt), machine-readable records (metrics.jsonl), JSON
+files."""
 import json
 import os
 import time
@@ -72,8 +73,8 @@ class RunLog:
 
 
 def read_metrics(save_dir):
-    """The records of a run's metrics.jsonl in order; where a resumed run logged an iteration again, the later
-    record of each kind wins."""
+    """The records of a run's metrics.jsonl in order; where a resumed run logged an iteration again,
+    the later record of each kind wins."""
     latest = {}
     with open(os.path.join(save_dir, "metrics.jsonl")) as fh:
         for line in fh:
@@ -83,8 +84,8 @@ def read_metrics(save_dir):
 
 
 def run_ended(save_dir, reasons=("done", "budget")):
-    """Whether the run in save_dir reached its end: its last start ended with one of `reasons` ('done': every
-    epoch; 'budget': --max_train_minutes; 'signal': stopped early, to be resumed)."""
+    """Whether the run in save_dir reached its end: its last start ended with one of `reasons`
+    ('done': every epoch; 'budget': --max_train_minutes; 'signal': stopped early, to be resumed)."""
     path = os.path.join(save_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return False

@@ -17,7 +17,8 @@ class RollbackSettings:
 
 
 class Rollback:
-    """Keeps the snapshot a divergence returns to (the state at the last checkpoint) and recovers."""
+    """Keeps the snapshot a divergence returns to (the state at the last checkpoint) and
+    recovers."""
 
     def __init__(self, trainer, settings):
         self.trainer, self.settings = trainer, settings
@@ -27,8 +28,8 @@ class Rollback:
         self.snapshot = state
 
     def recover(self, loss_value, what="the loss"):
-        """Back to the snapshot with new random numbers, or (--on_diverge stop, or too many rollbacks)
-        a UserError that says what to do."""
+        """Back to the snapshot with new random numbers, or (--on_diverge stop, or too many
+        rollbacks) a UserError that says what to do."""
         trainer, settings = self.trainer, self.settings
         where = f"epoch {trainer.epoch} iteration {trainer.iteration} ({what} {loss_value:.3g})"
         trainer.record(kind="diverged", loss=loss_value, what=what, rollbacks=trainer.rollbacks)
@@ -36,8 +37,8 @@ class Rollback:
             raise UserError(self.keep_last_good(where))
         if trainer.rollbacks >= settings.max_rollbacks:
             message = (f"training diverged at {where} after {trainer.rollbacks} rollbacks "
-                       "(--max_rollbacks); lower --lr, raise --n_steps or add --energy_l2 0.1, then "
-                       f"--resume {trainer.save_dir}")
+                       "(--max_rollbacks); lower --lr, raise --n_steps or add --energy_l2 0.1, "
+                       f"then --resume {trainer.save_dir}")
             trainer.log.line(message)
             raise UserError(message)
         rollbacks, lr_scale = trainer.rollbacks + 1, trainer.lr_scale * settings.lr_scale
@@ -53,7 +54,8 @@ class Rollback:
 
     def keep_last_good(self, where):
         """Write last_good_before_divergence.pt: the weights before the diverging update or, should
-        they be no longer finite (a step whose loss was finite), the snapshot's; the line to show."""
+        they be no longer finite (a step whose loss was finite), the snapshot's; the line to
+        show."""
         trainer = self.trainer
         candidates = (trainer.state_dict(), self.snapshot)
         good = next((state for state in candidates if weights_are_finite(state)), None)
