@@ -15,7 +15,8 @@ The later recipes, JEM++ and SADA-JEM, as their authors published them (docs/rec
 A quickstart that needs no download and runs on a CPU in a few minutes (JEM++'s sampler, batch norm
 and chain starts, with Adam):
 
-    python train_wrn_ebm.py --recipe jempp --dataset synthetic --depth 10 --width 1 --optimizer adam --lr 1e-3 \
+    python train_wrn_ebm.py --recipe jempp --dataset synthetic --depth 10 --width 1 \
+        --optimizer adam --lr 1e-3 \
         --weight_decay 0 --warmup_iters 0 --n_steps 5 --batch_size 32 --n_epochs 2 --n_valid 500 \
         --buffer_size 1000 --print_every 20 --plot_uncond --save_dir runs/quickstart
 
@@ -53,7 +54,9 @@ def main(argv=None):
     topology = init_from_torchrun(args.device)
     scratch = ("log.txt", "metrics.jsonl")  # what a command that failed before training leaves
     try:
-        with save_dir_removed_on_failure(args.save_dir, scratch) if topology.is_main else nullcontext():
+        owner = save_dir_removed_on_failure(args.save_dir, scratch) if topology.is_main \
+            else nullcontext()  # rank 0 makes the save dir
+        with owner:
             train(args, resume_state, changed, topology)
     finally:
         shutdown(topology)

@@ -1,4 +1,5 @@
-"""What both entry scripts share: how a command ends on a user's mistake, and the save dir they write to."""
+"""What both entry scripts share: how a command ends on a user's mistake, and the save dir they
+write to."""
 import os
 import sys
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ def prepare_save_dir(save_dir):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror}); choose a writable folder")
+        raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror}); choose a writable "
+                        "folder")
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-ADAPTIVE_FROM_RHO = 0.5  # SADA-JEM's rule: rho >= 0.5 means the adaptive variant (ASAM's scale of rho)
+# SADA-JEM's rule: rho >= 0.5 means the adaptive variant (ASAM's scale of rho)
+ADAPTIVE_FROM_RHO = 0.5
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class SAM(torch.optim.Optimizer):
         """Move every parameter with a gradient to w + e; returns (parameter, copy of w) pairs."""
         scaled = [(torch.abs(p) if group["adaptive"] else 1.0) * p.grad
                   for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in scaled])
+        grad_norm = torch.linalg.vector_norm(norms)
         weights = []
         for group in self.param_groups:
             scale = group["rho"] / (grad_norm + 1e-12)

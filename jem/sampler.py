@@ -31,7 +31,7 @@ class ChainSettings:
     in_steps: int = 0  # PYLD: inner steps along the clipped gradient (0: SGLD)
     pyld_lr: float = 0.2  # PYLD: inner step size (<= 0: no inner steps)
     eps: float = 1.0  # PYLD: the gradient is clipped to [-eps, eps]
-    train_mode: bool = False  # run the model in training mode (JEM++'s batch norm: batch statistics)
+    train_mode: bool = False  # the model in training mode (JEM++'s batch norm: batch statistics)
     cuda_graph: bool = False  # replay the chain as a captured CUDA graph (GPU only)
 
     @property
@@ -51,7 +51,8 @@ class ReplayBuffer:
         self.n_classes = n_classes
         self.reinit_freq = reinit_freq
         self.chain_init = chain_init or UniformNoise()
-        self.images = self.chain_init.fill(size, n_classes, device) if images is None else images.to(device)
+        self.images = self.chain_init.fill(size, n_classes, device) if images is None \
+            else images.to(device)
 
     def __len__(self):
         return len(self.images)
@@ -175,7 +176,7 @@ class CapturedChain:
     capture, so replays draw the SGLD noise that the eager chain would have drawn.
     """
 
-    WARMUP_CHAINS = 2  # cuDNN autotuning, lazy initialisation and torch.compile happen before capture
+    WARMUP_CHAINS = 2  # cuDNN autotuning, lazy set-up and torch.compile happen before capture
 
     def __init__(self, model, starts, y, settings):
         self.starts = starts.clone()

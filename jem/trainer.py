@@ -10,7 +10,7 @@ import glob
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -19,62 +19,19 @@ from tqdm import tqdm
 from jem.chain_init import ClassGaussians, UniformNoise
 from jem.checkpoint import (checkpoint_state, load_checkpoint, load_model_state, restore_rng_states,
                             rng_states, seed_everything, write_checkpoint)
-from jem.data import DataSettings, batches_from, plain_training_images, train_loaders
+from jem.data import batches_from, plain_training_images, train_loaders
 from jem.eval.plots import class_rows, save_grid
-from jem.model import Heads, ModelSettings, build_model
-from jem.optim import OptimizerSettings, Schedule, make_optimizer, set_lr
+from jem.model import Heads, build_model
+from jem.optim import make_optimizer, set_lr
 from jem.run.distributed import any_rank, broadcast, gather, gather_objects, shard
-from jem.run.held_out import EvaluationTimer, HeldOutSchedule, evaluate_classifier
-from jem.run.rollback import Rollback, RollbackSettings
-from jem.run.stopping import (DivergenceCriterion, Diverged, StopSignals, TrainingClock,
-                              has_diverged)
+from jem.run.held_out import EvaluationTimer, evaluate_classifier
+from jem.run.log import format_terms
+from jem.run.position import batches_done_in_epoch, epoch_batch_size
+from jem.run.rollback import Rollback
+from jem.run.stopping import Diverged, StopSignals, TrainingClock, has_diverged
 from jem.sampler import ReplayBuffer, sample_q
-from jem.step import Batch, StepSettings, iteration_loss, to_training_device, update
+from jem.step import Batch, iteration_loss, to_training_device, update
 from jem.errors import UserError
-
-
-@dataclass(frozen=True)
-class BufferSettings:
-    size: int = 10000
-    reinit_freq: float = 0.05
-    init: str = "uniform"  # uniform | informative (per-class Gaussians, JEM++)
-    conditional: bool = False  # class segments are needed (p(x, y), class-conditional samples)
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The run around the step: its length, what it writes and when."""
-
-    save_dir: str = "./experiment"
-    n_epochs: int = 200
-    epoch_over: str = "px"  # px | labeled: the stream whose pass is an epoch (SADA-JEM: labeled)
-    seed: int = 1
-    print_every: int = 100
-    plot_every: int = 100  # iterations between sample grids
-    plot_uncond: bool = False
-    plot_cond: bool = False
-    ckpt_every: int = 10  # epochs
-    ckpt_every_iters: int = 0
-    keep_last: int = 0  # numbered checkpoints kept; 0: all
-    fid_every: int = 0  # epochs between IS/FID of the buffer
-    max_train_minutes: float = 0.0  # 0: no budget
-    train_clock: str = "wall"  # wall | cpu
-    compile: bool = False
-    quiet: bool = False  # no progress bar (--print_to_log)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    model: ModelSettings
-    data: DataSettings
-    step: StepSettings
-    optimizer: OptimizerSettings
-    schedule: Schedule
-    buffer: BufferSettings
-    divergence: DivergenceCriterion
-    rollback: RollbackSettings
-    held_out: HeldOutSchedule
-    run: RunSettings
 
 
 class Trainer:
@@ -86,11 +43,8 @@ class Trainer:
             settings, flags, topology, device, log
         run = settings.run
         self.save_dir, self.seed = run.save_dir, run.seed
-        self.clock = TrainingClock(
-            *(resume_state.get(k, 0.0) for k in ("train_seconds", "cpu_seconds"))
-            if resume_state
-            else ()
-        )
+        trained = (resume_state or {}).get
+        self.clock = TrainingClock(trained("train_seconds", 0.0), trained("cpu_seconds", 0.0))
         self.loaders = train_loaders(settings.data, device, topology.rank, topology.world_size)
         if settings.held_out.on_training_split:
             self.loaders["train_clean"] = plain_training_images(settings.data, device)
@@ -154,7 +108,7 @@ class Trainer:
         images = ckpt.get("replay_buffer")
         if images is not None and len(images) > 0:
             self.replay_buffer = self.buffer_from(images)
-        with_buffer = f" with its replay buffer of {len(images)} images" if images is not None else ""
+        with_buffer = "" if images is None else f" with its replay buffer of {len(images)} images"
         self.log.line(f"loaded model from {path}{with_buffer}")
 
     def buffer_from(self, images):
@@ -222,7 +176,8 @@ class Trainer:
         if self.epoch >= run.n_epochs:
             return f"it has trained its {run.n_epochs} epochs (--n_epochs)"
         if self.budget_used():
-            return f"it has used its budget of {run.max_train_minutes:g} minutes (--max_train_minutes)"
+            return (f"it has used its budget of {run.max_train_minutes:g} minutes "
+                    "(--max_train_minutes)")
         return None
 
     def budget_used(self):
@@ -283,14 +238,9 @@ class Trainer:
         """Iterations to the end of the epoch: 'finished', 'stopped' or 'rolled back'."""
         loader = self.epoch_streams()[0]
         loader.batch_sampler.start(self.epoch, self.batch_in_epoch)
-        bar = tqdm(
-            loader,
-            desc=f"epoch {self.epoch}",
-            initial=self.batch_in_epoch,
-            total=len(loader),
-            leave=False,
-            disable=self.settings.run.quiet or not self.topology.is_main,
-        )
+        quiet = self.settings.run.quiet or not self.topology.is_main
+        bar = tqdm(loader, desc=f"epoch {self.epoch}", initial=self.batch_in_epoch,
+                   total=len(loader), leave=False, disable=quiet)
         self.tick = time.time()
         with bar:
             for px_batch, labeled_batch in self.epoch_batches(bar):
@@ -298,7 +248,8 @@ class Trainer:
                 if outcome == "rolled back":
                     return outcome
                 self.after_iteration()
-                if outcome == "stop" and self.batch_in_epoch < len(loader):  # else: finish the epoch
+                # asked to stop at the last batch: the epoch finishes first
+                if outcome == "stop" and self.batch_in_epoch < len(loader):
                     return "stopped"
         return "finished"
 
@@ -444,35 +395,3 @@ class Trainer:
             raise Diverged(loss_value)
 
 
-def format_terms(epoch, iteration, terms, lr):
-    """The log line of a training record."""
-    parts = [f"epoch {epoch} it {iteration}"]
-    if "l_p_x" in terms:
-        parts.append(f"P(x) f(x_data)={terms['f_data']:.6f} f(x_q)={terms['f_q']:.6f} "
-                     f"d={terms['f_data'] - terms['f_q']:.6f}")
-    if "l_p_y_given_x" in terms:
-        parts.append(f"P(y|x) loss={terms['l_p_y_given_x']:.6f} acc={terms['acc']:.4f}")
-    if "l_p_x_y" in terms:
-        parts.append(f"P(x|y) f(x_data,y)={terms['f_xy_data']:.6f} f(x_q,y)={terms['f_xy_q']:.6f} "
-                     f"d={terms['f_xy_data'] - terms['f_xy_q']:.6f}")
-    parts.append(f"lr={lr:.2e}")
-    return " | ".join(parts)
-
-
-def epoch_batch_size(flags):
-    """Images per batch of the stream an epoch passes over, from a run's flags (a plain dict)."""
-    if flags.get("epoch_over", "px") == "labeled":
-        return flags.get("labeled_batch_size") or flags["batch_size"]
-    return flags["batch_size"]
-
-
-def batches_done_in_epoch(state, batch_size, world_size):
-    """A saved position inside its epoch, in per-process batches of this run.
-
-    The position is saved in batches of the run that wrote it: with another process count or batch
-    size it is converted through the images seen. Every process count reads the same seeded order of
-    the epoch (see data.ShuffledBatches), so the first images seen are the same images; a partial
-    batch is trained again rather than skipped.
-    """
-    images_seen = state["batch_in_epoch"] * epoch_batch_size(state["args"]) * state["world_size"]
-    return images_seen // (batch_size * world_size)

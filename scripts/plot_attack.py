@@ -7,7 +7,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+# the repository's modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jem.errors import UserError  # noqa: E402  (needs the path above)
 from jem.eval.attack import read_attack_result, run_label  # noqa: E402
@@ -18,7 +19,8 @@ from utils import run_cli  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="plot_attack.py", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
-    parser.add_argument("runs", nargs="+", help="attack.json files, or the save dirs that hold them")
+    parser.add_argument("runs", nargs="+",
+                        help="attack.json files, or the save dirs that hold them")
     parser.add_argument("--labels", nargs="+", default=None,
                         help="one legend label per run (default: its refinement steps and chains)")
     parser.add_argument("--out", default="attack_overlay.png", help="the PNG to write")
@@ -29,7 +31,8 @@ def main(argv=None):
     args = parse_args(argv)
     results = [read_attack_result(path) for path in args.runs]
     if args.labels is not None and len(args.labels) != len(results):
-        raise UserError(f"{len(args.labels)} --labels for {len(results)} runs; give one label per run")
+        raise UserError(f"{len(args.labels)} --labels for {len(results)} runs; give one label per "
+                        "run")
     labels = args.labels or [run_label(result) for result in results]
     plot_robustness(list(zip(labels, results)), args.out)
     print(f"wrote {args.out}")

@@ -25,7 +25,7 @@ from jem.run.rollback import RollbackSettings
 from jem.run.stopping import DivergenceCriterion
 from jem.sampler import ChainSettings
 from jem.step import Objective, StepSettings
-from jem.trainer import BufferSettings, RunSettings, TrainSettings
+from jem.settings import BufferSettings, RunSettings, TrainSettings
 
 PLOT_EVERY = 100  # iterations between sample grids with --plot_uncond / --plot_cond
 # Flags that cannot change within a run: its network and its data (the class count follows the
@@ -92,7 +92,8 @@ def resumed_args(argv):
     The device and the loader processes belong to this machine, not to the run, so they are not
     taken over; flags the stored run predates take their default, which is what that run did.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)  # from a shell argv is None: the flags typed are here
+    # From a shell argv is None: the flags typed are in sys.argv.
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, given = parse_args_and_given(argv)
     path = find_resume_checkpoint(args.resume)
     ckpt = load_checkpoint(path)
@@ -176,7 +177,8 @@ def build_parser():
     objective = parser.add_argument_group("objective")
     objective.add_argument("--p_x_weight", "--px", type=float, default=1.0, help="weight of the "
                                                                                  "log p(x) term")
-    objective.add_argument("--p_y_given_x_weight", "--pyx", type=float, default=1.0, help="weight of the CE term")
+    objective.add_argument("--p_y_given_x_weight", "--pyx", type=float, default=1.0,
+                           help="weight of the CE term")
     objective.add_argument("--p_x_y_weight", type=float, default=0.0, help="weight of the log p(x, "
                                                                            "y) term")
     objective.add_argument(

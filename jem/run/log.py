@@ -80,7 +80,8 @@ def read_metrics(save_dir):
         for line in fh:
             record = json.loads(line)
             latest[(record["kind"], record.get("iteration"), record.get("end_of_epoch"))] = record
-    return sorted(latest.values(), key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
+    return sorted(latest.values(),
+                  key=lambda r: (r.get("iteration") or 0, r.get("train_seconds") or 0))
 
 
 def run_ended(save_dir, reasons=("done", "budget")):
@@ -115,3 +116,18 @@ class SilentLog:
 
     def close(self):
         pass
+
+
+def format_terms(epoch, iteration, terms, lr):
+    """The log line of a training record."""
+    parts = [f"epoch {epoch} it {iteration}"]
+    if "l_p_x" in terms:
+        parts.append(f"P(x) f(x_data)={terms['f_data']:.6f} f(x_q)={terms['f_q']:.6f} "
+                     f"d={terms['f_data'] - terms['f_q']:.6f}")
+    if "l_p_y_given_x" in terms:
+        parts.append(f"P(y|x) loss={terms['l_p_y_given_x']:.6f} acc={terms['acc']:.4f}")
+    if "l_p_x_y" in terms:
+        parts.append(f"P(x|y) f(x_data,y)={terms['f_xy_data']:.6f} f(x_q,y)={terms['f_xy_q']:.6f} "
+                     f"d={terms['f_xy_data'] - terms['f_xy_q']:.6f}")
+    parts.append(f"lr={lr:.2e}")
+    return " | ".join(parts)
