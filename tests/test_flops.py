@@ -64,7 +64,8 @@ def test_an_iteration_counts_every_chain_step_and_the_loss_pass():
     buffer_images = torch.rand(20, 3, 32, 32) * 2 - 1
     batch = (torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1,
              torch.randint(0, 10, (4,)))
-    paper = count_flops(PaperIteration(copy.deepcopy(model), buffer_images, config, CPU).step, *batch)
+    paper = count_flops(
+        PaperIteration(copy.deepcopy(model), buffer_images, config, CPU).step, *batch)
     project = count_flops(
         ProjectIteration(copy.deepcopy(model), buffer_images, config, CPU).step, *batch)
     frozen = copy.deepcopy(model).requires_grad_(False)
@@ -78,7 +79,7 @@ def test_an_iteration_counts_every_chain_step_and_the_loss_pass():
 
 
 def test_bench_counts_the_eager_arithmetic_of_a_compiled_side(monkeypatch):
-    """--compile and --cuda_graph run the eager step's arithmetic; the fast side is counted eagerly."""
+    """--compile and --cuda_graph run the eager step's arithmetic: the fast side counts eagerly."""
     config = Config(depth=10, width=1, batch_size=4, n_steps=2)
     opts = type("Opts", (), {})()
     opts.amp, opts.compile, opts.cuda_graph = False, True, True

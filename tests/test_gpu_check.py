@@ -1,5 +1,5 @@
-"""scripts/gpu_check.py end to end with --tiny on a CPU: every step runs, and OUT holds the JSON, logs
-and PNGs it promises and no checkpoint; bad input is one line."""
+"""scripts/gpu_check.py end to end with --tiny on a CPU: every step runs, and OUT holds the JSON,
+logs and PNGs it promises and no checkpoint; bad input is one line."""
 import glob
 import json
 import os
@@ -41,7 +41,8 @@ def test_tiny_gpu_check_writes_the_bench_the_time_to_accuracy_and_the_evaluation
     assert config["config"] == "wrn-10-1" and set(config["sides"]) == {"paper", "project", "fast"}
     for side in config["sides"].values():
         assert side["flops_per_iter"] > 1e9 and side["flops_per_s"] > 0 < side["share_of_peak"]
-    assert config["sides"]["paper"]["flops_per_iter"] == config["sides"]["project"]["flops_per_iter"]
+    sides = config["sides"]
+    assert sides["paper"]["flops_per_iter"] == sides["project"]["flops_per_iter"]
     assert "measured" in config["peaks"]["float32"]["source"]
     table = (out / "bench.txt").read_text()
     assert "GFLOP/s" in table and "% peak" in table and "peak float32" in table
