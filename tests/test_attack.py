@@ -21,7 +21,8 @@ CPU = torch.device("cpu")
 def eval_args(*argv):
     """The arguments eval_wrn_ebm.py hands to run_attack (the checkpoint is not read by
     run_attack)."""
-    return eval_wrn_ebm.parse_args(["--load_path", "unused.pt", "--eval", "attack", "--dataset", "synthetic", *argv])
+    return eval_wrn_ebm.parse_args(["--load_path", "unused.pt", "--eval", "attack",
+                                    "--dataset", "synthetic", *argv])
 
 
 def classifier_for(model, n_steps_refine=0, n_dup_chains=1, sigma=0.0, sgld_lr=1.0, sgld_std=0.0,
@@ -72,7 +73,8 @@ def model64():
 def test_without_refinement_noise_or_copies_it_is_the_plain_classifier(model):
     x = torch.rand(3, 3, 32, 32)
     logits = classifier_for(model).logits(x)
-    torch.testing.assert_close(logits, model.classify(x * 2 - 1))  # pixels [0, 1] -> the model's [-1, 1]
+    # pixels [0, 1] -> the model's [-1, 1]
+    torch.testing.assert_close(logits, model.classify(x * 2 - 1))
 
 
 def test_the_defence_is_random_but_repeats_under_a_seed(model):
@@ -110,8 +112,10 @@ def test_refinement_passes_the_attack_gradient_exactly(model64):
     assert F.cosine_similarity(grad.flatten(), plain.flatten(), dim=0) < 0.9999
 
 
-@pytest.mark.parametrize("n_images, n_dup_chains, max_chains_per_pass", [(2, 1, 64), (1, 3, 2)])  # 1 pass, 2
-def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model64, n_images, n_dup_chains,
+@pytest.mark.parametrize("n_images, n_dup_chains, max_chains_per_pass",
+                         [(2, 1, 64), (1, 3, 2)])  # 1 pass, 2
+def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model64, n_images,
+                                                                           n_dup_chains,
                                                                            max_chains_per_pass):
     """The paper's estimate: refine, take the loss gradient at the refined chains, pass it back as
     if the refinement were the identity (times 2, the map from [0, 1] pixels to the model's [-1,
@@ -127,10 +131,12 @@ def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model
         max_chains_per_pass=max_chains_per_pass,
         seed=4,
     )
-    straight = classifier_for(model64, gradient="straight_through", **settings).scaled_loss_gradient(x, y)
+    straight = classifier_for(model64, gradient="straight_through",
+                              **settings).scaled_loss_gradient(x, y)
     exact = classifier_for(model64, **settings).scaled_loss_gradient(x, y)
 
-    by_hand = classifier_for(model64, **settings)  # replays the same chains: the same seeds, drawn alike
+    # replays the same chains: the same seeds, drawn alike
+    by_hand = classifier_for(model64, **settings)
     seed = attack.draw_seed(by_hand.rng)
     refined = []
     for i, n_chains in enumerate(by_hand.chain_blocks()):
@@ -140,7 +146,8 @@ def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model
         for _ in range(2):
             z = chains.detach().requires_grad_(True)
             score_grad, = torch.autograd.grad(model64(z).sum(), z)
-            chains = chains + 3.0 * score_grad + 0.05 * torch.randn(chains.shape, generator=generator, dtype=x.dtype)
+            chains = (chains + 3.0 * score_grad
+                      + 0.05 * torch.randn(chains.shape, generator=generator, dtype=x.dtype))
         refined.append(chains.view(len(x), n_chains, 3, 32, 32))
     z_refined = torch.cat(refined, 1).requires_grad_(True)
     mean_logits = model64.classify(z_refined.flatten(0, 1)).view(len(x), n_dup_chains, -1).mean(1)
@@ -183,7 +190,8 @@ def test_a_saturated_softmax_still_gives_an_ascent_direction():
     moderate = torch.tensor([[3.0, 1.0, -2.0]])
     y = torch.tensor([0])
     exact = moderate.softmax(1) - F.one_hot(y, 3)
-    torch.testing.assert_close(attack.cross_entropy_logit_gradient(moderate, y), exact / exact[0, 1])
+    torch.testing.assert_close(attack.cross_entropy_logit_gradient(moderate, y),
+                               exact / exact[0, 1])
     saturated = torch.tensor([[150.0, 1.0, -2.0]])
     assert (saturated.softmax(1) - F.one_hot(y, 3)).abs().max() == 0
     assert attack.cross_entropy_logit_gradient(saturated, y)[0].tolist() == pytest.approx(
@@ -200,7 +208,8 @@ def test_batches_are_grouped_so_a_pass_never_exceeds_the_chain_limit(model):
 # --------------------------------------------------------------------------------------------------
 # PGD.
 
-@pytest.mark.parametrize("distance, eps", [("Linf", 2 / 255), ("Linf", 64 / 255), ("L2", 0.25), ("L2", 8.0)])
+@pytest.mark.parametrize("distance, eps", [("Linf", 2 / 255), ("Linf", 64 / 255), ("L2", 0.25),
+                                           ("L2", 8.0)])
 def test_adversarial_examples_stay_in_the_ball_and_in_the_pixel_range(model, distance, eps):
     torch.manual_seed(2)
     x = torch.rand(6, 3, 32, 32)
@@ -233,7 +242,8 @@ N_IMAGES = 20
 def trained_model():
     """A WRN-10-1 fitted to the very synthetic test images run_attack draws (seconds, not
     minutes)."""
-    images, labels = next(iter(attack.attack_loader(eval_args("--n_eval", str(N_IMAGES), "--seed", "0"), 10, CPU)))
+    images, labels = next(iter(attack.attack_loader(
+        eval_args("--n_eval", str(N_IMAGES), "--seed", "0"), 10, CPU)))
     torch.manual_seed(0)
     model = JEM(depth=10, width=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -323,7 +333,8 @@ def test_the_defended_run_repeats_under_a_seed(trained_model, tmp_path):
 
 
 def test_image_folders_are_attacked_in_pixel_space(tiny_image_folder):
-    loader = attack.attack_loader(eval_args("--dataset", tiny_image_folder, "--n_eval", "5"), 10, CPU)
+    loader = attack.attack_loader(eval_args("--dataset", tiny_image_folder, "--n_eval", "5"),
+                                  10, CPU)
     x, y = next(iter(loader))
     assert x.shape == (5, 3, 32, 32) and 0 <= x.min() and x.max() <= 1 and x.std() > 0.1
     assert len(loader.dataset) == 5 and 0 <= y.min() and y.max() < 10
@@ -336,7 +347,8 @@ def test_unlabeled_images_cannot_be_attacked(tmp_path):
         attack.attack_loader(eval_args("--dataset", str(tmp_path)), 10, CPU)
 
 
-def test_eval_script_runs_the_attack_and_writes_attack_json(tiny_checkpoint, tiny_image_folder, tmp_path):
+def test_eval_script_runs_the_attack_and_writes_attack_json(tiny_checkpoint, tiny_image_folder,
+                                                            tmp_path):
     eval_wrn_ebm.main(
         [
             "--load_path",
@@ -402,7 +414,8 @@ def test_the_issue_command_line_parses_with_units_in_the_help():
 
 @pytest.mark.parametrize("argv, message", [
     (["--eps", "-1"], "--eps"), (["--n_dup_chains", "0"], "--n_dup_chains"),
-    (["--n_steps_refine", "-1"], "--n_steps_refine"), (["--compile", "--n_steps_refine", "1"], "--compile")])
+    (["--n_steps_refine", "-1"], "--n_steps_refine"),
+    (["--compile", "--n_steps_refine", "1"], "--compile")])
 def test_impossible_settings_are_user_errors(model, argv, message):
     with pytest.raises(UserError, match=message):
         run_attack(eval_args(*argv), model, None, CPU)
@@ -418,7 +431,8 @@ def write_result(path, distance, n_steps_refine, nested):
         "robust_accuracy": [0.9, 0.2 + 0.05 * n_steps_refine],
         "settings": {"n_steps_refine": n_steps_refine, "n_dup_chains": 5},
     }
-    path.write_text(json.dumps({"args": {"eval": "attack"}, "result": result} if nested else result))
+    path.write_text(json.dumps({"args": {"eval": "attack"}, "result": result} if nested
+                               else result))
     return str(path)
 
 
@@ -431,7 +445,8 @@ def test_overlay_draws_several_runs_on_one_plot(tmp_path):
 
 
 def test_overlay_refuses_mixed_norms_and_foreign_files(tmp_path):
-    runs = [write_result(tmp_path / "a.json", "Linf", 0, False), write_result(tmp_path / "b.json", "L2", 1, False)]
+    runs = [write_result(tmp_path / "a.json", "Linf", 0, False),
+            write_result(tmp_path / "b.json", "L2", 1, False)]
     with pytest.raises(UserError, match="one --distance"):
         plot_attack.main(runs + ["--out", str(tmp_path / "x.png")])
     (tmp_path / "other.json").write_text(json.dumps({"accuracy": 0.5}))
@@ -444,10 +459,12 @@ def test_a_pyld_model_is_refined_with_its_pyld_step(model):
     chain)."""
     x = torch.rand(2, 3, 32, 32)
     pyld = dict(in_steps=3, pyld_lr=0.2, eps=0.01)
-    classifier = RefinedClassifier(model, 0.0, 2, 1, 0.5, 0.0, 64, torch.Generator().manual_seed(0), "exact", pyld)
+    classifier = RefinedClassifier(model, 0.0, 2, 1, 0.5, 0.0, 64, torch.Generator().manual_seed(0),
+                                   "exact", pyld)
     refined = sgld(model, x * 2 - 1, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.0, **pyld))
     torch.testing.assert_close(classifier.logits(x), model.classify(refined))
     sgld_refined = sgld(model, x * 2 - 1, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.0))
     assert not torch.allclose(model.classify(refined), model.classify(sgld_refined))
-    grad = classifier.scaled_loss_gradient(x, torch.tensor([1, 2]))  # the exact gradient passes the clamps
+    # the exact gradient passes the clamps
+    grad = classifier.scaled_loss_gradient(x, torch.tensor([1, 2]))
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -21,7 +21,8 @@ from test_chain_init import quick_fit
 from test_checkpoint import authors_state_dict
 from utils import run_cli
 
-SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_subset")
+SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                            "cifar10_subset")
 N_IMAGES = 20
 
 
@@ -60,10 +61,13 @@ def count_chains(monkeypatch):
     return calls
 
 
-def test_test_clf_matches_a_direct_forward_pass_and_takes_the_model_from_the_checkpoint(tiny_checkpoint, tmp_path):
-    result = run_eval(tiny_checkpoint, tmp_path, "--eval", "test_clf", "--dataset", "synthetic", "--sigma", "0")
+def test_test_clf_matches_a_direct_forward_pass_and_takes_the_model_from_the_checkpoint(
+        tiny_checkpoint, tmp_path):
+    result = run_eval(tiny_checkpoint, tmp_path, "--eval", "test_clf", "--dataset", "synthetic",
+                      "--sigma", "0")
     args = result["args"]
-    assert (args["depth"], args["width"], args["n_classes"]) == (10, 1, 10)  # not the paper's 28/10 defaults
+    # not the paper's 28/10 defaults
+    assert (args["depth"], args["width"], args["n_classes"]) == (10, 1, 10)
 
     model = JEM(depth=10, width=1)
     model.load_state_dict(torch.load(tiny_checkpoint, weights_only=True)["model_state_dict"])
@@ -82,19 +86,23 @@ def test_test_clf_matches_a_direct_forward_pass_and_takes_the_model_from_the_che
     assert torch.all((vals["pys"] >= 0.1 - 1e-6) & (vals["pys"] <= 1))  # max softmax of 10 classes
 
 
-def test_test_clf_sgld_refinement_moves_the_inputs_deterministically_under_the_seed(tiny_checkpoint, tmp_path):
-    flags = ["--eval", "test_clf", "--dataset", "synthetic", "--n_steps", "2", "--sgld_lr", "100", "--seed", "3"]
+def test_test_clf_sgld_refinement_moves_the_inputs_deterministically_under_the_seed(
+        tiny_checkpoint, tmp_path):
+    flags = ["--eval", "test_clf", "--dataset", "synthetic", "--n_steps", "2", "--sgld_lr", "100",
+             "--seed", "3"]
     runs = []
     for name in ("a", "b"):
         run_eval(tiny_checkpoint, tmp_path / name, *flags)
         runs.append(torch.load(tmp_path / name / "vals.pt", weights_only=True)["losses"])
-    run_eval(tiny_checkpoint, tmp_path / "plain", "--eval", "test_clf", "--dataset", "synthetic", "--seed", "3")
+    run_eval(tiny_checkpoint, tmp_path / "plain", "--eval", "test_clf", "--dataset", "synthetic",
+             "--seed", "3")
     plain = torch.load(tmp_path / "plain" / "vals.pt", weights_only=True)["losses"]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], plain)
 
 
-def test_calibration_agrees_with_test_clf_and_draws_the_reliability_diagram(tiny_checkpoint, tmp_path):
+def test_calibration_agrees_with_test_clf_and_draws_the_reliability_diagram(tiny_checkpoint,
+                                                                            tmp_path):
     flags = ["--dataset", "synthetic", "--sigma", "0"]
     clf = run_eval(tiny_checkpoint, tmp_path, "--eval", "test_clf", *flags)
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "calibration", *flags)
@@ -117,11 +125,13 @@ def test_ood_scores_in_distribution_against_interpolations(tiny_checkpoint, tmp_
         assert result["mean_score_in"] < 0  # minus a gradient norm
 
 
-def test_ood_reads_image_folders_and_a_celeba_folder_of_loose_images(tiny_checkpoint, tiny_image_folder, tmp_path):
+def test_ood_reads_image_folders_and_a_celeba_folder_of_loose_images(tiny_checkpoint,
+                                                                     tiny_image_folder, tmp_path):
     celeba = tmp_path / "img_align_celeba"
     celeba.mkdir()
     for i in range(3):
-        Image.new("RGB", (178, 218), (40 * i, 90, 200)).save(celeba / f"{i:06d}.jpg")  # CelebA's size
+        # CelebA's size
+        Image.new("RGB", (178, 218), (40 * i, 90, 200)).save(celeba / f"{i:06d}.jpg")
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "OOD", "--dataset", tiny_image_folder,
                       "--ood_dataset", "celeba", "--celeba_root", str(celeba))
     assert (result["n_in"], result["n_out"]) == (N_IMAGES, 3)
@@ -130,12 +140,14 @@ def test_ood_reads_image_folders_and_a_celeba_folder_of_loose_images(tiny_checkp
 def test_logp_hist_saves_png_and_pdf(tiny_checkpoint, tmp_path):
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "logp_hist", "--dataset", "synthetic",
                       "--datasets", "synthetic", "cifar_interp")
-    assert sorted(os.path.basename(p) for p in result["figures"]) == ["logp_hist.pdf", "logp_hist.png"]
+    assert sorted(os.path.basename(p) for p in result["figures"]) == \
+        ["logp_hist.pdf", "logp_hist.png"]
     assert all(os.path.getsize(p) > 1000 for p in result["figures"])
     assert set(result["datasets"]) == {"synthetic", "cifar_interp"}
 
 
-def test_logp_hist_of_pxgrad_plots_minus_log_the_gradient_norm_as_the_paper(tiny_checkpoint, tmp_path):
+def test_logp_hist_of_pxgrad_plots_minus_log_the_gradient_norm_as_the_paper(tiny_checkpoint,
+                                                                            tmp_path):
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "logp_hist", "--dataset", "synthetic",
                       "--datasets", "synthetic", "--score_fn", "pxgrad", "--sigma", "0")
     model = JEM(depth=10, width=1).eval()
@@ -144,13 +156,14 @@ def test_logp_hist_of_pxgrad_plots_minus_log_the_gradient_norm_as_the_paper(tiny
     x = torch.stack([dataset[i][0] for i in range(N_IMAGES)]).requires_grad_(True)
     grad, = torch.autograd.grad(model(x).sum(), x)
     expected = -grad.flatten(1).norm(dim=1).log()
-    assert result["datasets"]["synthetic"]["mean"] == pytest.approx(expected.mean().item(), rel=1e-4)
+    assert result["datasets"]["synthetic"]["mean"] == \
+        pytest.approx(expected.mean().item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("mode", [["uncond_samples"],
                                   ["cond_samples", "--fresh_samples", "--save_buffer"]])
-def test_sampling_modes_take_buffer_size_0_as_fresh_short_run_chains_every_round(tiny_checkpoint, tmp_path,
-                                                                                  monkeypatch, mode):
+def test_sampling_modes_take_buffer_size_0_as_fresh_short_run_chains_every_round(
+        tiny_checkpoint, tmp_path, monkeypatch, mode):
     calls = count_chains(monkeypatch)
     result = run_eval(
         tiny_checkpoint,
@@ -171,7 +184,8 @@ def test_sampling_modes_take_buffer_size_0_as_fresh_short_run_chains_every_round
     assert torch.load(result["buffer"], weights_only=True)["replay_buffer"].shape == (12, 3, 32, 32)
 
 
-def test_uncond_samples_advances_one_batch_of_chains_a_round(tiny_checkpoint, tmp_path, monkeypatch):
+def test_uncond_samples_advances_one_batch_of_chains_a_round(tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
     calls = count_chains(monkeypatch)
     result = run_eval(
         tiny_checkpoint,
@@ -203,16 +217,19 @@ def grid_rows(path):
 
 def test_cond_samples_from_the_checkpoint_buffer_draws_one_row_per_class(tiny_checkpoint, tmp_path):
     result = run_eval(tiny_checkpoint, tmp_path, "--eval", "cond_samples", "--save_buffer")
-    assert result["buffer_source"] == "checkpoint" and result["n_samples"] == 100  # the training buffer
+    # the training buffer
+    assert result["buffer_source"] == "checkpoint" and result["n_samples"] == 100
     assert sum(result["class_counts"]) == 100
     assert len(result["grids"]) == -(-max(result["class_counts"]) // 10)
     width, height = Image.open(result["grids"][0]).size
-    assert height == 342 and width > 342 and grid_rows(result["grids"][0]) == 10  # names on the left
+    # names on the left
+    assert height == 342 and width > 342 and grid_rows(result["grids"][0]) == 10
     saved = torch.load(result["buffer"], weights_only=True)
     assert torch.bincount(saved["predicted_class"], minlength=10).tolist() == result["class_counts"]
 
 
-def test_cond_samples_fresh_samples_builds_a_buffer_as_uncond_samples(tiny_checkpoint, tmp_path, monkeypatch):
+def test_cond_samples_fresh_samples_builds_a_buffer_as_uncond_samples(tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
     calls = count_chains(monkeypatch)
     result = run_eval(
         tiny_checkpoint,
@@ -230,7 +247,8 @@ def test_cond_samples_fresh_samples_builds_a_buffer_as_uncond_samples(tiny_check
         "8",
     )
     assert calls == [(8, None)] * 2
-    assert result["buffer_source"] == "fresh" and result["n_samples"] == 20 and sum(result["class_counts"]) == 20
+    assert (result["buffer_source"] == "fresh" and result["n_samples"] == 20
+            and sum(result["class_counts"]) == 20)
 
 
 def test_a_checkpoint_in_the_papers_two_key_format_gives_the_same_logits(tmp_path):
@@ -244,12 +262,14 @@ def test_a_checkpoint_in_the_papers_two_key_format_gives_the_same_logits(tmp_pat
         },
         path,
     )
-    args = eval_wrn_ebm.parse_args(["--load_path", path])  # no --depth/--width: read from the weights
+    # no --depth/--width: read from the weights
+    args = eval_wrn_ebm.parse_args(["--load_path", path])
     model, replay_buffer = eval_wrn_ebm.load_jem(args, torch.device("cpu"))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.classify(x), original.classify(x), rtol=0, atol=0)
-    assert (args.depth, args.width, args.n_classes, args.norm, args.uncond) == (10, 2, 7, None, False)
+    assert (args.depth, args.width, args.n_classes, args.norm, args.uncond) == \
+        (10, 2, 7, None, False)
     assert len(replay_buffer) == 14 and not model.training
 
     result = run_eval(path, tmp_path, "--eval", "cond_samples")  # its buffer, no conversion step
@@ -284,7 +304,8 @@ def test_a_file_that_is_no_checkpoint_gets_one_line(tmp_path, capsys):
     path = tmp_path / "notes.pt"
     path.write_text("not a checkpoint")
     with pytest.raises(SystemExit) as stop:
-        run_cli(eval_wrn_ebm.main, ["--load_path", str(path), "--save_dir", str(tmp_path), "--device", "cpu"])
+        run_cli(eval_wrn_ebm.main, ["--load_path", str(path), "--save_dir", str(tmp_path),
+                                    "--device", "cpu"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -293,8 +314,8 @@ def test_a_file_that_is_no_checkpoint_gets_one_line(tmp_path, capsys):
     (["--ood_dataset", "no/such/folder"], "no data set 'no/such/folder'"),
     (["--ood_dataset", "celeba"], "--celeba_root"),
 ])
-def test_a_missing_data_set_gets_one_line_before_any_scoring(tiny_checkpoint, tmp_path, capsys, monkeypatch,
-                                                              flags, message):
+def test_a_missing_data_set_gets_one_line_before_any_scoring(tiny_checkpoint, tmp_path, capsys,
+                                                              monkeypatch, flags, message):
     monkeypatch.setattr(eval_wrn_ebm, "score_dataset", lambda *a: pytest.fail("scored before "
                                                                               "checking data"))
     argv = [
@@ -317,7 +338,8 @@ def test_a_missing_data_set_gets_one_line_before_any_scoring(tiny_checkpoint, tm
     assert stop.value.code == 2 and err.count("\n") == 1 and message in err
 
 
-def test_a_celeba_folder_of_mixed_shapes_is_one_line_naming_the_odd_file(tiny_checkpoint, tmp_path, capsys):
+def test_a_celeba_folder_of_mixed_shapes_is_one_line_naming_the_odd_file(tiny_checkpoint, tmp_path,
+                                                                         capsys):
     folder = tmp_path / "faces"
     folder.mkdir()
     for i, size in enumerate([(178, 218)] * 3 + [(100, 100)]):
@@ -364,7 +386,8 @@ def test_a_missing_checkpoint_is_one_line_and_makes_no_save_dir(tmp_path, capsys
                 "cpu",
             ],
         )
-    assert "no checkpoint at --load_path" in capsys.readouterr().err and not (tmp_path / "eval").exists()
+    assert ("no checkpoint at --load_path" in capsys.readouterr().err
+            and not (tmp_path / "eval").exists())
 
 
 def test_classification_needs_labels_of_the_models_classes(tiny_checkpoint, tmp_path, capsys):
@@ -486,8 +509,8 @@ def chain_settings_of_every_call(monkeypatch):
     return calls
 
 
-def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistics(jempp_checkpoint, tmp_path,
-                                                                                  monkeypatch):
+def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistics(
+        jempp_checkpoint, tmp_path, monkeypatch):
     calls = chain_settings_of_every_call(monkeypatch)
     fitted = []
 
@@ -502,7 +525,8 @@ def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistic
         if "running" in k
     }
     real_load_jem, loaded = eval_wrn_ebm.load_jem, []
-    monkeypatch.setattr(eval_wrn_ebm, "load_jem", lambda *a: loaded.append(real_load_jem(*a)) or loaded[-1])
+    monkeypatch.setattr(eval_wrn_ebm, "load_jem",
+                        lambda *a: loaded.append(real_load_jem(*a)) or loaded[-1])
     result = run_eval(
         jempp_checkpoint,
         tmp_path,
@@ -528,12 +552,16 @@ def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistic
         training=True,
         restarts="ClassGaussians",
     )
-    assert calls == [expected] * 2  # PYLD on batch statistics, fresh chains from the class Gaussians
+    # PYLD on batch statistics, fresh chains from the class Gaussians
+    assert calls == [expected] * 2
     args = result["args"]
-    assert (args["recipe"], args["sigma"], args["norm"], args["buffer_init"]) == ("jempp", 0.03, "batch", "informative")
+    assert (args["recipe"], args["sigma"], args["norm"], args["buffer_init"]) == \
+        ("jempp", 0.03, "batch", "informative")
     model = loaded[0][0]
-    assert not model.training and all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
-    assert len(fitted) == 1 and len(fitted[0].dataset) == 32  # its training split: 40 images, 8 held out
+    assert not model.training and all(torch.equal(model.state_dict()[k], v)
+                                      for k, v in statistics.items())
+    # its training split: 40 images, 8 held out
+    assert len(fitted) == 1 and len(fitted[0].dataset) == 32
 
     calls.clear()  # a flag given wins over the training's
     run_eval(
@@ -554,10 +582,12 @@ def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistic
         "--buffer_init",
         "uniform",
     )
-    assert (calls[0]["in_steps"], calls[0]["pyld_lr"], calls[0]["restarts"]) == (2, 0.2, "UniformNoise")
+    assert (calls[0]["in_steps"], calls[0]["pyld_lr"], calls[0]["restarts"]) == \
+        (2, 0.2, "UniformNoise")
 
 
-def test_the_papers_model_keeps_the_papers_evaluation_sampler(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_papers_model_keeps_the_papers_evaluation_sampler(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
     calls = chain_settings_of_every_call(monkeypatch)
     run_eval(
         tiny_checkpoint,
@@ -591,7 +621,8 @@ def test_the_papers_model_keeps_the_papers_evaluation_sampler(tiny_checkpoint, t
 @pytest.mark.parametrize("recipe, yopo, sampler", [
     ("jempp", True, dict(in_steps=5, pyld_lr=0.2, sgld_lr=0.0, sgld_std=0.0, sigma=0.03)),
     ("sadajem", False, dict(in_steps=1, pyld_lr=1.0, sgld_lr=0.0, sgld_std=0.0, sigma=0.0))])
-def test_a_published_jempp_or_sadajem_file_evaluates_with_its_recipe(tmp_path, recipe, yopo, sampler):
+def test_a_published_jempp_or_sadajem_file_evaluates_with_its_recipe(tmp_path, recipe, yopo,
+                                                                     sampler):
     """Their two keys in their layout (no f.linear; JEM++'s yopo aliases), batch norm found from the
     keys."""
     torch.manual_seed(0)
@@ -600,7 +631,8 @@ def test_a_published_jempp_or_sadajem_file_evaluates_with_its_recipe(tmp_path, r
     path = str(tmp_path / f"{recipe}.pt")
     torch.save({"model_state_dict": authors_state_dict(theirs.eval(), yopo),
                 "replay_buffer": torch.rand(20, 3, 32, 32) * 2 - 1}, path)
-    result = run_eval(path, tmp_path, "--eval", "test_clf", "--dataset", "synthetic", "--recipe", recipe)
+    result = run_eval(path, tmp_path, "--eval", "test_clf", "--dataset", "synthetic",
+                      "--recipe", recipe)
     args = result["args"]
     assert (args["norm"], args["depth"], args["width"]) == ("batch", 10, 1)
     assert {k: args[k] for k in sampler} == sampler and args["chains_in_train_mode"]
@@ -613,10 +645,12 @@ def test_a_published_jempp_or_sadajem_file_evaluates_with_its_recipe(tmp_path, r
         assert result["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_sample_quality_of_a_folder_needs_no_checkpoint(tiny_image_folder, tmp_path, monkeypatch, capsys):
+def test_sample_quality_of_a_folder_needs_no_checkpoint(tiny_image_folder, tmp_path, monkeypatch,
+                                                        capsys):
     seen = []
     monkeypatch.setattr(eval_wrn_ebm, "inception_weights_path", lambda path: "weights.pth")
-    monkeypatch.setitem(eval_wrn_ebm.MODES, "sample_quality", lambda *a: seen.append(a[1:3]) or {"fid": 1.0})
+    monkeypatch.setitem(eval_wrn_ebm.MODES, "sample_quality",
+                        lambda *a: seen.append(a[1:3]) or {"fid": 1.0})
     eval_wrn_ebm.main(
         [
             "--eval",
@@ -643,7 +677,8 @@ def test_sample_quality_of_a_folder_needs_no_checkpoint(tiny_image_folder, tmp_p
     (["--n_dup_chains", "0"], "--n_dup_chains 0")])
 def test_numbers_out_of_range_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
-        run_cli(eval_wrn_ebm.main, ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), *flags])
+        run_cli(eval_wrn_ebm.main, ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path),
+                                    *flags])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
 

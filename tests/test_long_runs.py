@@ -79,9 +79,11 @@ def assert_same_state(a, b):
     for key in a["model_state_dict"]:
         assert torch.equal(a["model_state_dict"][key], b["model_state_dict"][key]), key
     assert torch.equal(a["replay_buffer"], b["replay_buffer"])
-    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(), b["optimizer_state_dict"]["state"].values()):
+    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(),
+                      b["optimizer_state_dict"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    assert (a["epoch"], a["iteration"], a["best_valid_acc"]) == (b["epoch"], b["iteration"], b["best_valid_acc"])
+    assert (a["epoch"], a["iteration"], a["best_valid_acc"]) == \
+        (b["epoch"], b["iteration"], b["best_valid_acc"])
 
 
 @pytest.mark.parametrize("stop_at", [3, 8])  # inside epoch 0, inside epoch 1
@@ -89,7 +91,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeyp
     train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path / "straight")])
 
     interrupt_at(monkeypatch, stop_at)
-    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path / "split")])  # returns cleanly after the signal
+    # returns cleanly after the signal
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path / "split")])
     stopped = load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt"))
     assert stopped["iteration"] == stop_at  # the iteration in flight was finished, then saved
     assert "SIGTERM: stopped" in (tmp_path / "split" / "log.txt").read_text()
@@ -121,7 +124,8 @@ def test_sam_run_with_batch_norm_resumes_exactly(tiny, tmp_path, monkeypatch):
         "labeled",
     ]
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "straight")])
-    interrupt_at(monkeypatch, 2 * 8 + 1)  # SAM calls the loss twice an iteration: stop in iteration 8
+    # SAM calls the loss twice an iteration: stop in iteration 8
+    interrupt_at(monkeypatch, 2 * 8 + 1)
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "split")])
     assert load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt"))["iteration"] == 9
     monkeypatch.undo()
@@ -157,7 +161,8 @@ def test_iteration_checkpoints_and_keep_last(tiny, tmp_path):
         ]
     )
     numbered = sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt_"))
-    assert numbered == ["ckpt_1.pt", "ckpt_iter_12.pt"]  # written: iter 4, 8, epoch 0, iter 12, epoch 1
+    # written: iter 4, 8, epoch 0, iter 12, epoch 1
+    assert numbered == ["ckpt_1.pt", "ckpt_iter_12.pt"]
     assert load_checkpoint(str(tmp_path / "ckpt_iter_12.pt"))["iteration"] == 12
     assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
 
@@ -193,7 +198,8 @@ def test_each_rollback_restores_the_last_checkpoint_byte_for_byte(tiny, tmp_path
     """Buffer, weights and optimizer after a rollback are those of the checkpoint written last, also
     after a second rollback to the same checkpoint (on a CPU, where copies to the CPU are no
     copies)."""
-    diverge_at(monkeypatch, {9, 11})  # iterations 8 and then 7 (replayed): both roll back to the end of epoch 0
+    # iterations 8 and then 7 (replayed): both roll back to the end of epoch 0
+    diverge_at(monkeypatch, {9, 11})
     restored = []
     recover = Rollback.recover
 
@@ -202,12 +208,14 @@ def test_each_rollback_restores_the_last_checkpoint_byte_for_byte(tiny, tmp_path
         restored.append(copy.deepcopy(self.trainer.state_dict()))
 
     monkeypatch.setattr(Rollback, "recover", recover_and_record)
-    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--on_diverge", "rollback", "--ckpt_every", "1"])
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--on_diverge", "rollback",
+                               "--ckpt_every", "1"])
     last_good = load_checkpoint(str(tmp_path / "ckpt_0.pt"))
     assert len(restored) == 2
     for state in restored:
         assert state["iteration"] == last_good["iteration"] == 6
-        assert state["replay_buffer"].numpy().tobytes() == last_good["replay_buffer"].numpy().tobytes()
+        assert state["replay_buffer"].numpy().tobytes() == \
+            last_good["replay_buffer"].numpy().tobytes()
         for key, weights in last_good["model_state_dict"].items():
             assert torch.equal(state["model_state_dict"][key], weights), key
         for saved, now in zip(last_good["optimizer_state_dict"]["state"].values(),
@@ -238,14 +246,17 @@ def nan_at(monkeypatch, calls_to_spoil):
     monkeypatch.setattr(step, "jem_loss", loss)
 
 
-def test_a_nan_in_sams_second_loss_stops_before_it_reaches_the_weights(tiny, tmp_path, monkeypatch, capsys):
+def test_a_nan_in_sams_second_loss_stops_before_it_reaches_the_weights(tiny, tmp_path, monkeypatch,
+                                                                       capsys):
     nan_at(monkeypatch, {2 * 8})  # the second pass of iteration 7
     with pytest.raises(SystemExit):
-        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--optimizer", "sam", "--lr", "0.01"])
+        run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--optimizer", "sam",
+                                             "--lr", "0.01"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "SAM's loss at its perturbed weights nan" in err
     kept = load_checkpoint(str(tmp_path / "last_good_before_divergence.pt"))
-    assert kept["iteration"] == 7 and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values())
+    assert (kept["iteration"] == 7
+            and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values()))
 
 
 def test_a_nan_in_sams_second_loss_rolls_back_like_any_divergence(tiny, tmp_path, monkeypatch):
@@ -259,7 +270,8 @@ def test_a_nan_in_sams_second_loss_rolls_back_like_any_divergence(tiny, tmp_path
     assert final["iteration"] == 12 and final["rollbacks"] == 1
 
 
-def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny, tmp_path, monkeypatch, capsys):
+def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny, tmp_path,
+                                                                           monkeypatch, capsys):
     """A step can turn the weights to NaN while its loss was finite (the next loss shows it): the
     run then keeps the last checkpoint's state, not the NaN weights."""
     real_update, calls = trainer.update, []
@@ -276,7 +288,8 @@ def test_weights_that_a_finite_loss_left_not_finite_are_never_kept_as_good(tiny,
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
     assert "(iteration 6)" in capsys.readouterr().err
     kept = load_checkpoint(str(tmp_path / "last_good_before_divergence.pt"))
-    assert kept["iteration"] == 6 and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values())
+    assert (kept["iteration"] == 6
+            and all(torch.isfinite(t).all() for t in kept["model_state_dict"].values()))
 
 
 def criterion(argv):
@@ -288,9 +301,11 @@ def criterion(argv):
 def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold():
     sada, paper = (criterion(argv) for argv in (["--recipe", "sadajem"], []))
     terms = {"l_p_x": torch.tensor(-2e5), "l_p_y_given_x": torch.tensor(1.0)}
-    assert has_diverged(-2e5 + 1, terms, sada)  # |p_x_weight * l_p_x| > 1e5, as SADA-JEM's run stopped
+    # |p_x_weight * l_p_x| > 1e5, as SADA-JEM's run stopped
+    assert has_diverged(-2e5 + 1, terms, sada)
     assert not has_diverged(-2e5 + 1, terms, paper)  # the paper's: |L| <= 1e8
-    assert not has_diverged(5e7, {"l_p_x": torch.tensor(3.0), "l_p_y_given_x": torch.tensor(5e7)}, sada)
+    assert not has_diverged(5e7, {"l_p_x": torch.tensor(3.0), "l_p_y_given_x": torch.tensor(5e7)},
+                            sada)
     assert has_diverged(float("nan"), {"l_p_x": torch.tensor(3.0)}, sada)  # NaN always
     assert has_diverged(1e9, {}, paper)
 
@@ -308,10 +323,12 @@ def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_energy_l2_adds_the_squared_energies(tiny, tmp_path):
-    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--energy_l2", "0.1", "--n_epochs", "1"])
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--energy_l2", "0.1",
+                               "--n_epochs", "1"])
     row = [r for r in records(tmp_path) if r["kind"] == "train"][0]
     assert row["l_energy_l2"] >= row["f_data"] ** 2  # mean of squares >= square of mean
-    assert row["loss"] == pytest.approx(row["l_p_x"] + row["l_p_y_given_x"] + 0.1 * row["l_energy_l2"], rel=1e-5)
+    assert row["loss"] == pytest.approx(row["l_p_x"] + row["l_p_y_given_x"]
+                                        + 0.1 * row["l_energy_l2"], rel=1e-5)
 
 
 RANKS_AGREE = """
@@ -429,7 +446,8 @@ def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_pa
     )
     assert "at epoch 0, iteration 3" in (tmp_path / "one" / "log.txt").read_text()
     rows = [r for r in records(tmp_path / "one") if r["kind"] == "train"]
-    assert [r["iteration"] for r in rows] == [3, 4, 5, 6, 7, 8]  # the 6 batches of 8 left of 12, no more
+    # the 6 batches of 8 left of 12, no more
+    assert [r["iteration"] for r in rows] == [3, 4, 5, 6, 7, 8]
     # resumed at the end of epoch 1 (6 batches of 8 per process), one process goes on with epoch 2
     train_wrn_ebm.main(["--resume", str(tmp_path), "--n_epochs", "3", "--device", "cpu"])
     final = load_checkpoint(str(tmp_path / "last_ckpt.pt"))
@@ -443,7 +461,8 @@ import train_wrn_ebm
 from jem.chain_init import ClassGaussians
 from test_chain_init import quick_fit
 
-ClassGaussians.fit = staticmethod(quick_fit)  # the real fit costs seconds per run; its refit is tested elsewhere
+ClassGaussians.fit = staticmethod(quick_fit)  # the real fit costs seconds per run; \
+its refit is tested elsewhere
 train_wrn_ebm.main(sys.argv[1:])
 """
 
@@ -453,7 +472,8 @@ def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians
     again and finds the fingerprint its checkpoint holds."""
     script = tmp_path / "quick_fit.py"
     script.write_text(QUICK_FIT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", str(script)]
     flags = tiny + [
         "--save_dir",
         str(tmp_path / "run"),
@@ -464,12 +484,14 @@ def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians
         "--n_epochs",
         "1",
     ]
-    for command in (torchrun + flags, torchrun + ["--resume", str(tmp_path / "run"), "--n_epochs", "2"]):
+    for command in (torchrun + flags,
+                    torchrun + ["--resume", str(tmp_path / "run"), "--n_epochs", "2"]):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert log.count("fitted 10 class Gaussians") == 2 and "(the same numbers as when the run started)" in log
+    assert (log.count("fitted 10 class Gaussians") == 2
+            and "(the same numbers as when the run started)" in log)
     assert "resumed" in log and "at epoch 1, iteration 6" in log
     final = load_checkpoint(str(tmp_path / "run" / "last_ckpt.pt"))
     assert (final["world_size"], final["iteration"], len(final["rng_states"])) == (2, 12, 2)
@@ -485,7 +507,8 @@ def quick_gaussians():
         yield
 
 
-def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_path, monkeypatch, quick_gaussians):
+def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_path, monkeypatch,
+                                                                   quick_gaussians):
     """JEM++'s batch-norm recipe (training-mode passes, PYLD, informative starts): a run stopped by
     SIGTERM and resumed ends bit for bit where an uninterrupted one does, running statistics
     included."""
@@ -500,7 +523,8 @@ def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_pat
     straight = load_checkpoint(str(tmp_path / "straight" / "last_ckpt.pt"))
     assert_same_state(straight, load_checkpoint(str(tmp_path / "split" / "last_ckpt.pt")))
     running_var = straight["model_state_dict"]["f.bn1.running_var"]
-    assert not torch.allclose(running_var, torch.ones_like(running_var))  # the statistics were trained
+    # the statistics were trained
+    assert not torch.allclose(running_var, torch.ones_like(running_var))
     losses = [r["loss"] for r in records(tmp_path / "straight") if r["kind"] == "train"]
     assert len(losses) == 12 and all(abs(v) < 1e3 for v in losses)
     result = eval_wrn_ebm.main(
@@ -543,7 +567,8 @@ def test_flags_typed_with_resume_win_for_every_recipe(tiny, tmp_path, recipe):
     """`--resume DIR --n_epochs 2` from a shell trains the second epoch, whatever recipe the run
     has."""
     run = str(tmp_path / "run")
-    first = [*tiny, "--recipe", recipe, "--buffer_init", "uniform", "--n_epochs", "1", "--save_dir", run]
+    first = [*tiny, "--recipe", recipe, "--buffer_init", "uniform", "--n_epochs", "1",
+             "--save_dir", run]
     if recipe == "sadajem":
         first += ["--labeled_batch_size", "16", "--n_valid", "20"]
     train_from_shell(first)
@@ -558,7 +583,8 @@ def test_a_finished_run_stays_finished_and_a_typed_flag_extends_it(tiny, tmp_pat
     typed now extends it, the log names the changed flag, and the summary says how to go on."""
     run = str(tmp_path / "run")
     done = train_from_shell([*tiny, "--n_epochs", "1", "--save_dir", run])
-    assert "evaluate: python eval_wrn_ebm.py --load_path" in open(os.path.join(run, "log.txt")).read()
+    assert "evaluate: python eval_wrn_ebm.py --load_path" in \
+        open(os.path.join(run, "log.txt")).read()
     checkpoint = os.path.join(run, "last_ckpt.pt")
     before = os.path.getmtime(checkpoint)
     train_from_shell(["--resume", run])
@@ -570,7 +596,8 @@ def test_a_finished_run_stays_finished_and_a_typed_flag_extends_it(tiny, tmp_pat
     assert load_checkpoint(checkpoint)["epoch"] == 1 and done.returncode == 0
 
 
-@pytest.mark.parametrize("flag, value, stored", [("--depth", "16", "10"), ("--norm", "batch", "None")])
+@pytest.mark.parametrize("flag, value, stored", [("--depth", "16", "10"),
+                                                 ("--norm", "batch", "None")])
 def test_a_flag_fixed_within_a_run_is_refused_naming_its_stored_value(tiny, tmp_path, flag, value,
                                                                       stored):
     run = str(tmp_path / "run")

@@ -34,7 +34,8 @@ def test_a_bf16_step_gives_the_float32_loss_and_gradients_to_bf16_precision(seed
     torch.manual_seed(seed)
     model = JEM(CONFIG.depth, CONFIG.width, n_classes=10)
     buffer_images = torch.rand(40, 3, 32, 32) * 2 - 1
-    batch = (torch.rand(16, 3, 32, 32) * 2 - 1, torch.rand(16, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (16,)))
+    batch = (torch.rand(16, 3, 32, 32) * 2 - 1, torch.rand(16, 3, 32, 32) * 2 - 1,
+             torch.randint(0, 10, (16,)))
     loss32, grads32 = one_step(model, buffer_images, batch, [])
     loss16, grads16 = one_step(model, buffer_images, batch, ["amp"])
     assert loss16.dtype == torch.float32
@@ -60,7 +61,8 @@ def test_a_bf16_chain_takes_every_gradient_at_its_current_point():
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     settings = ChainSettings(n_steps=3, sgld_lr=0.2, sgld_std=0.0)
     expected = x0.clone()
-    for _ in range(settings.n_steps):  # each step in a region of its own: nothing cached survives it
+    # each step in a region of its own: nothing cached survives it
+    for _ in range(settings.n_steps):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x = expected.clone().requires_grad_(True)
             grad, = torch.autograd.grad(score(x).sum(), x)
@@ -75,7 +77,8 @@ def test_a_bf16_chain_takes_every_gradient_at_its_current_point():
 
 
 def test_native_bf16_follows_the_cpu_capabilities(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": True})
+    monkeypatch.setattr(torch.cpu, "get_capabilities",
+                        lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": True})
     assert precision.cpu_bf16_features() == ["AMX-BF16"] and precision.native_bf16(CPU)
     assert "native bf16: AMX-BF16" in precision.describe_hardware(CPU)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False})
@@ -83,8 +86,8 @@ def test_native_bf16_follows_the_cpu_capabilities(monkeypatch):
     assert "no native bf16" in precision.describe_hardware(CPU)
 
 
-def test_amp_without_native_bf16_says_so_in_one_line_and_trains_in_float32(tiny_image_folder, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_amp_without_native_bf16_says_so_in_one_line_and_trains_in_float32(
+        tiny_image_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
     autocast_flags = []
     real_autocast = precision.autocast

@@ -66,11 +66,13 @@ class StopAfterEachIteration:
 def project_run(folder, save_dir, recipe, flags):
     """(the trainer's state before, the trainer after ITERATIONS iterations of its loop, the seed's
     RNG state)."""
-    args = train_flags.parse_args(["--recipe", recipe, "--dataset", folder, "--save_dir", str(save_dir), *TINY, *flags])
+    args = train_flags.parse_args(["--recipe", recipe, "--dataset", folder,
+                                   "--save_dir", str(save_dir), *TINY, *flags])
     args.n_classes = n_classes_of(args.dataset)
     train_flags.check_args(args)
     torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:  # any Gaussians serve: both sides start from the trainer's
+    # any Gaussians serve: both sides start from the trainer's
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
         trainer = Trainer(train_flags.settings_from_args(args), vars(args), Topology(),
                           torch.device("cpu"), SilentLog())
@@ -126,7 +128,8 @@ def chain_starts(buffer, n, reinit_freq, gaussians):
     k = int(choose_random.sum())
     classes = torch.randint(0, gaussians.n_classes, (k,))
     noise = torch.randn(k, gaussians.mean.shape[1])
-    random_samples = torch.stack([gaussians.mean[c] + gaussians.scale_tril[c] @ z for c, z in zip(classes, noise)])
+    random_samples = torch.stack([gaussians.mean[c] + gaussians.scale_tril[c] @ z
+                                  for c, z in zip(classes, noise)])
     starts = buffer[inds].clone()
     starts[choose_random] = random_samples.clamp(-1, 1).view(k, 3, 32, 32)
     return starts, inds
@@ -148,7 +151,8 @@ def jempp_sample_q(f, buffer, a, gaussians):
     x_k.requires_grad_(True)
     for _ in range(a.n_steps):
         conv1_out = []
-        hook = f.f.conv1.register_forward_hook(lambda module, inputs, output: conv1_out.append(output))
+        hook = f.f.conv1.register_forward_hook(
+            lambda module, inputs, output: conv1_out.append(output))
         energies = ccf_score(f, x_k)
         hook.remove()
         eta, p = torch.autograd.grad(energies.sum(), [x_k, conv1_out[0]])
@@ -156,7 +160,8 @@ def jempp_sample_q(f, buffer, a, gaussians):
         for _ in range(a.in_steps):
             hamiltonian = torch.sum(f.f.conv1(tmp_inp) * p)
             eta_grad, = torch.autograd.grad(hamiltonian, [tmp_inp])
-            tmp_inp = torch.clamp(tmp_inp.detach() + torch.clamp(eta_grad, -a.eps, a.eps) * a.pyld_lr, -1, 1)
+            tmp_inp = torch.clamp(tmp_inp.detach()
+                                  + torch.clamp(eta_grad, -a.eps, a.eps) * a.pyld_lr, -1, 1)
             tmp_inp.requires_grad_(True)
         x_k = tmp_inp.detach().requires_grad_(True)
     final_samples = x_k.detach()
@@ -193,7 +198,8 @@ def jempp_batches(trainer, raw, a, iteration):
         ]
     )
     x_p_d, _ = their_batch(raw, batch_indices(trainer.loaders["train"], iteration), transform_train)
-    x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration), transform_train)
+    x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration),
+                               transform_train)
     return x_p_d, x_lab, y_lab
 
 
@@ -219,7 +225,8 @@ def sadajem_sample_q(f, buffer, a, gaussians):
     x_k.requires_grad_(True)
     for _ in range(a.n_steps):
         eta, = torch.autograd.grad(ccf_score(f, x_k).sum(), [x_k])
-        x_k = torch.clamp(x_k.detach() + torch.clamp(eta, -1, 1) * sgld_lr, -1, 1).requires_grad_(True)
+        x_k = torch.clamp(x_k.detach() + torch.clamp(eta, -1, 1) * sgld_lr,
+                          -1, 1).requires_grad_(True)
     final_samples = x_k.detach()
     buffer[inds] = final_samples
     return final_samples
@@ -291,8 +298,10 @@ def sadajem_batches(trainer, raw, iteration):
     transform_train = T.Compose(
         [T.Pad(4, padding_mode="reflect"), T.RandomCrop(32), T.RandomHorizontalFlip(), *NORMALISE]
     )
-    x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration), transform_train)
-    x_p_d, _ = their_batch(raw, batch_indices(trainer.loaders["train"], iteration), T.Compose(NORMALISE))
+    x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration),
+                               transform_train)
+    x_p_d, _ = their_batch(raw, batch_indices(trainer.loaders["train"], iteration),
+                           T.Compose(NORMALISE))
     return x_lab, y_lab, x_p_d
 
 
@@ -305,7 +314,8 @@ def run_sadajem(before, trainer, rng, raw, swap_passes=False):
     torch.set_rng_state(rng)
     for iteration in range(ITERATIONS):
         x_lab, y_lab, x_p_d = sadajem_batches(trainer, raw, iteration)
-        sadajem_iteration(f, buffer, optim, a, before["gaussians"], x_lab, y_lab, x_p_d, swap_passes)
+        sadajem_iteration(f, buffer, optim, a, before["gaussians"], x_lab, y_lab, x_p_d,
+                          swap_passes)
     return f, buffer, optim.base_optimizer
 
 
@@ -330,8 +340,10 @@ def assert_same_state(trainer, f, buffer, optim, batch_norm_passes_they_count_mo
     # Pixels in [-1, 1]: a few of them differ by up to 1/40 of an 8-bit level, float32 rounding that
     # two chains through batch norm in training mode magnify after the first update.
     torch.testing.assert_close(trainer.replay_buffer.images, buffer, rtol=0, atol=2e-4)
-    momenta = {i: state["momentum_buffer"] for i, state in trainer.optimizer.state_dict()["state"].items()}
-    theirs = {i: optim.state[p]["momentum_buffer"] for i, p in enumerate(f.parameters()) if p in optim.state}
+    momenta = {i: state["momentum_buffer"]
+               for i, state in trainer.optimizer.state_dict()["state"].items()}
+    theirs = {i: optim.state[p]["momentum_buffer"]
+              for i, p in enumerate(f.parameters()) if p in optim.state}
     torch.testing.assert_close(momenta, theirs)
 
 
@@ -354,18 +366,22 @@ def raw_images(small_image_folder):
 
 def test_jempp_iterations_equal_their_train_jempp(small_image_folder, raw_images, tmp_path):
     before, trainer, rng = project_run(small_image_folder, tmp_path, "jempp", ["--n_valid", "20"])
-    assert (flags_of(trainer).in_steps, flags_of(trainer).sgld_lr, flags_of(trainer).sgld_std, flags_of(trainer).sigma) == (5, 0, 0, 0.03)
+    assert (flags_of(trainer).in_steps, flags_of(trainer).sgld_lr, flags_of(trainer).sgld_std,
+            flags_of(trainer).sigma) == (5, 0, 0, 0.03)
     f, buffer, optim = run_jempp(before, trainer, rng, raw_images)
     assert not torch.equal(buffer, before["buffer"])  # the chains wrote back
     assert_same_state(trainer, f, buffer, optim)
     f, buffer, optim = run_jempp(before, trainer, rng, raw_images, swap_passes=True)
-    with pytest.raises(AssertionError):  # the comparison sees the order of the passes (batch norm's statistics)
+    # the comparison sees the order of the passes (batch norm's statistics)
+    with pytest.raises(AssertionError):
         assert_same_state(trainer, f, buffer, optim)
 
 
 def test_sadajem_iterations_equal_their_train_sadajem(small_image_folder, raw_images, tmp_path):
-    before, trainer, rng = project_run(small_image_folder, tmp_path, "sadajem", ["--labeled_batch_size", "16"])
-    assert (flags_of(trainer).optimizer, flags_of(trainer).epoch_over, flags_of(trainer).px_augment) == ("sam", "labeled", False)
+    before, trainer, rng = project_run(small_image_folder, tmp_path, "sadajem",
+                                       ["--labeled_batch_size", "16"])
+    assert (flags_of(trainer).optimizer, flags_of(trainer).epoch_over,
+            flags_of(trainer).px_augment) == ("sam", "labeled", False)
     f, buffer, optim = run_sadajem(before, trainer, rng, raw_images)
     assert not torch.equal(buffer, before["buffer"])
     # Their second pass counts its three batches in num_batches_tracked (momentum 0); ours is not
@@ -373,4 +389,5 @@ def test_sadajem_iterations_equal_their_train_sadajem(small_image_folder, raw_im
     assert_same_state(trainer, f, buffer, optim, batch_norm_passes_they_count_more=3 * ITERATIONS)
     f, buffer, optim = run_sadajem(before, trainer, rng, raw_images, swap_passes=True)
     with pytest.raises(AssertionError):  # the comparison sees the order of the passes
-        assert_same_state(trainer, f, buffer, optim, batch_norm_passes_they_count_more=3 * ITERATIONS)
+        assert_same_state(trainer, f, buffer, optim,
+                          batch_norm_passes_they_count_more=3 * ITERATIONS)

@@ -137,7 +137,8 @@ def test_one_pyld_step_by_hand(model):
     torch.manual_seed(5)
     expected = expected + 0.01 * torch.randn_like(x0)
     torch.manual_seed(5)
-    out = sgld(model, x0, ChainSettings(n_steps=1, sgld_lr=0.3 * big, sgld_std=0.01, in_steps=3, pyld_lr=big, eps=eps))
+    out = sgld(model, x0, ChainSettings(n_steps=1, sgld_lr=0.3 * big, sgld_std=0.01, in_steps=3,
+                                        pyld_lr=big, eps=eps))
     torch.testing.assert_close(out, expected)
     assert ((x0 + 4 * big * grad.clamp(-eps, eps)).abs() > 1).float().mean() > 0.1
 
@@ -169,7 +170,8 @@ def test_pyld_inner_steps_through_conv1_equal_the_shared_gradient(model):
     x0 = torch.rand(6, 3, 32, 32) * 2 - 1
     eps = 0.003
     literal = jempp_inner_loop(model, x0, n_steps=3, in_steps=5, pyld_lr=0.2, eps=eps)
-    cheap = sgld(model, x0, ChainSettings(n_steps=3, sgld_lr=0.0, sgld_std=0.0, in_steps=5, pyld_lr=0.2, eps=eps))
+    cheap = sgld(model, x0, ChainSettings(n_steps=3, sgld_lr=0.0, sgld_std=0.0, in_steps=5,
+                                          pyld_lr=0.2, eps=eps))
     torch.testing.assert_close(cheap, literal)
     assert not torch.allclose(literal, x0, atol=1e-3)
 
@@ -181,7 +183,8 @@ def test_pyld_lr_zero_turns_the_inner_steps_off(model):
     torch.manual_seed(2)
     plain = sgld(model, x0, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.01))
     torch.manual_seed(2)
-    off = sgld(model, x0, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.01, in_steps=5, pyld_lr=0.0))
+    off = sgld(model, x0, ChainSettings(n_steps=2, sgld_lr=0.5, sgld_std=0.01, in_steps=5,
+                                        pyld_lr=0.0))
     assert torch.equal(plain, off)
 
 
@@ -194,7 +197,8 @@ def test_sample_q_in_train_mode_uses_the_chain_batch_statistics():
     buffer = ReplayBuffer(20, 10, reinit_freq=0.0, device="cpu")
     sample_q(model, buffer, 6, chain=ChainSettings(n_steps=1, train_mode=True))
     assert not model.training
-    assert not torch.equal(model.f.bn1.running_mean, running)  # training-mode passes update the statistics
+    # training-mode passes update the statistics
+    assert not torch.equal(model.f.bn1.running_mean, running)
     running = model.f.bn1.running_mean.clone()
     sample_q(model, buffer, 6, chain=ChainSettings(n_steps=1))
     assert torch.equal(model.f.bn1.running_mean, running)

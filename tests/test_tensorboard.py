@@ -172,7 +172,8 @@ def test_a_training_run_with_tensorboard_writes_its_metrics_energies_and_grids(s
     events = read_events(run)
     train = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert [step for step, _ in scalar_curve(events, "train/loss")] == list(range(12))
-    assert scalar_curve(events, "train/loss") == [(r["iteration"], as_float32(r["loss"])) for r in train]
+    assert scalar_curve(events, "train/loss") == \
+        [(r["iteration"], as_float32(r["loss"])) for r in train]
     assert {"eval/valid_acc", "train/energy_gap"} <= set(events.Tags()["scalars"])
     assert {"energy/data", "energy/q"} <= set(events.Tags()["histograms"])
     assert "samples/x_q" in events.Tags()["images"]
