@@ -47,7 +47,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -64,8 +63,7 @@ from jem.optim import make_optimizer
 from jem.step import Batch, iteration_loss, to_training_device, update
 from jem.run.device import select_device
 from jem.run.profiling import (convolution_profile, count_flops, describe_peak, gpu_description,
-                               in_fresh_process, peak_rate, peak_resident_bytes, synchronize,
-                               time_alternately)
+                               in_fresh_process, peak_rate, peak_resident_bytes, time_alternately)
 from jem.run.profiling import ConvolutionTimer  # noqa: F401  (tests/test_train_step.py imports it)
 from utils import run_cli
 

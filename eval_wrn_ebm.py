@@ -28,131 +28,40 @@ Every mode is one function `mode(args, model, replay_buffer, device) -> dict of 
 import os
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from jem.eval.attack import add_attack_flags, run_attack
 from jem.chain_init import IMAGE_SHAPE
-from jem.checkpoint import describe_state_dict, load_checkpoint, load_model_state, require_checkpoint_file
+from jem.checkpoint import describe_state_dict, load_checkpoint, load_model_state, seed_everything
 from jem.data import loader_workers, make_loader
-from jem.eval.datasets import EVAL_NAMES, check_labeled, load_eval_dataset, one_size_batches
-from jem.model import ModelSettings, build_model
-from jem.eval.plots import save_histograms, save_reliability_diagram, short_names
-from jem.eval.sample_quality import INCEPTION_BATCH_SIZE, Inception, add_sample_quality_flags, dataset_batches, inception_weights_path, load_buffer_file, load_reference, score_sample_quality, tensor_batches
-from jem.eval.sampling import add_recipe_sampler_flags, chain_settings, chains_as_trained, cond_samples, describe_sampler, sample_as_trained, uncond_samples
-from jem.run.device import autocast, describe_hardware, resolve_amp
-from jem.sampler import ReplayBuffer, sgld, uncached_autocast
-from jem.flags.common import OneLineErrors, check_ranges, flags_given
-from jem.checkpoint import seed_everything
 from jem.errors import UserError
-from jem.flags.common import add_model_flags, add_sampler_flags, add_system_flags
-from jem.run.device import select_device
+from jem.eval.attack import run_attack
+from jem.eval.datasets import check_labeled, load_eval_dataset, one_size_batches
+from jem.eval.metrics import (ECE_BINS, HISTOGRAM_LABELS, SCORES, expected_calibration_error,
+                              histogram_values, ood_metrics)
+from jem.eval.plots import save_grid, save_histograms, save_reliability_diagram, short_names
+from jem.eval.sample_quality import (INCEPTION_BATCH_SIZE, Inception, dataset_batches,
+                                     load_buffer_file, load_reference, score_sample_quality,
+                                     tensor_batches)
+from jem.eval.sampling import (chains_as_trained, class_names, classify_images, sample_fresh_buffer,
+                               save_buffer, save_class_grids)
+from jem.flags.common import flags_given
+from jem.flags.evaluate import (EVAL_FLAG_RANGES, MODE_NAMES, MODEL_FLAGS, PAPER_MODEL,  # noqa: F401
+                                FROM_CHECKPOINT, build_parser, chain_settings, check_args,
+                                describe_sampler, parse_args, sample_as_trained,
+                                sampling_settings)
+from jem.model import ModelSettings, build_model
+from jem.run.device import autocast, describe_hardware, resolve_amp, select_device
 from jem.run.log import RunLog, write_json
+from jem.sampler import ReplayBuffer, sgld
 from utils import run_cli, save_dir_removed_on_failure
 
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
-ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the paper's figure)
-MODEL_FLAGS = ("depth", "width", "norm", "uncond")
-PAPER_MODEL = {"depth": 28, "width": 10, "norm": None, "uncond": False, "n_classes": 10}  # WRN-28-10, CIFAR-10
-FROM_CHECKPOINT = object()  # default of the model flags: take the value from the checkpoint
-
-
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
-def build_parser():
-    parser = OneLineErrors(
-        prog="eval_wrn_ebm.py", description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
-        epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored arguments, else "
-               "the shapes of its weights, else the paper's WRN-28-10 without norm. A model of a later recipe is "
-               "sampled as it was trained (eval_sampling.py): the sampler flags not given default to its training's.")
-    parser.add_argument("--eval", choices=list(MODES), default="OOD", help="what to evaluate")
-    parser.add_argument("--load_path", type=str, default=None,
-                        help="checkpoint of this project or of the paper's code, or a run's "
-                             "save dir (its last_ckpt.pt); every mode but sample_quality of a "
-                             "--samples file or folder needs one")
-    parser.add_argument("--save_dir", type=str, default="./experiment/eval",
-                        help="where <mode>.json, figures and samples go")
-
-    data = parser.add_argument_group("data", f"data sets: {', '.join(EVAL_NAMES)}, or the PATH of an image "
-                                             "folder (PATH/test/<class>/*, PATH/<class>/* or PATH/*.png)")
-    data.add_argument("--dataset", type=str, default="cifar_test",
-                      help="labeled set of test_clf and calibration; in-distribution set (positives) of OOD, "
-                           "and the set that cifar_interp mixes")
-    data.add_argument("--ood_dataset", type=str, default="svhn", help="OOD: the out-of-distribution set")
-    data.add_argument("--datasets", nargs="+", type=str, default=[], help="logp_hist: one histogram per set")
-    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data sets live")
-    data.add_argument("--celeba_root", type=str, default=None,
-                      help="image folder read for the data set named celeba (shorter side resized to 32, "
-                           "aspect kept, as the paper)")
-    data.add_argument("--sigma", type=float, default=3e-2,
-                      help="std of the Gaussian noise added to every test image, as in training; 0: none")
-    data.add_argument("--max_images", type=int, default=None,
-                      help="use only the first this many images of each data set (quick checks; default all)")
-
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--score_fn", choices=list(SCORES), default="px",
-                            help="OOD and logp_hist: px = logsumexp f(x), py = max p(y|x), "
-                                 "pxgrad = -||d logsumexp f(x)/dx||")
-    evaluation.add_argument("--batch_size", type=int, default=64, help="SGLD chains per sample_q call")
-    evaluation.add_argument("--n_sample_steps", type=int, default=100,
-                            help="sampling rounds; each round advances --batch_size chains of the buffer")
-    evaluation.add_argument("--fresh_samples", action="store_true",
-                            help="cond_samples: sample a new buffer instead of using the checkpoint's")
-    evaluation.add_argument("--n_grids", type=int, default=10,
-                            help="cond_samples: grids written at most, the best-ranked "
-                                 "images first (10 images of each class a grid)")
-    evaluation.add_argument("--save_buffer", action="store_true",
-                            help="cond_samples: also write the classified buffer to "
-                                 "cond_samples_buffer.pt")
-
-    evaluation.add_argument("--samples", type=str, default="buffer",
-                            help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of it), a "
-                                 "<mode>_buffer.pt file, or an image folder / data set name")
-    add_sample_quality_flags(parser)
-    add_model_flags(parser)
-    parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
-    add_sampler_flags(parser, n_steps=0, buffer_size=0)
-    add_recipe_sampler_flags(parser)
-    parser.set_defaults(pyld_eps=1.0, chains_in_train_mode=False, training_data=None)  # see sample_as_trained
-    add_system_flags(parser)
-    add_attack_flags(parser)
-    return parser
 
 
 # Every numeric flag's range (train_flags.check_ranges); the model flags are checked once the checkpoint gave them.
-EVAL_FLAG_RANGES = {
-    "sigma": (0, None), "max_images": (1, None), "batch_size": (1, None), "n_sample_steps": (0, None),
-    "is_splits": (1, None), "depth": (10, None), "width": (1, None), "n_steps": (0, None), "buffer_size": (0, None),
-    "reinit_freq": (0, 1), "sgld_lr": (0, None), "sgld_std": (0, None), "in_steps": (0, None),
-    "pyld_lr": (None, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None), "print_every": (1, None),
-    "eps": (0, None), "n_steps_pgd_attack": (0, None), "pgd_step_factor": (0, None), "n_steps_refine": (0, None),
-    "n_dup_chains": (1, None), "n_eval": (1, None), "max_chains_per_pass": (1, None),
-    "n_grids": (0, None),
-}
-
-
-def check_args(args):
-    """Numbers out of range and impossible flag combinations, reported before the checkpoint or any data is read."""
-    check_ranges(args, EVAL_FLAG_RANGES)
-    if args.load_path is None and not (args.eval == "sample_quality" and args.samples != "buffer"):
-        raise UserError(f"--eval {args.eval} needs --load_path MODEL.pt (a checkpoint of this project or of the "
-                        "paper's code)")
-    if args.eval == "logp_hist" and not args.datasets:
-        raise UserError("logp_hist needs --datasets NAME [NAME ...], e.g. --datasets cifar10 svhn")
-    if args.eval == "sample_quality":
-        args.inception_weights = inception_weights_path(args.inception_weights)  # before the checkpoint is read
-    if args.eval == "uncond_samples" or (args.eval == "cond_samples" and args.fresh_samples):
-        if args.n_steps < 1:
-            raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size N, or "
-                            "--buffer_size 0 for chains from fresh noise (the paper: --buffer_size 10000 --n_steps 40)")
-    if args.load_path is not None:  # last: a wrong flag is named first; before the save dir is made
-        args.load_path = require_checkpoint_file(args.load_path)  # of a save dir: its last_ckpt.pt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,37 +133,6 @@ def batches(args, dataset, device, desc):
 # --------------------------------------------------------------------------------------------------
 # Scores and metrics.
 
-def px_score(model, x):
-    """log p(x) up to a constant: logsumexp f(x) (or the energy head of an --uncond model)."""
-    with torch.no_grad():
-        return model(x)
-
-
-def py_score(model, x):
-    """max_y p(y | x), the classifier's confidence."""
-    with torch.no_grad():
-        return model.classify(x).float().softmax(1).max(1).values
-
-
-def pxgrad_score(model, x):
-    """-||d log p(x) / dx||_2 per example: flat regions of the density are typical of the data."""
-    x = x.detach().requires_grad_(True)
-    with uncached_autocast(x.device.type):  # under --amp, no bf16 copy of every batch kept to the end
-        grad, = torch.autograd.grad(model(x).sum(), x)
-    return -grad.flatten(1).norm(dim=1)
-
-
-SCORES = {"px": px_score, "py": py_score, "pxgrad": pxgrad_score}
-SCORE_LABELS = {"px": "log p(x) + const", "py": "max p(y|x)", "pxgrad": "-||d log p(x)/dx||"}
-
-HISTOGRAM_LABELS = {**SCORE_LABELS, "pxgrad": "-log ||d log p(x)/dx||"}
-
-
-def histogram_values(score_fn, scores):
-    """What logp_hist plots: the score, but for pxgrad -log ||grad||, as the paper's histogram did (its OOD
-    score, like ours, is -||grad||)."""
-    return -np.log(-scores) if score_fn == "pxgrad" else scores
-
 
 def score_dataset(args, model, device, dataset, name):
     """The --score_fn score of every image of a data set, as a CPU float tensor."""
@@ -266,36 +144,6 @@ def score_dataset(args, model, device, dataset, name):
     return scores
 
 
-def ood_metrics(in_scores, out_scores):
-    """AUROC, AUPR and FPR at 95% TPR of telling in-distribution (positives, higher scores) from OOD."""
-    labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
-    scores = np.concatenate([np.asarray(in_scores), np.asarray(out_scores)])
-    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
-    return {
-        "auroc": float(roc_auc_score(labels, scores)),
-        "aupr": float(average_precision_score(labels, scores)),
-        "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95)]),  # the first threshold that keeps 95% in
-    }
-
-
-def expected_calibration_error(confidences, correct, n_bins=ECE_BINS):
-    """ECE over equal-width confidence bins (lo, hi] (Guo et al. 2017), and each bin's numbers.
-
-    ECE = sum over bins of (bin size / N) * |accuracy in bin - mean confidence in bin|.
-    """
-    confidences, correct = np.asarray(confidences, dtype=float), np.asarray(correct, dtype=float)
-    edges = np.linspace(0, 1, n_bins + 1)
-    which = np.digitize(confidences, edges[1:-1], right=True)  # 0 for (0, 1/n], ..., n-1 for (1-1/n, 1]
-    counts = np.bincount(which, minlength=n_bins)
-    accuracy = np.bincount(which, weights=correct, minlength=n_bins) / np.maximum(counts, 1)
-    confidence = np.bincount(which, weights=confidences, minlength=n_bins) / np.maximum(counts, 1)
-    ece = float(np.sum(counts / len(confidences) * np.abs(accuracy - confidence)))
-    bins = [{"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(counts[b]),
-             "accuracy": float(accuracy[b]) if counts[b] else None,
-             "confidence": float(confidence[b]) if counts[b] else None} for b in range(n_bins)]
-    return ece, bins
-
-
 # --------------------------------------------------------------------------------------------------
 # Classification modes.
 
@@ -305,8 +153,9 @@ def classify_dataset(args, model, device):
     logits, labels = [], []
     for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device, args.dataset):
         if args.n_steps > 0:
-            with chains_as_trained(model, args):
-                x = sgld(model, x, chain_settings(args))
+            chain = chain_settings(args)
+            with chains_as_trained(model, chain):
+                x = sgld(model, x, chain)
         with torch.no_grad():
             logits.append(model.classify(x).float())
         labels.append(y)
@@ -370,6 +219,50 @@ def logp_hist(args, model, replay_buffer, device):
 
 
 # --------------------------------------------------------------------------------------------------
+# Sampling modes (jem/eval/sampling.py): chains as the model was trained (jem/flags/evaluate.py).
+
+def uncond_samples(args, model, replay_buffer, device):
+    """Unconditional samples from a fresh buffer; the final buffer and a grid of its first 100."""
+    fresh, grids = sample_fresh_buffer(model, sampling_settings(args), device,
+                                       os.path.join(args.save_dir, "uncond_samples"))
+    final_grid = os.path.join(args.save_dir, "uncond_samples_final.png")
+    save_grid(final_grid, fresh.images[:100])
+    return {"n_samples": len(fresh), "grids": grids, "final_grid": final_grid,
+            "buffer": save_buffer(buffer_path(args), fresh.images)}
+
+
+def cond_samples(args, model, replay_buffer, device):
+    """Classify every buffer image and save grids with one row per predicted class (the
+    best-ranked --n_grids grids); the classified buffer too with --save_buffer.
+
+    The buffer is the checkpoint's or, with --fresh_samples, a new one as uncond_samples samples.
+    """
+    if args.fresh_samples:
+        replay_buffer, _ = sample_fresh_buffer(model, sampling_settings(args), device,
+                                               os.path.join(args.save_dir, "uncond_samples"))
+    elif len(replay_buffer) == 0:
+        raise UserError(f"{args.load_path} has no replay buffer: sample one with --fresh_samples "
+                        "--buffer_size N --n_steps T")
+    predicted, scores = classify_images(model, replay_buffer.images)
+    training_set = (args.training_data or {}).get("dataset", args.dataset)
+    names = class_names(training_set, args.n_classes)
+    grids = save_class_grids(replay_buffer.images, predicted, scores, names, args.n_grids,
+                             args.save_dir)
+    buffer = None
+    if args.save_buffer:
+        buffer = save_buffer(buffer_path(args), replay_buffer.images,
+                             predicted_class=predicted.cpu(), score=scores.cpu())
+    return {"buffer_source": "fresh" if args.fresh_samples else "checkpoint",
+            "n_samples": len(replay_buffer), "class_names": names,
+            "class_counts": torch.bincount(predicted, minlength=args.n_classes).tolist(),
+            "grids": grids, "buffer": buffer}
+
+
+def buffer_path(args):
+    return os.path.join(args.save_dir, f"{args.eval}_buffer.pt")
+
+
+# --------------------------------------------------------------------------------------------------
 # Sample quality.
 
 def samples_to_score(args, replay_buffer):
@@ -402,7 +295,7 @@ def sample_quality(args, model, replay_buffer, device):
             "inception_weights_sha256": inception.weights_sha256}
 
 
-MODES = {
+MODES = {  # the choices of --eval (MODE_NAMES)
     "test_clf": test_clf,
     "OOD": ood,
     "logp_hist": logp_hist,

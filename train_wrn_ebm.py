@@ -50,7 +50,7 @@ def main(argv=None):
                             "--load_path starts a new one from weights: use one of them")
         args, resume_state, changed = resumed_args(argv)
     elif args.load_path:
-        require_checkpoint_file(args.load_path)
+        args.load_path = require_checkpoint_file(args.load_path)  # a folder: its last_ckpt.pt
     topology = init_from_torchrun(args.device)
     scratch = ("log.txt", "metrics.jsonl")  # what a command that failed before training leaves
     try:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jem.eval import sampling
+from jem.flags import evaluate as evaluate_flags
 import eval_wrn_ebm
 import train_wrn_ebm
 from jem.eval.datasets import load_eval_dataset
@@ -500,7 +501,8 @@ def chain_settings_of_every_call(monkeypatch):
     calls = []
 
     def recording_sample_q(model, replay_buffer, n, y=None, chain=None):
-        calls.append({**asdict(chain), "training": model.training,
+        settings = {k: v for k, v in asdict(chain).items() if k != "cuda_graph"}  # GPU only
+        calls.append({**settings, "training": model.training,
                       "restarts": type(replay_buffer.chain_init).__name__})
         return sample_q(model, replay_buffer, n, y, chain)
 
@@ -648,7 +650,7 @@ def test_a_published_jempp_or_sadajem_file_evaluates_with_its_recipe(tmp_path, r
 def test_sample_quality_of_a_folder_needs_no_checkpoint(tiny_image_folder, tmp_path, monkeypatch,
                                                         capsys):
     seen = []
-    monkeypatch.setattr(eval_wrn_ebm, "inception_weights_path", lambda path: "weights.pth")
+    monkeypatch.setattr(evaluate_flags, "inception_weights_path", lambda path: "weights.pth")
     monkeypatch.setitem(eval_wrn_ebm.MODES, "sample_quality",
                         lambda *a: seen.append(a[1:3]) or {"fid": 1.0})
     eval_wrn_ebm.main(

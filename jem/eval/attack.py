@@ -50,9 +50,8 @@ from tqdm import tqdm
 
 from jem.data import make_loader
 from jem.eval.datasets import check_labeled, load_eval_dataset, one_size_batches
-from jem.sampler import frozen_parameters, uncached_autocast
+from jem.sampler import ChainSettings, frozen_parameters, uncached_autocast
 from jem.errors import UserError
-from jem.eval.sampling import chain_settings
 from jem.eval.plots import plot_robustness
 
 EPS_UNITS = {  # --eps value -> perturbation size in [0, 1] pixel space
@@ -352,7 +351,9 @@ def run_attack(args, model, replay_buffer, device):
     check_attack_args(args)
     eps_list = sorted(set(args.eps or DEFAULT_EPS[args.distance]))
     rng = torch.Generator().manual_seed(args.seed)
-    chain = chain_settings(args)  # a model trained with PYLD is refined with PYLD (jem/eval/sampling.py)
+    # a model trained with PYLD is refined with PYLD (jem/flags/evaluate.py sample_as_trained)
+    chain = ChainSettings(args.n_steps_refine, args.sgld_lr, args.sgld_std, args.in_steps,
+                          args.pyld_lr, args.pyld_eps)
     pyld = dict(in_steps=chain.in_steps, pyld_lr=chain.pyld_lr, eps=chain.eps) if chain.is_pyld else None
     classifier = RefinedClassifier(model, args.sigma, args.n_steps_refine, args.n_dup_chains, args.sgld_lr,
                                    args.sgld_std, args.max_chains_per_pass, rng, args.attack_grad, pyld)

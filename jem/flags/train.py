@@ -227,8 +227,8 @@ def build_parser():
     io = parser.add_argument_group("logging and checkpoints")
     io.add_argument("--save_dir", type=str, default="./experiment")
     io.add_argument("--load_path", type=str, default=None,
-                    help="start a new run from this checkpoint's model (and replay buffer); the "
-                         "paper's files work")
+                    help="start a new run from this checkpoint's model (and replay buffer), or a "
+                         "run folder's last_ckpt.pt; the paper's files work")
     io.add_argument("--resume", type=str, default=None,
                     help="continue a run exactly where it stopped: its save dir or one of its "
                          "checkpoints")
