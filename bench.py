@@ -5,20 +5,21 @@
     python bench.py --configs wrn-16-2 --amp         # bf16 on a CPU with AMX-BF16 or AVX512-BF16
     python bench.py --configs wrn-28-10 --amp --compile --cuda_graph --json bench.json   # on a GPU
     python bench.py --configs wrn-16-2 --profile      # how much of the time convolutions take
-    python bench.py --configs wrn-10-1 jempp-wrn-10-1 sadajem-wrn-10-1   # each recipe's step (--recipe)
+    python bench.py --configs wrn-10-1 jempp-wrn-10-1 sadajem-wrn-10-1   # each recipe's step
 
 For each named configuration it builds one randomly initialised model and gives identical copies to
+the sides (jem/reference.py):
 
-  paper    the paper's iteration, re-implemented in `PaperIteration` below: replay buffer on the CPU,
+  paper    the paper's iteration, re-implemented in `PaperIteration`: replay buffer on the CPU,
            starts moved to the device every iteration, parameters requiring gradients and
            `retain_graph=True` during SGLD, three separate forward passes for the loss;
-  project  the project's iteration as train_wrn_ebm.py runs it (training.py: `iteration_loss`, `update`); for a
-           config of a later recipe (JEM++, SADA-JEM), that recipe's iteration (`--recipe`: its sampler,
-           chain length, batch norm and optimizer), so its speed-up says what the recipe costs or saves
-           against the paper's step on the same network and batch;
-  fast     the project's iteration with the opt-in flags given (--amp, --compile, --cuda_graph), only when
-           one is given. --amp where bf16 is emulated (precision.native_bf16) falls back to float32 with one
-           line, as training does.
+  project  the project's iteration as train_wrn_ebm.py runs it (jem/step.py: `iteration_loss`,
+           `update`); for a config of a later recipe (JEM++, SADA-JEM), that recipe's iteration
+           (`--recipe`: its sampler, chain length, batch norm and optimizer), so its speed-up says
+           what the recipe costs or saves against the paper's step on the same network and batch;
+  fast     the project's iteration with the opt-in flags given (--amp, --compile, --cuda_graph),
+           only when one is given. --amp where bf16 is emulated (jem/run/device.py) falls back to
+           float32 with one line, as training does.
 
 First it checks, from one seed, that the project's default step computes the paper's loss,
 gradients and updated replay buffer (to float32 rounding; it stops if not), and reports how far the
@@ -26,11 +27,13 @@ fast flags move them; a recipe's step computes other things, so its configs skip
 times the sides alternately, iteration by iteration, so that a machine shared with other work slows
 both alike, and prints per configuration and side:
 
-  s/iter      median wall-clock seconds of one training iteration (SGLD chain, loss, backward, step)
+  s/iter      median wall-clock seconds of one training iteration (SGLD chain, loss, backward,
+              step)
   SGLD img/s  images through the sampler per second: batch_size * n_steps / (s/iter)
-  peak MiB    on a GPU, torch.cuda.max_memory_allocated over the second iteration of a process running
-              only that side (the first also holds cuDNN's trial workspaces); on a CPU, the peak resident
-              set size (VmHWM) of such a process over two iterations, Python and torch's ~0.7 GiB included
+  peak MiB    on a GPU, torch.cuda.max_memory_allocated over the second iteration of a process
+              running only that side (the first also holds cuDNN's trial workspaces); on a CPU,
+              the peak resident set size (VmHWM) of such a process over two iterations, Python and
+              torch's ~0.7 GiB included
   speed-up    the paper's s/iter divided by this side's
   GFLOP/it    FLOPs of one iteration (convolutions and matrix products, forward and backward),
               counted on an eager step of the side (jem/run/profiling.py); GFLOP/s: per second
@@ -48,69 +51,46 @@ import copy
 import json
 import statistics
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
-from jem.chain_init import ClassGaussians, UniformNoise
-from jem.model import JEM, build_model
-from jem.sampler import ReplayBuffer
-from jem.run.device import describe_hardware, resolve_amp
-from jem.flags.train import parse_args as parse_train_args
-from jem.flags.train import settings_from_args
-from jem.optim import make_optimizer
-from jem.step import Batch, iteration_loss, to_training_device, update
-from jem.run.device import select_device
+from jem.reference import (CONFIGS, Config, PaperIteration, ProjectIteration,  # noqa: F401
+                           make_inputs, project_args)
+from jem.run.device import describe_hardware, resolve_amp, select_device
+from jem.run.profiling import ConvolutionTimer  # noqa: F401  (tests/test_train_step.py imports it)
 from jem.run.profiling import (convolution_profile, count_flops, describe_peak, gpu_description,
                                in_fresh_process, peak_rate, peak_resident_bytes, time_alternately)
-from jem.run.profiling import ConvolutionTimer  # noqa: F401  (tests/test_train_step.py imports it)
 from utils import run_cli
 
 
-@dataclass(frozen=True)
-class Config:
-    depth: int
-    width: int
-    batch_size: int
-    n_steps: int  # the paper's side; a recipe's side takes its own chain length
-    recipe: str = "jem"  # train_wrn_ebm.py's --recipe of the project's side
-
-
-CONFIGS = {
-    "wrn-10-1": Config(depth=10, width=1, batch_size=32, n_steps=5),
-    "wrn-16-2": Config(depth=16, width=2, batch_size=32, n_steps=10),
-    "wrn-28-2": Config(depth=28, width=2, batch_size=64, n_steps=20),
-    "wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20),  # the paper's
-    # the later recipes against the paper's step of 20 SGLD steps on the same network and batch
-    "jempp-wrn-10-1": Config(depth=10, width=1, batch_size=32, n_steps=20, recipe="jempp"),
-    "sadajem-wrn-10-1": Config(depth=10, width=1, batch_size=32, n_steps=20, recipe="sadajem"),
-    "jempp-wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20, recipe="jempp"),
-    "sadajem-wrn-28-10": Config(depth=28, width=10, batch_size=64, n_steps=20, recipe="sadajem"),
-}
 DEFAULT_CONFIGS = {"cpu": ["wrn-10-1", "wrn-16-2"], "cuda": list(CONFIGS)}
-BUFFER_SIZE = 10000  # the paper's; the paper's side moves its starts and samples across each iteration
-N_CLASSES = 10
-REINIT_FREQ, SGLD_LR, SGLD_STD = 0.05, 1.0, 0.01  # the paper's
 FAST_FLAGS = ("amp", "compile", "cuda_graph")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the paper's.",
+    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the "
+                                                 "paper's.",
                                      allow_abbrev=False)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
-                        help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
+                        help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a "
+                             "GPU)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda if "
+                                                                 "available)")
     parser.add_argument("--amp", action="store_true",
                         help="add a side in bf16 mixed precision (GPU, or a CPU with native bf16)")
-    parser.add_argument("--compile", action="store_true", help="add a side with torch.compile of the network")
-    parser.add_argument("--cuda_graph", action="store_true", help="add a side replaying the SGLD chain as a CUDA graph")
+    parser.add_argument("--compile", action="store_true", help="add a side with torch.compile of "
+                                                               "the network")
+    parser.add_argument("--cuda_graph", action="store_true", help="add a side replaying the SGLD "
+                                                                  "chain as a CUDA graph")
     parser.add_argument("--profile", action="store_true",
-                        help="also measure the time in convolutions and the speed-up ceiling it sets")
+                        help="also measure the time in convolutions and the speed-up ceiling it "
+                             "sets")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--json", type=str, default=None, help="also write the results to this "
+                                                               "JSON file")
     parser.add_argument("--skip_memory", action="store_true",
                         help="leave out peak memory, a fresh process per side (quick checks)")
     return parser.parse_args(argv)
@@ -119,124 +99,14 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------
 # The inputs: one model, one replay buffer, one batch, all from the seed.
 
-def make_inputs(config, device, seed):
-    """(model on the CPU, buffer images on the CPU, (x_data, x_lab, y_lab) on the device)."""
-    torch.manual_seed(seed)
-    model = JEM(config.depth, config.width, n_classes=N_CLASSES)
-    generator = torch.Generator().manual_seed(seed)
-    buffer_images = torch.rand(BUFFER_SIZE, 3, 32, 32, generator=generator) * 2 - 1
-    n = config.batch_size
-    x_data = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
-    x_lab = torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1
-    y_lab = torch.randint(0, N_CLASSES, (n,), generator=generator)
-    return model, buffer_images, tuple(t.to(device) for t in (x_data, x_lab, y_lab))
-
 
 # --------------------------------------------------------------------------------------------------
 # The two ways of running an iteration.
 
-class PaperIteration:
-    """The paper's train_wrn_ebm.py iteration (p(x) and p(y|x) terms, Adam), written afresh.
-
-    Random numbers are drawn in the project's order (buffer indices, reinit mask, noise starts, then
-    SGLD noise every step) so that both sides see the same numbers from one seed. The paper draws the
-    start's randomness on the CPU, where its buffer lives; `rng_device` moves those draws to the
-    training device, which only the equality check on a GPU uses (the project draws them there).
-    """
-
-    def __init__(self, model, buffer_images, config, device, rng_device="cpu"):
-        self.model = model.to(device)
-        self.replay_buffer = buffer_images.clone().cpu()
-        self.config, self.device, self.rng_device = config, device, rng_device
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, betas=(0.9, 0.999))
-
-    def sample_start(self, n):
-        inds = torch.randint(0, len(self.replay_buffer), (n,), device=self.rng_device).cpu()
-        choose_random = (torch.rand(n, device=self.rng_device) < REINIT_FREQ).float().cpu()[:, None, None, None]
-        random_samples = torch.empty(n, 3, 32, 32, device=self.rng_device).uniform_(-1, 1).cpu()
-        starts = choose_random * random_samples + (1 - choose_random) * self.replay_buffer[inds]
-        return starts.to(self.device), inds
-
-    def sample_q(self):
-        self.model.eval()
-        starts, inds = self.sample_start(self.config.batch_size)
-        x = starts.requires_grad_(True)
-        for _ in range(self.config.n_steps):
-            grad = torch.autograd.grad(self.model(x).sum(), [x], retain_graph=True)[0]
-            with torch.no_grad():  # the paper writes `x.data += ...`
-                x += SGLD_LR * grad + SGLD_STD * torch.randn_like(x)
-        self.model.train()
-        samples = x.detach()
-        self.replay_buffer[inds] = samples.cpu()
-        return samples
-
-    def step(self, x_data, x_lab, y_lab):
-        x_q = self.sample_q()
-        l_p_x = -(self.model(x_data).mean() - self.model(x_q).mean())
-        l_p_y_given_x = F.cross_entropy(self.model.classify(x_lab), y_lab)
-        loss = l_p_x + l_p_y_given_x
-        if loss.abs().item() > 1e8:  # the paper's divergence check, a device sync
-            raise RuntimeError("the paper's step diverged")
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
-
-    def buffer_images(self):
-        return self.replay_buffer
-
-
-class ProjectIteration:
-    """The project's iteration, as train_wrn_ebm's loop (`Trainer.train_epoch`) runs it, with the given flags."""
-
-    def __init__(self, model, buffer_images, config, device, flags=()):
-        self.settings = settings_from_args(project_args(config, flags))
-        self.device = device
-        if config.recipe != "jem":  # the recipe's own network (batch norm), from the same seed
-            torch.manual_seed(0)
-            model = build_model(self.settings.model)
-        self.model = to_training_device(model, device)
-        if self.settings.run.compile:
-            self.model.f.compile()
-        self.replay_buffer = ReplayBuffer(0, N_CLASSES, REINIT_FREQ, device,
-                                          images=buffer_images.clone(),
-                                          chain_init=chain_init(self.settings.buffer.init, device))
-        self.optimizer = make_optimizer(self.model, self.settings.optimizer)
-
-    def step(self, x_data, x_lab, y_lab):
-        batch = Batch(x_data, x_lab, y_lab)
-        loss, _, samples = iteration_loss(self.model, self.replay_buffer, batch, self.settings.step)
-        loss.item()  # the loop's divergence check, a device sync
-        update(self.model, self.optimizer, loss, samples, batch, self.settings.step)
-        return loss.detach()
-
-    def buffer_images(self):
-        return self.replay_buffer.images
-
-
-def project_args(config, flags=()):
-    """train_wrn_ebm.py's flags of the project's side: the paper's sampler settings, or the recipe's own."""
-    argv = ["--depth", str(config.depth), "--width", str(config.width), "--batch_size", str(config.batch_size),
-            "--buffer_size", str(BUFFER_SIZE), "--reinit_freq", str(REINIT_FREQ), "--recipe", config.recipe]
-    if config.recipe == "jem":
-        argv += ["--n_steps", str(config.n_steps), "--sgld_lr", str(SGLD_LR), "--sgld_std", str(SGLD_STD)]
-    args = parse_train_args(argv + [f"--{flag}" for flag in flags])
-    args.n_classes = N_CLASSES
-    return args
-
-
-def chain_init(buffer_init, device):
-    """Where restarted chains come from: the paper's uniform noise, or (informative starts) class
-    Gaussians of the right size, here of made-up moments: a restart costs the same whatever the data."""
-    if buffer_init == "uniform":
-        return UniformNoise()
-    dim = 3 * 32 * 32
-    return ClassGaussians(torch.zeros(N_CLASSES, dim), 0.5 * torch.eye(dim).expand(N_CLASSES, dim, dim).clone()) \
-        .to(device)
-
 
 def side_steps(name, config):
-    """Chain steps per iteration of a side: the config's for the paper's step, the recipe's for its own."""
+    """Chain steps per iteration of a side: the config's for the paper's step, the recipe's for its
+    own."""
     return config.n_steps if name == "paper" else project_args(config).n_steps
 
 
@@ -248,7 +118,8 @@ def make_side(name, model, buffer_images, config, device, opts):
 
 
 def side_names(opts):
-    return ["paper", "project"] + (["fast"] if any(getattr(opts, flag) for flag in FAST_FLAGS) else [])
+    return ["paper",
+            "project"] + (["fast"] if any(getattr(opts, flag) for flag in FAST_FLAGS) else [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,14 +129,18 @@ def one_step(side, batch, buffer_before, seed):
     """The loss, the change to the replay buffer and every gradient of one step from the seed."""
     torch.manual_seed(seed)
     loss = side.step(*batch)
-    grads = {name: p.grad.detach().clone() for name, p in side.model.named_parameters() if p.grad is not None}
-    return {"loss": loss.float(), "buffer": side.buffer_images().detach().cpu() - buffer_before, **grads}
+    grads = {name: p.grad.detach().clone() for name, p in side.model.named_parameters()
+             if p.grad is not None}
+    return {"loss": loss.float(), "buffer": side.buffer_images().detach().cpu() - buffer_before,
+            **grads}
 
 
 def relative_errors(reference, other):
-    """||other - reference|| / ||reference|| for each tensor (the norm ratio is the float32 rounding scale)."""
+    """||other - reference|| / ||reference|| for each tensor (the norm ratio is the float32 rounding
+    scale)."""
     if reference.keys() != other.keys():
-        raise SystemExit(f"gradients of different parameters: {sorted(reference.keys() ^ other.keys())}")
+        raise SystemExit("gradients of different parameters: "
+                         f"{sorted(reference.keys() ^ other.keys())}")
     errors = {}
     for name, ref in reference.items():
         ref, val = ref.double().cpu(), other[name].double().cpu()
@@ -275,7 +150,8 @@ def relative_errors(reference, other):
 
 @contextmanager
 def exact_float32():
-    """No TF32 in convolutions and matrix products while the check runs (its error would hide real ones)."""
+    """No TF32 in convolutions and matrix products while the check runs (its error would hide real
+    ones)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -287,30 +163,34 @@ def exact_float32():
 def check_same_step(config, device, opts):
     """Relative errors of the project's step (and of the fast one) against the paper's.
 
-    Stops the benchmark unless the project's default step gives the paper's loss, gradients and buffer
-    update to float32 rounding (torch.testing.assert_close's float32 tolerances, element by element; the
-    buffer's pixels to 1e-4).
-    The norm-wise relative errors it reports reach 1e-4 for some gradients: the p(x) gradient is a
-    difference of two near-equal terms, which magnifies rounding; the paper's own step moves as much
-    when only its memory layout changes.
+    Stops the benchmark unless the project's default step gives the paper's loss, gradients and
+    buffer update to float32 rounding (torch.testing.assert_close's float32 tolerances, element by
+    element; the buffer's pixels to 1e-4). The norm-wise relative errors it reports reach 1e-4 for
+    some gradients: the p(x) gradient is a difference of two near-equal terms, which magnifies
+    rounding; the paper's own step moves as much when only its memory layout changes.
     """
     model, buffer_images, batch = make_inputs(config, device, opts.seed)
     with exact_float32():
-        paper = one_step(PaperIteration(copy.deepcopy(model), buffer_images, config, device, rng_device=device),
+        paper = one_step(PaperIteration(copy.deepcopy(model), buffer_images, config, device,
+                                        rng_device=device),
                          batch, buffer_images, opts.seed)
-        project = one_step(ProjectIteration(copy.deepcopy(model), buffer_images, config, device), batch,
+        project = one_step(ProjectIteration(copy.deepcopy(model), buffer_images, config, device),
+                           batch,
                            buffer_images, opts.seed)
     for name in paper:
         try:
-            # The chains' pixels pass through n_steps gradient steps, each taken at a point that rounding moved a
-            # little: they may differ by more than float32's rtol, but far less than 1e-4, 1/80 of an 8-bit level.
+            # The chains' pixels pass through n_steps gradient steps, each taken at a point that
+            # rounding moved a little: they may differ by more than float32's rtol, but far less
+            # than 1e-4, 1/80 of an 8-bit level.
             tolerance = dict(rtol=0, atol=1e-4) if name == "buffer" else {}
             torch.testing.assert_close(project[name], paper[name], **tolerance)
         except AssertionError as e:
-            raise SystemExit(f"the project's step differs from the paper's on {config} in {name}: {e}")
+            raise SystemExit(f"the project's step differs from the paper's on {config} in {name}: "
+                             f"{e}")
     errors = {"project": summarize(relative_errors(paper, project))}
     if "fast" in side_names(opts):
-        fast = one_step(make_side("fast", copy.deepcopy(model), buffer_images, config, device, opts), batch,
+        fast = one_step(make_side("fast", copy.deepcopy(model), buffer_images, config, device,
+                                  opts), batch,
                         buffer_images, opts.seed)
         errors["fast"] = summarize(relative_errors(paper, fast))
     return errors
@@ -367,7 +247,8 @@ def bench_config(name, device, opts):
     errors = check_same_step(config, device, opts) if config.recipe == "jem" else {}
     model, buffer_images, batch = make_inputs(config, device, opts.seed)
     names = side_names(opts)
-    sides = {side: make_side(side, copy.deepcopy(model), buffer_images, config, device, opts) for side in names}
+    sides = {side: make_side(side, copy.deepcopy(model), buffer_images, config, device,
+                             opts) for side in names}
     seconds = time_alternately(sides, batch, opts.iters, opts.warmup, device)
     medians = {side: statistics.median(seconds[side]) for side in names}
     dtypes = dict.fromkeys(side_dtype(side, opts) for side in names)
@@ -413,21 +294,22 @@ def print_result(result):
     first = True
     for side, r in result["sides"].items():
         lead = f"{result['config']:<17} {result['batch_size']:>5}" if first else " " * 23
-        print(f"{lead}  {side:<8} {r['n_steps']:>5} {r['seconds_per_iter']:>8.3f} {r['sgld_images_per_s']:>10.1f} "
-              f"{r['peak_memory_mib'] or float('nan'):>9.0f} {r['speedup']:>7.2f}x "
-              f"{r['flops_per_iter'] / 1e9:>9.1f} {r['flops_per_s'] / 1e9:>9.1f} "
-              f"{r['share_of_peak']:>7.1%}")
+        print(f"{lead}  {side:<8} {r['n_steps']:>5} {r['seconds_per_iter']:>8.3f} "
+              f"{r['sgld_images_per_s']:>10.1f} {r['peak_memory_mib'] or float('nan'):>9.0f} "
+              f"{r['speedup']:>7.2f}x {r['flops_per_iter'] / 1e9:>9.1f} "
+              f"{r['flops_per_s'] / 1e9:>9.1f} {r['share_of_peak']:>7.1%}")
         first = False
     for dtype, peak in result["peaks"].items():
         print(f"{'':<23}  peak {dtype}: {describe_peak(peak)}")
     for side, e in result["check"].items():
-        print(f"{'':<23}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer {e['buffer']:.1e}, "
-              f"worst gradient {e['worst_grad']:.1e} ({e['worst_grad_name']})")
+        print(f"{'':<23}  check {side} vs paper, relative error: loss {e['loss']:.1e}, buffer "
+              f"{e['buffer']:.1e}, worst gradient {e['worst_grad']:.1e} ({e['worst_grad_name']})")
     if result["profile"]:
-        conv, share = result["profile"]["convolution_seconds"], result["profile"]["convolution_share"]
-        print(f"{'':<23}  convolutions: paper {conv['paper']:.3f} s ({share['paper']:.0%} of its s/iter), project "
-              f"{conv['project']:.3f} s ({share['project']:.0%}); same convolutions cap the speed-up at "
-              f"{result['profile']['speedup_ceiling']:.2f}x")
+        conv, share = result["profile"]["convolution_seconds"],
+        result["profile"]["convolution_share"]
+        print(f"{'':<23}  convolutions: paper {conv['paper']:.3f} s ({share['paper']:.0%} of its "
+              f"s/iter), project {conv['project']:.3f} s ({share['project']:.0%}); same "
+              f"convolutions cap the speed-up at {result['profile']['speedup_ceiling']:.2f}x")
 
 
 def main(argv=None):
@@ -441,7 +323,8 @@ def main(argv=None):
         results.append(bench_config(name, device, opts))
         print_result(results[-1])
     if opts.json:
-        report = {"device": describe_hardware(device), "torch": torch.__version__, "options": vars(opts),
+        report = {"device": describe_hardware(device), "torch": torch.__version__,
+                  "options": vars(opts),
                   "gpu": gpu_description(device) if device.type == "cuda" else None,
                   "results": results}
         with open(opts.json, "w") as fh:

@@ -1,4 +1,5 @@
-"""Evaluate a trained JEM: the paper's classification, OOD, histogram and sampling experiments, and calibration.
+"""Evaluate a trained JEM: the paper's classification, OOD, histogram and sampling experiments, and
+calibration.
 
 Loads a checkpoint of this project or of the paper's code (the released CIFAR-10 model included, no
 conversion) and writes `<mode>.json` (its numbers and the arguments used) and its figures into
@@ -6,15 +7,19 @@ conversion) and writes `<mode>.json` (its numbers and the arguments used) and it
 
     python eval_wrn_ebm.py --load_path MODEL.pt --eval test_clf --dataset cifar_test
     python eval_wrn_ebm.py --load_path MODEL.pt --eval OOD --ood_dataset cifar_100 --score_fn px
-    python eval_wrn_ebm.py --load_path MODEL.pt --eval logp_hist --datasets cifar10 svhn --save_dir DIR
-    python eval_wrn_ebm.py --load_path MODEL.pt --eval uncond_samples --save_dir DIR --n_sample_steps 1000 \
-        --buffer_size 10000 --n_steps 40 --print_every 100 --reinit_freq 0.05
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval logp_hist --datasets cifar10 svhn \
+        --save_dir DIR
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval uncond_samples --save_dir DIR \
+        --n_sample_steps 1000 --buffer_size 10000 --n_steps 40 --print_every 100 --reinit_freq 0.05
     python eval_wrn_ebm.py --load_path MODEL.pt --eval cond_samples --save_dir DIR
-    python eval_wrn_ebm.py --load_path MODEL.pt --eval cond_samples --save_dir DIR --n_sample_steps 1000 \
-        --buffer_size 10000 --n_steps 40 --print_every 10 --reinit_freq 0.05 --fresh_samples
-    python eval_wrn_ebm.py --load_path MODEL.pt --eval calibration --dataset cifar100_test --save_dir DIR
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval cond_samples --save_dir DIR \
+        --n_sample_steps 1000 --buffer_size 10000 --n_steps 40 --print_every 10 --reinit_freq 0.05 \
+        --fresh_samples
+    python eval_wrn_ebm.py --load_path MODEL.pt --eval calibration --dataset cifar100_test \
+        --save_dir DIR
 
-Inception Score and FID of the checkpoint's replay buffer against CIFAR-10 train (docs/sample-quality.md):
+Inception Score and FID of the checkpoint's replay buffer against CIFAR-10 train
+(docs/sample-quality.md):
 
     python eval_wrn_ebm.py --load_path MODEL.pt --eval sample_quality --save_dir DIR
 
@@ -23,7 +28,8 @@ Offline, on the training quickstart's checkpoint (no download):
     python eval_wrn_ebm.py --load_path runs/quickstart/last_ckpt.pt --eval OOD --dataset synthetic \
         --ood_dataset cifar_interp --save_dir runs/quickstart/eval
 
-Every mode is one function `mode(args, model, replay_buffer, device) -> dict of results`, chosen from MODES.
+Every mode is one function `mode(args, model, replay_buffer, device) -> dict of results`, chosen
+from MODES.
 """
 import os
 import re
@@ -48,10 +54,11 @@ from jem.eval.sample_quality import (INCEPTION_BATCH_SIZE, Inception, dataset_ba
 from jem.eval.sampling import (chains_as_trained, class_names, classify_images, sample_fresh_buffer,
                                save_buffer, save_class_grids)
 from jem.flags.common import flags_given
-from jem.flags.evaluate import (EVAL_FLAG_RANGES, MODE_NAMES, MODEL_FLAGS, PAPER_MODEL,  # noqa: F401
-                                FROM_CHECKPOINT, build_parser, chain_settings, check_args,
-                                describe_sampler, parse_args, sample_as_trained,
+from jem.flags.evaluate import (FROM_CHECKPOINT, MODE_NAMES, MODEL_FLAGS, PAPER_MODEL, build_parser,
+                                chain_settings, check_args, describe_sampler, sample_as_trained,
                                 sampling_settings)
+# the script's command line, as tests and docs read it
+from jem.flags.evaluate import EVAL_FLAG_RANGES, parse_args  # noqa: F401
 from jem.model import ModelSettings, build_model
 from jem.run.device import autocast, describe_hardware, resolve_amp, select_device
 from jem.run.log import RunLog, write_json
@@ -61,15 +68,17 @@ from utils import run_cli, save_dir_removed_on_failure
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
 
 
-# Every numeric flag's range (train_flags.check_ranges); the model flags are checked once the checkpoint gave them.
+# Every numeric flag's range (train_flags.check_ranges); the model flags are checked once the
+# checkpoint gave them.
 
 
 # --------------------------------------------------------------------------------------------------
 # The model and its replay buffer, from a checkpoint.
 
 def resolve_model_flags(args, ckpt):
-    """Model flags not given on the command line: from the checkpoint's stored arguments, then the shapes
-    of its weights (depth, width, classes), then the paper's defaults. Sets args.n_classes too."""
+    """Model flags not given on the command line: from the checkpoint's stored arguments, then the
+    shapes of its weights (depth, width, classes), then the paper's defaults. Sets args.n_classes
+    too."""
     stored = ckpt.get("args")
     stored = {k: stored[k] for k in PAPER_MODEL if k in stored} if isinstance(stored, dict) else {}
     found = {**PAPER_MODEL, **stored, **(describe_state_dict(ckpt["model_state_dict"]) or {})}
@@ -82,16 +91,18 @@ def resolve_model_flags(args, ckpt):
 def replay_buffer_from(ckpt, args, device):
     """The checkpoint's replay buffer, or a fresh uniform one of --buffer_size when it has none."""
     images = ckpt.get("replay_buffer")
-    if images is not None and not (torch.is_tensor(images) and tuple(images.shape[1:]) == IMAGE_SHAPE):
-        raise UserError(f"{args.load_path}: its replay_buffer should be a tensor of shape (N, 3, 32, 32)")
+    is_buffer = torch.is_tensor(images) and tuple(images.shape[1:]) == IMAGE_SHAPE
+    if images is not None and not is_buffer:
+        raise UserError(f"{args.load_path}: its replay_buffer should be a tensor of shape (N, 3, "
+                        "32, 32)")
     if images is None or len(images) == 0:
         return ReplayBuffer(args.buffer_size, args.n_classes, args.reinit_freq, device)
     return ReplayBuffer(0, args.n_classes, args.reinit_freq, device, images=images.float())
 
 
 def load_jem(args, device, given=()):
-    """(model in eval mode on device, replay buffer) from --load_path; fills in the model flags, and the sampler
-    flags not `given` on the command line (sample_as_trained)."""
+    """(model in eval mode on device, replay buffer) from --load_path; fills in the model flags, and
+    the sampler flags not `given` on the command line (sample_as_trained)."""
     ckpt = load_checkpoint(args.load_path)
     if not isinstance(ckpt["model_state_dict"], dict):
         raise UserError(f"{args.load_path}: model_state_dict is not a state dict")
@@ -112,7 +123,8 @@ def load_jem(args, device, given=()):
 
 def dataset_named(args, name, labeled=False):
     """A data set by any evaluation name; `labeled` checks its labels are classes of the model."""
-    dataset = load_eval_dataset(name, args.data_root, args.sigma, args.celeba_root, interp_of=args.dataset)
+    dataset = load_eval_dataset(name, args.data_root, args.sigma, args.celeba_root,
+                                interp_of=args.dataset)
     if len(dataset) == 0:
         raise UserError(f"data set {name} holds no images")
     if labeled:
@@ -123,10 +135,12 @@ def dataset_named(args, name, labeled=False):
 
 
 def batches(args, dataset, device, desc):
-    """(x, y) on the device, in batches of EVAL_BATCH_SIZE, with a progress bar; a folder of images that the
-    resize leaves of different sizes is one line naming the first odd file."""
-    loader = make_loader(dataset, EVAL_BATCH_SIZE, False, device, loader_workers(args.n_workers, device))
-    for x, y in tqdm(one_size_batches(loader), desc=desc, total=len(loader), leave=False, disable=args.print_to_log):
+    """(x, y) on the device, in batches of EVAL_BATCH_SIZE, with a progress bar; a folder of images
+    that the resize leaves of different sizes is one line naming the first odd file."""
+    loader = make_loader(dataset, EVAL_BATCH_SIZE, False, device,
+                         loader_workers(args.n_workers, device))
+    for x, y in tqdm(one_size_batches(loader), desc=desc, total=len(loader), leave=False,
+                     disable=args.print_to_log):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -137,10 +151,11 @@ def batches(args, dataset, device, desc):
 def score_dataset(args, model, device, dataset, name):
     """The --score_fn score of every image of a data set, as a CPU float tensor."""
     score_fn = SCORES[args.score_fn]
-    scores = torch.cat([score_fn(model, x).float() for x, _ in batches(args, dataset, device, name)]).cpu()
+    scores = torch.cat([score_fn(model, x).float() for x, _ in batches(args, dataset, device,
+                                                                       name)]).cpu()
     if not torch.isfinite(scores).all():
-        raise UserError(f"the {args.score_fn} scores of {name} are not all finite: the model's energies overflow "
-                        "(a diverged checkpoint?)")
+        raise UserError(f"the {args.score_fn} scores of {name} are not all finite: the model's "
+                        "energies overflow (a diverged checkpoint?)")
     return scores
 
 
@@ -148,10 +163,12 @@ def score_dataset(args, model, device, dataset, name):
 # Classification modes.
 
 def classify_dataset(args, model, device):
-    """Logits and labels of every image of --dataset; with --n_steps > 0 the images first take that many
-    steps on log p(x), the paper's test-time refinement (with the model's own sampler, eval_sampling.py)."""
+    """Logits and labels of every image of --dataset; with --n_steps > 0 the images first take that
+    many steps on log p(x), the paper's test-time refinement (with the model's own sampler,
+    eval_sampling.py)."""
     logits, labels = [], []
-    for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device, args.dataset):
+    for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device,
+                        args.dataset):
         if args.n_steps > 0:
             chain = chain_settings(args)
             with chains_as_trained(model, chain):
@@ -163,14 +180,16 @@ def classify_dataset(args, model, device):
 
 
 def test_clf(args, model, replay_buffer, device):
-    """Accuracy and mean cross-entropy; per-example losses, correctness and max p(y|x) go to vals.pt."""
+    """Accuracy and mean cross-entropy; per-example losses, correctness and max p(y|x) go to
+    vals.pt."""
     logits, labels = classify_dataset(args, model, device)
     losses = F.cross_entropy(logits, labels, reduction="none")
     corrects = (logits.argmax(1) == labels).float()
     pys = logits.softmax(1).max(1).values
     path = os.path.join(args.save_dir, "vals.pt")
     torch.save({"losses": losses.cpu(), "corrects": corrects.cpu(), "pys": pys.cpu()}, path)
-    return {"dataset": args.dataset, "accuracy": corrects.mean().item(), "loss": losses.mean().item(),
+    return {"dataset": args.dataset, "accuracy": corrects.mean().item(),
+            "loss": losses.mean().item(),
             "n_images": len(labels), "vals": path}
 
 
@@ -185,7 +204,8 @@ def calibration(args, model, replay_buffer, device):
                              [b["accuracy"] for b in bins], ece,
                              title=short_names([args.dataset])[args.dataset],
                              bin_count=[b["count"] for b in bins])
-    return {"dataset": args.dataset, "ece": ece, "accuracy": float(correct.mean()), "n_images": len(labels),
+    return {"dataset": args.dataset, "ece": ece, "accuracy": float(correct.mean()),
+            "n_images": len(labels),
             "n_bins": ECE_BINS, "figure": path, "bins": bins}
 
 
@@ -194,7 +214,8 @@ def calibration(args, model, replay_buffer, device):
 
 def ood(args, model, replay_buffer, device):
     """How well --score_fn tells --dataset (in-distribution) from --ood_dataset."""
-    in_set, out_set = (dataset_named(args, name) for name in (args.dataset, args.ood_dataset))  # fail early
+    # fail early
+    in_set, out_set = (dataset_named(args, name) for name in (args.dataset, args.ood_dataset))
     in_scores = score_dataset(args, model, device, in_set, args.dataset)
     out_scores = score_dataset(args, model, device, out_set, args.ood_dataset)
     return {"score_fn": args.score_fn, "dataset": args.dataset, "ood_dataset": args.ood_dataset,
@@ -204,8 +225,10 @@ def ood(args, model, replay_buffer, device):
 
 def logp_hist(args, model, replay_buffer, device):
     """Overlaid normalised histograms of --score_fn, one per --datasets entry (PNG and PDF)."""
-    datasets = {name: dataset_named(args, name) for name in args.datasets}  # all found before any is scored
-    scores = {name: score_dataset(args, model, device, dataset, name).numpy() for name, dataset in datasets.items()}
+    # all found before any is scored
+    datasets = {name: dataset_named(args, name) for name in args.datasets}
+    scores = {name: score_dataset(args, model, device, dataset,
+                                  name).numpy() for name, dataset in datasets.items()}
     plotted = {name: histogram_values(args.score_fn, s) for name, s in scores.items()}
     legend = short_names(plotted)
     figures = save_histograms(os.path.join(args.save_dir, "logp_hist"),
@@ -269,29 +292,35 @@ def samples_to_score(args, replay_buffer):
     """(uint8 batches, count) of the --samples images."""
     if args.samples == "buffer":
         if len(replay_buffer) == 0:
-            raise UserError(f"{args.load_path} has no replay buffer: pass --samples with a <mode>_buffer.pt of "
-                            "uncond_samples / cond_samples or an image folder")
+            raise UserError(f"{args.load_path} has no replay buffer: pass --samples with a "
+                            "<mode>_buffer.pt of uncond_samples / cond_samples or an image folder")
         images = replay_buffer.images
     elif os.path.isfile(args.samples):
         images = load_buffer_file(args.samples)
     else:
-        dataset = load_eval_dataset(args.samples, args.data_root, 0.0, args.celeba_root, normalize=False)
+        dataset = load_eval_dataset(args.samples, args.data_root, 0.0, args.celeba_root,
+                                    normalize=False)
         return dataset_batches(dataset), len(dataset)
     return tensor_batches(images), len(images)
 
 
 def sample_quality(args, model, replay_buffer, device):
-    """Inception Score, FID and KID of --samples against --fid_reference (reference statistics cached)."""
+    """Inception Score, FID and KID of --samples against --fid_reference (reference statistics
+    cached)."""
     inception = Inception(args.inception_weights, device)  # resolved by check_args
     sample_batches, n_samples = samples_to_score(args, replay_buffer)
-    reference = load_reference(inception, args.fid_reference, args.data_root, args.fid_cache, args.celeba_root,
+    reference = load_reference(inception, args.fid_reference, args.data_root, args.fid_cache,
+                               args.celeba_root,
                                args.max_images, quiet=args.print_to_log)
-    pool, logits = inception.features(sample_batches, total=-(-n_samples // INCEPTION_BATCH_SIZE), desc="samples",
+    pool, logits = inception.features(sample_batches, total=-(-n_samples // INCEPTION_BATCH_SIZE),
+                                      desc="samples",
                                       quiet=args.print_to_log)
     return {**score_sample_quality(pool, logits, reference, args.is_splits), "n_samples": len(pool),
-            "samples": args.samples, "reference": args.fid_reference, "n_reference": reference["n_images"],
+            "samples": args.samples, "reference": args.fid_reference,
+            "n_reference": reference["n_images"],
             "is_splits": args.is_splits, "reference_cache": reference["cache"],
-            "reference_cache_hit": reference["cache_hit"], "inception_weights": inception.weights_path,
+            "reference_cache_hit": reference["cache_hit"],
+            "inception_weights": inception.weights_path,
             "inception_weights_sha256": inception.weights_sha256}
 
 
@@ -305,12 +334,14 @@ MODES = {  # the choices of --eval (MODE_NAMES)
     "attack": run_attack,
     "sample_quality": sample_quality,
 }
+assert set(MODES) == set(MODE_NAMES), "the modes --eval offers (jem/flags/evaluate.py)"
 
 
 # --------------------------------------------------------------------------------------------------
 
 def summary_line(mode, results):
-    """'mode: key value, ...' over the scalar results and lists of numbers (tables stay in the JSON)."""
+    """'mode: key value, ...' over the scalar results and lists of numbers (tables stay in the
+    JSON)."""
     def shown(value):
         if isinstance(value, float):
             return f"{value:.4f}"
@@ -349,7 +380,8 @@ def evaluate(args, given):
     args.device = str(device)
     seed_everything(args.seed)
 
-    log = RunLog(args.save_dir, quiet=args.print_to_log, append=True)  # append: the dir may hold a training log
+    # append: the dir may hold a training log
+    log = RunLog(args.save_dir, quiet=args.print_to_log, append=True)
     try:
         return run_mode(args, given, device, log)
     finally:
@@ -364,9 +396,9 @@ def run_mode(args, given, device, log):
         log.line(f"{args.eval}: {args.samples} on {device}")
     else:
         model, replay_buffer = load_jem(args, device, given)
-        log.line(f"{args.eval}: WRN-{args.depth}-{args.width} ({args.n_classes} classes, norm {args.norm}"
-                 f"{', uncond' if args.uncond else ''}) from {args.load_path} on {device}; sampler of "
-                 f"--recipe {args.recipe}: {describe_sampler(args)}")
+        log.line(f"{args.eval}: WRN-{args.depth}-{args.width} ({args.n_classes} classes, norm "
+                 f"{args.norm}{', uncond' if args.uncond else ''}) from {args.load_path} on "
+                 f"{device}; sampler of --recipe {args.recipe}: {describe_sampler(args)}")
     with autocast(device, args.amp):
         results = MODES[args.eval](args, model, replay_buffer, device)
     for name in result_files(args):

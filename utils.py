@@ -16,8 +16,9 @@ def run_cli(main, argv=None):
         sys.exit(2)
 
 
-def prepare_save_dir(save_dir):
-    """Create the save dir and check it is writable, before any expensive work starts."""
+def prepare_save_dir(save_dir, flag="--save_dir"):
+    """Create the output folder and check it is writable, before any expensive work starts; `flag`
+    names it in the error line."""
     try:
         os.makedirs(save_dir, exist_ok=True)
         probe = os.path.join(save_dir, f".write_test_{os.getpid()}")
@@ -25,7 +26,7 @@ def prepare_save_dir(save_dir):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to --save_dir {save_dir} ({e.strerror}); choose a writable "
+        raise UserError(f"cannot write to {flag} {save_dir} ({e.strerror}); choose a writable "
                         "folder")
 
 

@@ -100,18 +100,12 @@ SYNTHETIC_SIZES = {"train": 10000, "test": 1000}
 def _shape_mask(label, dx, dy, r):
     ax, ay = np.abs(dx), np.abs(dy)
     box = np.maximum(ax, ay)
-    masks = (
-        dx ** 2 + dy ** 2 < r ** 2,
-        box < r,
-        (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2),
-        ax + ay < r,
-        (ay < 0.35 * r) & (ax < r),
-        (ax < 0.35 * r) & (ay < r),
-        ((ax < 0.3 * r) & (ay < r)) | ((ay < 0.3 * r) & (ax < r)),
-        (np.abs(ax - ay) < 0.3 * r) & (box < r),
-        (dy > -r) & (dy < r) & (ax < (dy + r) / 2),
-        (box < r) & (box > 0.6 * r),
-    )
+    masks = (dx ** 2 + dy ** 2 < r ** 2, box < r,
+             (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (0.55 * r) ** 2), ax + ay < r,
+             (ay < 0.35 * r) & (ax < r), (ax < 0.35 * r) & (ay < r),
+             ((ax < 0.3 * r) & (ay < r)) | ((ay < 0.3 * r) & (ax < r)),
+             (np.abs(ax - ay) < 0.3 * r) & (box < r), (dy > -r) & (dy < r) & (ax < (dy + r) / 2),
+             (box < r) & (box > 0.6 * r))
     return masks[label]
 
 
@@ -333,12 +327,10 @@ def train_loaders(data, device, rank=0, world_size=1):
 
     px_set = train_set if data.px_augment else \
         load_dataset(data.dataset, data.data_root, True, test_transform(data.dataset, data.sigma))
-    return {
-        "train": shuffled(px_set, train, data.batch_size, 0),
-        "labeled": shuffled(train_set, labeled, labeled_batch_size, 1),
-        "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
-        "test": make_loader(test_set, 100, False, device, workers),
-    }
+    return {"train": shuffled(px_set, train, data.batch_size, 0),
+            "labeled": shuffled(train_set, labeled, labeled_batch_size, 1),
+            "valid": make_loader(Subset(eval_train_set, valid), 100, False, device, workers),
+            "test": make_loader(test_set, 100, False, device, workers)}
 
 
 def plain_training_images(data, device):

@@ -126,15 +126,8 @@ class SAM(torch.optim.Optimizer):
 
 def sam_over_sgd(params, lr, weight_decay, rho):
     """SADA-JEM's optimizer: SAM over SGD with momentum 0.9, adaptive (ASAM) when rho >= 0.5."""
-    return SAM(
-        params,
-        torch.optim.SGD,
-        rho=rho,
-        adaptive=rho >= ADAPTIVE_FROM_RHO,
-        lr=lr,
-        momentum=0.9,
-        weight_decay=weight_decay,
-    )
+    return SAM(params, torch.optim.SGD, rho=rho, adaptive=rho >= ADAPTIVE_FROM_RHO, lr=lr,
+               momentum=0.9, weight_decay=weight_decay)
 
 
 def optimizer_step(optimizer, recompute_loss):

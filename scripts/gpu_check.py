@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's modules
 from jem.errors import UserError  # noqa: E402  (needs the path above)
-from utils import run_cli  # noqa: E402
+from utils import prepare_save_dir, run_cli  # noqa: E402
 
 PYTHON = sys.executable
 # The data folder: shared/ beside the repository (this machine) or inside it (a copied working tree)
@@ -51,11 +51,10 @@ DATA_CANDIDATES = [os.path.join(REPO, "..", "shared", "data", "cifar10_subset"),
                    os.path.join(REPO, "shared", "data", "cifar10_subset")]
 # bench.py's configs, in groups of the same flags. The recipes' peak memory is left out: its 12
 # fresh processes would add a minute (docs/performance.md, "One command for a GPU").
-BENCH_GROUPS = {
-    "jem": (["wrn-10-1", "wrn-16-2", "wrn-28-2", "wrn-28-10"], ["--amp", "--cuda_graph"]),
-    "recipes": (["jempp-wrn-10-1", "sadajem-wrn-10-1", "jempp-wrn-28-10", "sadajem-wrn-28-10"],
-                ["--amp", "--skip_memory"]),
-}
+BENCH_GROUPS = {"jem": (["wrn-10-1", "wrn-16-2", "wrn-28-2", "wrn-28-10"],
+                        ["--amp", "--cuda_graph"]),
+                        "recipes": (["jempp-wrn-10-1", "sadajem-wrn-10-1", "jempp-wrn-28-10",
+                                     "sadajem-wrn-28-10"], ["--amp", "--skip_memory"])}
 BENCH_TIMING = ["--iters", "5", "--warmup", "1"]
 TTA_CONFIGS = ["jem", "jem-fast", "sadajem-amp"]  # time_to_accuracy.py's names; jem is the baseline
 EVAL_MAX_IMAGES = None  # every test image
@@ -118,18 +117,6 @@ def find_data(data):
         raise UserError(f"--data {found} has no {' or '.join(missing)}/ folder: it must be an "
                         "image folder with train/<class>/ and test/<class>/")
     return os.path.abspath(found)
-
-
-def prepare_out(out):
-    """Make OUT and check it can be written, before anything runs."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable folder")
 
 
 def describe_environment(args, device):
@@ -316,7 +303,7 @@ def main(argv=None):
     if "jem" not in args.configs:
         raise UserError("--configs must hold jem, the baseline of time to accuracy")
     args.data = find_data(args.data)
-    prepare_out(args.out)
+    prepare_save_dir(args.out, flag="OUT")
     args.out = os.path.abspath(args.out)
 
     from jem.run.device import select_device  # torch: after the checks, which need none

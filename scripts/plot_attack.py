@@ -10,9 +10,8 @@ import sys
 # the repository's modules
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jem.errors import UserError  # noqa: E402  (needs the path above)
 from jem.eval.attack import read_attack_result, run_label  # noqa: E402
-from jem.eval.plots import plot_robustness  # noqa: E402
+from jem.eval.plots import legend_labels, plot_robustness  # noqa: E402
 from utils import run_cli  # noqa: E402
 
 
@@ -30,10 +29,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     results = [read_attack_result(path) for path in args.runs]
-    if args.labels is not None and len(args.labels) != len(results):
-        raise UserError(f"{len(args.labels)} --labels for {len(results)} runs; give one label per "
-                        "run")
-    labels = args.labels or [run_label(result) for result in results]
+    labels = legend_labels(args.labels, [run_label(result) for result in results])
     plot_robustness(list(zip(labels, results)), args.out)
     print(f"wrote {args.out}")
 

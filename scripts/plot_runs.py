@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from matplotlib.figure import Figure  # noqa: E402  (no pyplot: no GUI backend, Agg renders PNGs)
 
 from jem.errors import UserError  # noqa: E402  (needs the path above)
+from jem.eval.plots import legend_labels  # noqa: E402
 from jem.run.log import read_metrics  # noqa: E402
 from utils import run_cli  # noqa: E402
 
@@ -105,10 +106,7 @@ def plot_runs(runs, x_axis, path):
 def main(argv=None):
     args = parse_args(argv)
     records = [read_run(path) for path in args.runs]
-    if args.labels is not None and len(args.labels) != len(records):
-        raise UserError(f"{len(args.labels)} --labels for {len(records)} runs; "
-                        "give one label per run")
-    labels = args.labels or default_labels(args.runs)
+    labels = legend_labels(args.labels, default_labels(args.runs))
     plot_runs(list(zip(labels, records)), args.x, args.out)
     print(f"wrote {args.out}")
 

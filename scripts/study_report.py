@@ -77,24 +77,23 @@ def cell(values, digits):
 
 def table_rows(args, ood_folders):
     """(what, key, getter of one run's value from its folder, the papers' number) for every row."""
-    rows = [
-        ("training epochs", "epochs", lambda d: training_summary(d)["epochs"], "200 epochs"),
-        ("training iterations", "iterations", lambda d: training_summary(d)["iterations"], ""),
-        ("training minutes (one CPU thread, evaluations left out)", "train_minutes",
-         lambda d: training_summary(d)["train_minutes"],
-         "days on a GPU"),
-        ("seconds per iteration", "seconds_per_iteration",
-         lambda d: training_summary(d)["seconds_per_iteration"], ""),
-        ("training accuracy (last epoch, clean images)", "train_acc",
-         lambda d: training_summary(d)["train_acc"], ""),
-        ("validation accuracy (last epoch)", "valid_acc",
-         lambda d: training_summary(d)["valid_acc"], ""),
-        ("test accuracy", "test_acc", lambda d: result(d, "test_clf", "test_clf")["accuracy"],
-         ".929 / .958 (JEM++ .941, SADA-JEM .955)"),
-        ("test cross-entropy", "test_nll", lambda d: result(d, "test_clf", "test_clf")["loss"], ""),
-        ("ECE, 15 bins", "ece", lambda d: result(d, "calibration", "calibration")["ece"],
-         "JEM several times lower (CIFAR-100)"),
-    ]
+    rows = [("training epochs", "epochs", lambda d: training_summary(d)["epochs"], "200 epochs"),
+            ("training iterations", "iterations", lambda d: training_summary(d)["iterations"], ""),
+            ("training minutes (one CPU thread, evaluations left out)", "train_minutes",
+             lambda d: training_summary(d)["train_minutes"], "days on a GPU"),
+             ("seconds per iteration", "seconds_per_iteration",
+              lambda d: training_summary(d)["seconds_per_iteration"], ""),
+              ("training accuracy (last epoch, clean images)", "train_acc",
+               lambda d: training_summary(d)["train_acc"], ""),
+               ("validation accuracy (last epoch)", "valid_acc",
+                lambda d: training_summary(d)["valid_acc"], ""),
+                ("test accuracy", "test_acc",
+                 lambda d: result(d, "test_clf", "test_clf")["accuracy"],
+                 ".929 / .958 (JEM++ .941, SADA-JEM .955)"),
+                 ("test cross-entropy", "test_nll",
+                  lambda d: result(d, "test_clf", "test_clf")["loss"], ""),
+                  ("ECE, 15 bins", "ece", lambda d: result(d, "calibration", "calibration")["ece"],
+                   "JEM several times lower (CIFAR-100)")]
     for ood_set in ood_folders:
         for score in SCORES:
             rows.append((f"OOD AUROC, {ood_set}, {score}", f"auroc_{ood_set}_{score}",

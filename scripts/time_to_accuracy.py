@@ -169,17 +169,14 @@ def read_run(save_dir, metric, clock):
     train = [r for r in records if r["kind"] == "train"]
     hardware = next((r["hardware"] for r in records if r["kind"] == "run"), None)
     last = max(records, key=lambda r: r.get("train_seconds") or 0)
-    return {
-        "minutes": [r[CLOCKS[clock]] / 60 for r in evals],
-        "accuracy": [r[metric] for r in evals],
-        "eval_iterations": [r["iteration"] for r in evals],
-        "gap_minutes": [r[CLOCKS[clock]] / 60 for r in train if "f_data" in r],
-        "energy_gap": [r["f_data"] - r["f_q"] for r in train if "f_data" in r],
-        "iterations": last.get("iteration"), "clock_seconds": last.get(CLOCKS[clock]),
-        "train_seconds": last.get("train_seconds"),
-        "cpu_seconds": last.get("cpu_seconds"), "hardware": hardware,
-        "rollbacks": sum(r["kind"] == "diverged" for r in records),
-    }
+    return {"minutes": [r[CLOCKS[clock]] / 60 for r in evals],
+            "accuracy": [r[metric] for r in evals],
+            "eval_iterations": [r["iteration"] for r in evals],
+            "gap_minutes": [r[CLOCKS[clock]] / 60 for r in train if "f_data" in r],
+            "energy_gap": [r["f_data"] - r["f_q"] for r in train if "f_data" in r],
+            "iterations": last.get("iteration"), "clock_seconds": last.get(CLOCKS[clock]),
+            "train_seconds": last.get("train_seconds"), "cpu_seconds": last.get("cpu_seconds"),
+            "hardware": hardware, "rollbacks": sum(r["kind"] == "diverged" for r in records)}
 
 
 def on_grid(minutes, values, grid):

@@ -45,9 +45,8 @@ def tiny_checkpoint(tiny_image_folder, tmp_path_factory):
     """Path of last_ckpt.pt of a WRN-10-1 JEM trained for two iterations by train_wrn_ebm (CPU,
     seconds)."""
     save_dir = tmp_path_factory.mktemp("tiny_run")
-    train_wrn_ebm.main([
-        "--dataset", tiny_image_folder, "--depth", "10", "--width", "1", "--n_steps", "2",
-        "--batch_size", "16", "--n_epochs", "1", "--n_valid", "8", "--buffer_size", "100",
-        "--n_workers", "0", "--device", "cpu", "--save_dir", str(save_dir), "--print_to_log",
-    ])
+    train_wrn_ebm.main(["--dataset", tiny_image_folder, "--depth", "10", "--width", "1",
+                        "--n_steps", "2", "--batch_size", "16", "--n_epochs", "1", "--n_valid", "8",
+                        "--buffer_size", "100", "--n_workers", "0", "--device", "cpu", "--save_dir",
+                        str(save_dir), "--print_to_log"])
     return str(save_dir / "last_ckpt.pt")

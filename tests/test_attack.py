@@ -27,17 +27,8 @@ def eval_args(*argv):
 
 def classifier_for(model, n_steps_refine=0, n_dup_chains=1, sigma=0.0, sgld_lr=1.0, sgld_std=0.0,
                    max_chains_per_pass=64, seed=0, gradient="exact"):
-    return RefinedClassifier(
-        model,
-        sigma,
-        n_steps_refine,
-        n_dup_chains,
-        sgld_lr,
-        sgld_std,
-        max_chains_per_pass,
-        torch.Generator().manual_seed(seed),
-        gradient,
-    )
+    return RefinedClassifier(model, sigma, n_steps_refine, n_dup_chains, sgld_lr, sgld_std,
+                             max_chains_per_pass, torch.Generator().manual_seed(seed), gradient)
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +113,8 @@ def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model
     1])."""
     x = torch.rand(n_images, 3, 32, 32, dtype=torch.float64) * 0.8 + 0.1
     y = torch.tensor([3, 5][:n_images])
-    settings = dict(
-        n_steps_refine=2,
-        n_dup_chains=n_dup_chains,
-        sigma=0.1,
-        sgld_lr=3.0,
-        sgld_std=0.05,
-        max_chains_per_pass=max_chains_per_pass,
-        seed=4,
-    )
+    settings = dict(n_steps_refine=2, n_dup_chains=n_dup_chains, sigma=0.1, sgld_lr=3.0,
+                    sgld_std=0.05, max_chains_per_pass=max_chains_per_pass, seed=4)
     straight = classifier_for(model64, gradient="straight_through",
                               **settings).scaled_loss_gradient(x, y)
     exact = classifier_for(model64, **settings).scaled_loss_gradient(x, y)
@@ -258,28 +242,10 @@ def trained_model():
 
 @pytest.fixture(scope="module")
 def linf_run(trained_model, tmp_path_factory):
-    args = eval_args(
-        "--n_eval",
-        str(N_IMAGES),
-        "--seed",
-        "0",
-        "--distance",
-        "Linf",
-        "--eps",
-        "32",
-        "0",
-        "2",
-        "--n_steps_pgd_attack",
-        "10",
-        "--n_steps_refine",
-        "0",
-        "--n_dup_chains",
-        "1",
-        "--sigma",
-        "0",
-        "--save_dir",
-        str(tmp_path_factory.mktemp("attack")),
-    )
+    args = eval_args("--n_eval", str(N_IMAGES), "--seed", "0", "--distance", "Linf", "--eps", "32",
+                     "0", "2", "--n_steps_pgd_attack", "10", "--n_steps_refine", "0",
+                     "--n_dup_chains", "1", "--sigma", "0", "--save_dir",
+                     str(tmp_path_factory.mktemp("attack")))
     return run_attack(args, trained_model, None, CPU)
 
 
@@ -308,25 +274,9 @@ def test_the_run_is_described_and_plotted(linf_run):
 
 
 def test_the_defended_run_repeats_under_a_seed(trained_model, tmp_path):
-    argv = (
-        "--n_eval",
-        "8",
-        "--seed",
-        "3",
-        "--distance",
-        "L2",
-        "--eps",
-        "0",
-        "2",
-        "--n_steps_pgd_attack",
-        "2",
-        "--n_steps_refine",
-        "1",
-        "--n_dup_chains",
-        "2",
-        "--save_dir",
-        str(tmp_path),
-    )
+    argv = ("--n_eval", "8", "--seed", "3", "--distance", "L2", "--eps", "0", "2",
+            "--n_steps_pgd_attack", "2", "--n_steps_refine", "1", "--n_dup_chains", "2",
+            "--save_dir", str(tmp_path))
     first, again = (run_attack(eval_args(*argv), trained_model, None, CPU) for _ in range(2))
     assert first == again
     assert first["robust_accuracy"][1] <= first["robust_accuracy"][0] == first["clean_accuracy"]
@@ -349,34 +299,11 @@ def test_unlabeled_images_cannot_be_attacked(tmp_path):
 
 def test_eval_script_runs_the_attack_and_writes_attack_json(tiny_checkpoint, tiny_image_folder,
                                                             tmp_path):
-    eval_wrn_ebm.main(
-        [
-            "--load_path",
-            tiny_checkpoint,
-            "--eval",
-            "attack",
-            "--dataset",
-            tiny_image_folder,
-            "--distance",
-            "L2",
-            "--eps",
-            "0",
-            "1",
-            "--n_steps_pgd_attack",
-            "2",
-            "--n_steps_refine",
-            "1",
-            "--n_dup_chains",
-            "2",
-            "--n_eval",
-            "6",
-            "--device",
-            "cpu",
-            "--save_dir",
-            str(tmp_path),
-            "--print_to_log",
-        ]
-    )
+    eval_wrn_ebm.main(["--load_path", tiny_checkpoint, "--eval", "attack", "--dataset",
+                       tiny_image_folder, "--distance", "L2", "--eps", "0", "1",
+                       "--n_steps_pgd_attack", "2", "--n_steps_refine", "1", "--n_dup_chains", "2",
+                       "--n_eval", "6", "--device", "cpu", "--save_dir", str(tmp_path),
+                       "--print_to_log"])
     result = attack.read_attack_result(str(tmp_path))
     assert result["n_images"] == 6 and len(result["robust_accuracy"]) == 2
     assert result["robust_accuracy"][0] == result["clean_accuracy"]
@@ -387,24 +314,9 @@ def test_eval_script_runs_the_attack_and_writes_attack_json(tiny_checkpoint, tin
 # Flags and the overlay helper.
 
 def test_the_issue_command_line_parses_with_units_in_the_help():
-    args = eval_args(
-        "--distance",
-        "Linf",
-        "--eps",
-        "0",
-        "1",
-        "2",
-        "4",
-        "8",
-        "16",
-        "--n_steps_pgd_attack",
-        "40",
-        "--n_steps_refine",
-        "10",
-        "--n_dup_chains",
-        "5",
-        "--random_start",
-    )
+    args = eval_args("--distance", "Linf", "--eps", "0", "1", "2", "4", "8", "16",
+                     "--n_steps_pgd_attack", "40", "--n_steps_refine", "10", "--n_dup_chains", "5",
+                     "--random_start")
     assert args.eps == [0, 1, 2, 4, 8, 16] and args.random_start and args.n_steps_refine == 10
     assert not eval_args("--no-random_start").random_start
     help_text = argparse.ArgumentParser()
@@ -425,12 +337,9 @@ plot_attack = load_script("scripts/plot_attack.py")
 
 
 def write_result(path, distance, n_steps_refine, nested):
-    result = {
-        "distance": distance,
-        "eps": [0, 8],
-        "robust_accuracy": [0.9, 0.2 + 0.05 * n_steps_refine],
-        "settings": {"n_steps_refine": n_steps_refine, "n_dup_chains": 5},
-    }
+    result = {"distance": distance, "eps": [0, 8],
+              "robust_accuracy": [0.9, 0.2 + 0.05 * n_steps_refine],
+              "settings": {"n_steps_refine": n_steps_refine, "n_dup_chains": 5}}
     path.write_text(json.dumps({"args": {"eval": "attack"}, "result": result} if nested
                                else result))
     return str(path)

@@ -108,8 +108,10 @@ def test_every_reader_of_a_mixed_shape_folder_stops_with_the_odd_size_line(tmp_p
     for i, size in enumerate([(178, 218), (178, 218), (200, 200)]):
         Image.new("RGB", size).save(tmp_path / f"{i}.png")
     celeba = load_eval_dataset("celeba", None, 0.0, celeba_root=str(tmp_path), normalize=False)
-    eval_and_attack = lambda: list(one_size_batches(DataLoader(Subset(celeba, [0, 2]),
-                                                               batch_size=2)))  # noqa: E731
+
+    def eval_and_attack():
+        return list(one_size_batches(DataLoader(Subset(celeba, [0, 2]), batch_size=2)))
+
     for reader in (eval_and_attack, lambda: list(sample_quality.dataset_batches(celeba))):
         with pytest.raises(UserError, match="2.png is 32x32 pixels"):
             reader()

@@ -29,20 +29,8 @@ N_IMAGES = 20
 
 def run_eval(checkpoint, save_dir, *flags):
     """main() in-process on the CPU with few images; returns the mode's JSON as written."""
-    argv = [
-        "--load_path",
-        checkpoint,
-        "--save_dir",
-        str(save_dir),
-        "--device",
-        "cpu",
-        "--n_workers",
-        "0",
-        "--max_images",
-        str(N_IMAGES),
-        "--print_to_log",
-        *flags,
-    ]
+    argv = ["--load_path", checkpoint, "--save_dir", str(save_dir), "--device", "cpu",
+            "--n_workers", "0", "--max_images", str(N_IMAGES), "--print_to_log", *flags]
     eval_wrn_ebm.main(argv)
     mode = argv[argv.index("--eval") + 1]
     with open(os.path.join(save_dir, f"{mode}.json")) as fh:
@@ -166,20 +154,8 @@ def test_logp_hist_of_pxgrad_plots_minus_log_the_gradient_norm_as_the_paper(tiny
 def test_sampling_modes_take_buffer_size_0_as_fresh_short_run_chains_every_round(
         tiny_checkpoint, tmp_path, monkeypatch, mode):
     calls = count_chains(monkeypatch)
-    result = run_eval(
-        tiny_checkpoint,
-        tmp_path,
-        "--eval",
-        *mode,
-        "--buffer_size",
-        "0",
-        "--n_steps",
-        "1",
-        "--n_sample_steps",
-        "3",
-        "--batch_size",
-        "4",
-    )
+    result = run_eval(tiny_checkpoint, tmp_path, "--eval", *mode, "--buffer_size", "0", "--n_steps",
+                      "1", "--n_sample_steps", "3", "--batch_size", "4")
     assert calls == [(4, None)] * 3
     assert result["n_samples"] == 12  # every round's chains, kept
     assert torch.load(result["buffer"], weights_only=True)["replay_buffer"].shape == (12, 3, 32, 32)
@@ -188,22 +164,9 @@ def test_sampling_modes_take_buffer_size_0_as_fresh_short_run_chains_every_round
 def test_uncond_samples_advances_one_batch_of_chains_a_round(tiny_checkpoint, tmp_path,
                                                              monkeypatch):
     calls = count_chains(monkeypatch)
-    result = run_eval(
-        tiny_checkpoint,
-        tmp_path,
-        "--eval",
-        "uncond_samples",
-        "--buffer_size",
-        "20",
-        "--n_steps",
-        "1",
-        "--n_sample_steps",
-        "3",
-        "--print_every",
-        "2",
-        "--batch_size",
-        "8",
-    )
+    result = run_eval(tiny_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20",
+                      "--n_steps", "1", "--n_sample_steps", "3", "--print_every", "2",
+                      "--batch_size", "8")
     assert calls == [(8, None)] * 3  # the paper's rounds: batch_size chains from the buffer
     assert [os.path.basename(p) for p in result["grids"]] == ["uncond_samples_000000.png",
                                                               "uncond_samples_000002.png"]
@@ -232,21 +195,9 @@ def test_cond_samples_from_the_checkpoint_buffer_draws_one_row_per_class(tiny_ch
 def test_cond_samples_fresh_samples_builds_a_buffer_as_uncond_samples(tiny_checkpoint, tmp_path,
                                                                       monkeypatch):
     calls = count_chains(monkeypatch)
-    result = run_eval(
-        tiny_checkpoint,
-        tmp_path,
-        "--eval",
-        "cond_samples",
-        "--fresh_samples",
-        "--buffer_size",
-        "20",
-        "--n_steps",
-        "1",
-        "--n_sample_steps",
-        "2",
-        "--batch_size",
-        "8",
-    )
+    result = run_eval(tiny_checkpoint, tmp_path, "--eval", "cond_samples", "--fresh_samples",
+                      "--buffer_size", "20", "--n_steps", "1", "--n_sample_steps", "2",
+                      "--batch_size", "8")
     assert calls == [(8, None)] * 2
     assert (result["buffer_source"] == "fresh" and result["n_samples"] == 20
             and sum(result["class_counts"]) == 20)
@@ -256,13 +207,8 @@ def test_a_checkpoint_in_the_papers_two_key_format_gives_the_same_logits(tmp_pat
     torch.manual_seed(0)
     original = JEM(depth=10, width=2, n_classes=7).eval()
     path = str(tmp_path / "paper.pt")
-    torch.save(
-        {
-            "model_state_dict": original.state_dict(),
-            "replay_buffer": torch.rand(14, 3, 32, 32) * 2 - 1,
-        },
-        path,
-    )
+    torch.save({"model_state_dict": original.state_dict(),
+                "replay_buffer": torch.rand(14, 3, 32, 32) * 2 - 1}, path)
     # no --depth/--width: read from the weights
     args = eval_wrn_ebm.parse_args(["--load_path", path])
     model, replay_buffer = eval_wrn_ebm.load_jem(args, torch.device("cpu"))
@@ -278,22 +224,9 @@ def test_a_checkpoint_in_the_papers_two_key_format_gives_the_same_logits(tmp_pat
 
 
 def test_a_checkpoint_that_does_not_fit_gets_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
-    command = [
-        sys.executable,
-        "eval_wrn_ebm.py",
-        "--load_path",
-        tiny_checkpoint,
-        "--depth",
-        "16",
-        "--eval",
-        "test_clf",
-        "--dataset",
-        "synthetic",
-        "--device",
-        "cpu",
-        "--save_dir",
-        str(tmp_path),
-    ]
+    command = [sys.executable, "eval_wrn_ebm.py", "--load_path", tiny_checkpoint, "--depth", "16",
+               "--eval", "test_clf", "--dataset", "synthetic", "--device", "cpu", "--save_dir",
+               str(tmp_path)]
     done = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
@@ -319,20 +252,8 @@ def test_a_missing_data_set_gets_one_line_before_any_scoring(tiny_checkpoint, tm
                                                               monkeypatch, flags, message):
     monkeypatch.setattr(eval_wrn_ebm, "score_dataset", lambda *a: pytest.fail("scored before "
                                                                               "checking data"))
-    argv = [
-        "--load_path",
-        tiny_checkpoint,
-        "--save_dir",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--eval",
-        "OOD",
-        "--dataset",
-        "synthetic",
-        "--print_to_log",
-        *flags,
-    ]
+    argv = ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), "--device", "cpu",
+            "--eval", "OOD", "--dataset", "synthetic", "--print_to_log", *flags]
     with pytest.raises(SystemExit) as stop:
         run_cli(eval_wrn_ebm.main, argv)
     err = capsys.readouterr().err
@@ -346,47 +267,19 @@ def test_a_celeba_folder_of_mixed_shapes_is_one_line_naming_the_odd_file(tiny_ch
     for i, size in enumerate([(178, 218)] * 3 + [(100, 100)]):
         Image.new("RGB", size).save(folder / f"{i}.png")
     with pytest.raises(SystemExit):
-        run_cli(
-            eval_wrn_ebm.main,
-            [
-                "--load_path",
-                tiny_checkpoint,
-                "--save_dir",
-                str(tmp_path),
-                "--device",
-                "cpu",
-                "--eval",
-                "OOD",
-                "--dataset",
-                "synthetic",
-                "--ood_dataset",
-                "celeba",
-                "--celeba_root",
-                str(folder),
-                "--max_images",
-                "8",
-                "--print_to_log",
-            ],
-        )
+        run_cli(eval_wrn_ebm.main,
+                ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), "--device", "cpu",
+                 "--eval", "OOD", "--dataset", "synthetic", "--ood_dataset", "celeba",
+                 "--celeba_root", str(folder), "--max_images", "8", "--print_to_log"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{folder / '3.png'} is 32x32 pixels" in err and "32x39" in err
 
 
 def test_a_missing_checkpoint_is_one_line_and_makes_no_save_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        run_cli(
-            eval_wrn_ebm.main,
-            [
-                "--load_path",
-                str(tmp_path / "gone.pt"),
-                "--eval",
-                "calibration",
-                "--save_dir",
-                str(tmp_path / "eval"),
-                "--device",
-                "cpu",
-            ],
-        )
+        run_cli(eval_wrn_ebm.main,
+                ["--load_path", str(tmp_path / "gone.pt"), "--eval", "calibration", "--save_dir",
+                 str(tmp_path / "eval"), "--device", "cpu"])
     assert ("no checkpoint at --load_path" in capsys.readouterr().err
             and not (tmp_path / "eval").exists())
 
@@ -396,55 +289,22 @@ def test_classification_needs_labels_of_the_models_classes(tiny_checkpoint, tmp_
     loose.mkdir()
     Image.new("RGB", (32, 32)).save(loose / "a.png")  # a folder of images without classes
     with pytest.raises(SystemExit):
-        run_cli(
-            eval_wrn_ebm.main,
-            [
-                "--load_path",
-                tiny_checkpoint,
-                "--save_dir",
-                str(tmp_path),
-                "--device",
-                "cpu",
-                "--eval",
-                "test_clf",
-                "--dataset",
-                str(loose),
-            ],
-        )
+        run_cli(eval_wrn_ebm.main,
+                ["--load_path", tiny_checkpoint, "--save_dir", str(tmp_path), "--device", "cpu",
+                 "--eval", "test_clf", "--dataset", str(loose)])
     assert "needs a labeled --dataset" in capsys.readouterr().err
 
 
 def test_every_mode_has_the_shared_signature_and_attack_is_a_choice():
-    assert set(eval_wrn_ebm.MODES) == {
-        "test_clf",
-        "OOD",
-        "logp_hist",
-        "uncond_samples",
-        "cond_samples",
-        "calibration",
-        "attack",
-        "sample_quality",
-    }
+    assert set(eval_wrn_ebm.MODES) == {"test_clf", "OOD", "logp_hist", "uncond_samples",
+                                       "cond_samples", "calibration", "attack", "sample_quality"}
     args = eval_wrn_ebm.parse_args(["--load_path", "x.pt", "--eval", "attack"])
     assert args.eval == "attack"
     defaults = eval_wrn_ebm.parse_args(["--load_path", "x.pt"])
-    expected = dict(
-        eval="OOD",
-        score_fn="px",
-        ood_dataset="svhn",
-        dataset="cifar_test",
-        datasets=[],
-        batch_size=64,
-        sigma=0.03,
-        n_steps=0,
-        buffer_size=0,
-        reinit_freq=0.05,
-        sgld_lr=1.0,
-        sgld_std=0.01,
-        print_every=100,
-        n_sample_steps=100,
-        fresh_samples=False,
-    )
+    expected = dict(eval="OOD", score_fn="px", ood_dataset="svhn", dataset="cifar_test",
+                    datasets=[], batch_size=64, sigma=0.03, n_steps=0, buffer_size=0,
+                    reinit_freq=0.05, sgld_lr=1.0, sgld_std=0.01, print_every=100,
+                    n_sample_steps=100, fresh_samples=False)
     assert {k: getattr(defaults, k) for k in expected} == expected
 
 
@@ -465,35 +325,10 @@ def jempp_checkpoint(tiny_image_folder, tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("jempp_run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
-        train_wrn_ebm.main(
-            [
-                "--recipe",
-                "jempp",
-                "--dataset",
-                tiny_image_folder,
-                "--depth",
-                "10",
-                "--width",
-                "1",
-                "--n_steps",
-                "1",
-                "--batch_size",
-                "16",
-                "--n_epochs",
-                "1",
-                "--n_valid",
-                "8",
-                "--buffer_size",
-                "20",
-                "--n_workers",
-                "0",
-                "--device",
-                "cpu",
-                "--save_dir",
-                str(save_dir),
-                "--print_to_log",
-            ]
-        )
+        train_wrn_ebm.main(["--recipe", "jempp", "--dataset", tiny_image_folder, "--depth", "10",
+                            "--width", "1", "--n_steps", "1", "--batch_size", "16", "--n_epochs",
+                            "1", "--n_valid", "8", "--buffer_size", "20", "--n_workers", "0",
+                            "--device", "cpu", "--save_dir", str(save_dir), "--print_to_log"])
     return str(save_dir / "last_ckpt.pt")
 
 
@@ -529,31 +364,10 @@ def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistic
     real_load_jem, loaded = eval_wrn_ebm.load_jem, []
     monkeypatch.setattr(eval_wrn_ebm, "load_jem",
                         lambda *a: loaded.append(real_load_jem(*a)) or loaded[-1])
-    result = run_eval(
-        jempp_checkpoint,
-        tmp_path,
-        "--eval",
-        "uncond_samples",
-        "--buffer_size",
-        "20",
-        "--n_steps",
-        "2",
-        "--n_sample_steps",
-        "2",
-        "--batch_size",
-        "8",
-    )
-    expected = dict(
-        n_steps=2,
-        sgld_lr=0.0,
-        sgld_std=0.0,
-        in_steps=5,
-        pyld_lr=0.2,
-        eps=1.0,
-        train_mode=True,
-        training=True,
-        restarts="ClassGaussians",
-    )
+    result = run_eval(jempp_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20",
+                      "--n_steps", "2", "--n_sample_steps", "2", "--batch_size", "8")
+    expected = dict(n_steps=2, sgld_lr=0.0, sgld_std=0.0, in_steps=5, pyld_lr=0.2, eps=1.0,
+                    train_mode=True, training=True, restarts="ClassGaussians")
     # PYLD on batch statistics, fresh chains from the class Gaussians
     assert calls == [expected] * 2
     args = result["args"]
@@ -566,24 +380,9 @@ def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistic
     assert len(fitted) == 1 and len(fitted[0].dataset) == 32
 
     calls.clear()  # a flag given wins over the training's
-    run_eval(
-        jempp_checkpoint,
-        tmp_path,
-        "--eval",
-        "uncond_samples",
-        "--buffer_size",
-        "20",
-        "--n_steps",
-        "1",
-        "--n_sample_steps",
-        "1",
-        "--batch_size",
-        "8",
-        "--in_steps",
-        "2",
-        "--buffer_init",
-        "uniform",
-    )
+    run_eval(jempp_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20",
+             "--n_steps", "1", "--n_sample_steps", "1", "--batch_size", "8", "--in_steps", "2",
+             "--buffer_init", "uniform")
     assert (calls[0]["in_steps"], calls[0]["pyld_lr"], calls[0]["restarts"]) == \
         (2, 0.2, "UniformNoise")
 
@@ -591,33 +390,10 @@ def test_a_jempp_model_samples_with_its_training_sampler_and_keeps_its_statistic
 def test_the_papers_model_keeps_the_papers_evaluation_sampler(tiny_checkpoint, tmp_path,
                                                                monkeypatch):
     calls = chain_settings_of_every_call(monkeypatch)
-    run_eval(
-        tiny_checkpoint,
-        tmp_path,
-        "--eval",
-        "uncond_samples",
-        "--buffer_size",
-        "20",
-        "--n_steps",
-        "1",
-        "--n_sample_steps",
-        "1",
-        "--batch_size",
-        "8",
-    )
-    assert calls == [
-        dict(
-            n_steps=1,
-            sgld_lr=1.0,
-            sgld_std=0.01,
-            in_steps=0,
-            pyld_lr=0.2,
-            eps=1.0,
-            train_mode=False,
-            training=False,
-            restarts="UniformNoise",
-        )
-    ]
+    run_eval(tiny_checkpoint, tmp_path, "--eval", "uncond_samples", "--buffer_size", "20",
+             "--n_steps", "1", "--n_sample_steps", "1", "--batch_size", "8")
+    assert calls == [dict(n_steps=1, sgld_lr=1.0, sgld_std=0.01, in_steps=0, pyld_lr=0.2, eps=1.0,
+                          train_mode=False, training=False, restarts="UniformNoise")]
 
 
 @pytest.mark.parametrize("recipe, yopo, sampler", [
@@ -653,19 +429,8 @@ def test_sample_quality_of_a_folder_needs_no_checkpoint(tiny_image_folder, tmp_p
     monkeypatch.setattr(evaluate_flags, "inception_weights_path", lambda path: "weights.pth")
     monkeypatch.setitem(eval_wrn_ebm.MODES, "sample_quality",
                         lambda *a: seen.append(a[1:3]) or {"fid": 1.0})
-    eval_wrn_ebm.main(
-        [
-            "--eval",
-            "sample_quality",
-            "--samples",
-            tiny_image_folder,
-            "--save_dir",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--print_to_log",
-        ]
-    )
+    eval_wrn_ebm.main(["--eval", "sample_quality", "--samples", tiny_image_folder, "--save_dir",
+                       str(tmp_path), "--device", "cpu", "--print_to_log"])
     assert seen == [(None, None)]  # no model, no buffer
     for argv in (["--eval", "sample_quality"], ["--eval", "test_clf"]):
         with pytest.raises(SystemExit):

@@ -23,32 +23,9 @@ from test_chain_init import quick_fit
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--n_valid",
-    "20",
-    "--depth",
-    "10",
-    "--width",
-    "1",
-    "--batch_size",
-    "16",
-    "--n_steps",
-    "2",
-    "--buffer_size",
-    "100",
-    "--n_epochs",
-    "2",
-    "--print_every",
-    "1",
-    "--print_to_log",
-    "--lr",
-    "1e-3",
-    "--n_workers",
-    "0",
-    "--device",
-    "cpu",
-    "--plot_cond",
-]
+TINY = ["--n_valid", "20", "--depth", "10", "--width", "1", "--batch_size", "16", "--n_steps", "2",
+        "--buffer_size", "100", "--n_epochs", "2", "--print_every", "1", "--print_to_log", "--lr",
+        "1e-3", "--n_workers", "0", "--device", "cpu", "--plot_cond"]
 
 
 @pytest.fixture
@@ -110,19 +87,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeyp
 def test_sam_run_with_batch_norm_resumes_exactly(tiny, tmp_path, monkeypatch):
     """SADA-JEM's pieces: SAM's momentum, batch norm's statistics, the plain p(x) stream and epochs
     over the labeled batches all resume."""
-    sada = tiny + [
-        "--optimizer",
-        "sam",
-        "--norm",
-        "batch",
-        "--no_px_augment",
-        "--labeled_batch_size",
-        "16",
-        "--batch_size",
-        "8",
-        "--epoch_over",
-        "labeled",
-    ]
+    sada = tiny + ["--optimizer", "sam", "--norm", "batch", "--no_px_augment",
+                   "--labeled_batch_size", "16", "--batch_size", "8", "--epoch_over", "labeled"]
     train_wrn_ebm.main(sada + ["--save_dir", str(tmp_path / "straight")])
     # SAM calls the loss twice an iteration: stop in iteration 8
     interrupt_at(monkeypatch, 2 * 8 + 1)
@@ -147,19 +113,8 @@ def test_resume_refuses_a_file_without_training_state(tiny, tmp_path, capsys):
 
 
 def test_iteration_checkpoints_and_keep_last(tiny, tmp_path):
-    train_wrn_ebm.main(
-        tiny
-        + [
-            "--save_dir",
-            str(tmp_path),
-            "--ckpt_every_iters",
-            "4",
-            "--keep_last",
-            "2",
-            "--ckpt_every",
-            "1",
-        ]
-    )
+    train_wrn_ebm.main(tiny + ["--save_dir", str(tmp_path), "--ckpt_every_iters", "4",
+                               "--keep_last", "2", "--ckpt_every", "1"])
     numbered = sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt_"))
     # written: iter 4, 8, epoch 0, iter 12, epoch 1
     assert numbered == ["ckpt_1.pt", "ckpt_iter_12.pt"]
@@ -312,11 +267,9 @@ def test_the_p_x_criterion_checks_the_p_x_part_of_the_loss_against_its_threshold
 
 def test_nan_counts_as_divergence(tiny, tmp_path, monkeypatch, capsys):
     real_loss = step.jem_loss
-    monkeypatch.setattr(
-        step,
-        "jem_loss",
-        lambda *a, **k: (lambda loss, terms: (loss * float("nan"), terms))(*real_loss(*a, **k)),
-    )
+    monkeypatch.setattr(step, "jem_loss", lambda *a,
+                        **k: (lambda loss,
+                              terms: (loss * float("nan"), terms))(*real_loss(*a, **k)))
     with pytest.raises(SystemExit):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path)])
     assert "diverged" in capsys.readouterr().err
@@ -360,30 +313,10 @@ def test_two_process_sam_run_keeps_the_ranks_equal(tiny, tmp_path):
     rank."""
     script = tmp_path / "ranks_agree.py"
     script.write_text(RANKS_AGREE.format(root=ROOT))
-    command = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-        ]
-        + tiny
-        + [
-            "--save_dir",
-            str(tmp_path / "run"),
-            "--batch_size",
-            "8",
-            "--n_epochs",
-            "1",
-            "--optimizer",
-            "sam",
-            "--lr",
-            "0.01",
-        ]
-    )
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                "2",
+                str(script)] + tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8",
+                                       "--n_epochs", "1", "--optimizer", "sam", "--lr", "0.01"])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -391,19 +324,10 @@ def test_two_process_sam_run_keeps_the_ranks_equal(tiny, tmp_path):
 
 
 def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_path):
-    command = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "train_wrn_ebm.py",
-        ]
-        + tiny
-        + ["--save_dir", str(tmp_path), "--batch_size", "8", "--ckpt_every_iters", "3"]
-    )
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                "2",
+                "train_wrn_ebm.py"] + tiny + ["--save_dir", str(tmp_path), "--batch_size", "8",
+                                              "--ckpt_every_iters", "3"])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -413,37 +337,15 @@ def test_two_process_gloo_run_finishes_and_its_checkpoint_evaluates(tiny, tmp_pa
     assert ckpt["iteration"] == 2 * 6  # 100 images / 2 ranks / batch 8 = 6 iterations an epoch
     log = (tmp_path / "log.txt").read_text()
     assert log.count("epoch 0 it 0 ") == 1  # rank 0 alone logs
-    result = eval_wrn_ebm.main(
-        [
-            "--load_path",
-            str(tmp_path / "last_ckpt.pt"),
-            "--eval",
-            "test_clf",
-            "--dataset",
-            tiny[1],
-            "--device",
-            "cpu",
-            "--save_dir",
-            str(tmp_path / "eval"),
-            "--print_to_log",
-        ]
-    )
+    result = eval_wrn_ebm.main(["--load_path", str(tmp_path / "last_ckpt.pt"), "--eval", "test_clf",
+                                "--dataset", tiny[1], "--device", "cpu", "--save_dir",
+                                str(tmp_path / "eval"), "--print_to_log"])
     assert 0 <= result["accuracy"] <= 1
     # A single process resumes it, re-sharding the two buffer shards into one. Its position inside
     # the epoch is counted in images: 3 batches of 8 on each of 2 processes are 6 batches of 8 on
     # one.
-    train_wrn_ebm.main(
-        [
-            "--resume",
-            str(tmp_path / "ckpt_iter_3.pt"),
-            "--save_dir",
-            str(tmp_path / "one"),
-            "--n_epochs",
-            "1",
-            "--device",
-            "cpu",
-        ]
-    )
+    train_wrn_ebm.main(["--resume", str(tmp_path / "ckpt_iter_3.pt"), "--save_dir",
+                        str(tmp_path / "one"), "--n_epochs", "1", "--device", "cpu"])
     assert "at epoch 0, iteration 3" in (tmp_path / "one" / "log.txt").read_text()
     rows = [r for r in records(tmp_path / "one") if r["kind"] == "train"]
     # the 6 batches of 8 left of 12, no more
@@ -474,16 +376,8 @@ def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians
     script.write_text(QUICK_FIT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2", str(script)]
-    flags = tiny + [
-        "--save_dir",
-        str(tmp_path / "run"),
-        "--batch_size",
-        "8",
-        "--buffer_init",
-        "informative",
-        "--n_epochs",
-        "1",
-    ]
+    flags = tiny + ["--save_dir", str(tmp_path / "run"), "--batch_size", "8", "--buffer_init",
+                    "informative", "--n_epochs", "1"]
     for command in (torchrun + flags,
                     torchrun + ["--resume", str(tmp_path / "run"), "--n_epochs", "2"]):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -527,37 +421,19 @@ def test_batch_norm_jempp_run_trains_evaluates_and_resumes_exactly(tiny, tmp_pat
     assert not torch.allclose(running_var, torch.ones_like(running_var))
     losses = [r["loss"] for r in records(tmp_path / "straight") if r["kind"] == "train"]
     assert len(losses) == 12 and all(abs(v) < 1e3 for v in losses)
-    result = eval_wrn_ebm.main(
-        [
-            "--load_path",
-            str(tmp_path / "straight" / "last_ckpt.pt"),
-            "--eval",
-            "test_clf",
-            "--dataset",
-            tiny[1],
-            "--device",
-            "cpu",
-            "--norm",
-            "batch",
-            "--save_dir",
-            str(tmp_path / "eval"),
-            "--print_to_log",
-        ]
-    )
+    result = eval_wrn_ebm.main(["--load_path", str(tmp_path / "straight" / "last_ckpt.pt"),
+                                "--eval", "test_clf", "--dataset", tiny[1], "--device", "cpu",
+                                "--norm", "batch", "--save_dir", str(tmp_path / "eval"),
+                                "--print_to_log"])
     assert 0 <= result["accuracy"] <= 1
 
 
 def train_from_shell(flags, cwd=ROOT):
     """train_wrn_ebm.py run as a user types it (argv read from the command line, not passed to
     main)."""
-    done = subprocess.run(
-        [sys.executable, "train_wrn_ebm.py", *flags],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done = subprocess.run([sys.executable, "train_wrn_ebm.py", *flags], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 

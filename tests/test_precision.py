@@ -97,31 +97,10 @@ def test_amp_without_native_bf16_says_so_in_one_line_and_trains_in_float32(
         return real_autocast(device, enabled)
 
     monkeypatch.setattr("jem.step.autocast", recording_autocast)
-    train_wrn_ebm.main(
-        [
-            "--dataset",
-            tiny_image_folder,
-            "--depth",
-            "10",
-            "--width",
-            "1",
-            "--n_steps",
-            "1",
-            "--batch_size",
-            "16",
-            "--n_epochs",
-            "1",
-            "--n_valid",
-            "8",
-            "--buffer_size",
-            "40",
-            "--device",
-            "cpu",
-            "--amp",
-            "--save_dir",
-            str(tmp_path),
-        ]
-    )
+    train_wrn_ebm.main(["--dataset", tiny_image_folder, "--depth", "10", "--width", "1",
+                        "--n_steps", "1", "--batch_size", "16", "--n_epochs", "1", "--n_valid", "8",
+                        "--buffer_size", "40", "--device", "cpu", "--amp", "--save_dir",
+                        str(tmp_path)])
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert len(lines) == 1 and "no native bf16" in lines[0] and "float32" in lines[0]
     assert autocast_flags and not any(autocast_flags)

@@ -32,27 +32,9 @@ from test_chain_init import quick_fit
 from jem.trainer import Trainer
 from jem.run.log import SilentLog
 
-TINY = [
-    "--depth",
-    "10",
-    "--width",
-    "1",
-    "--n_steps",
-    "2",
-    "--buffer_size",
-    "40",
-    "--reinit_freq",
-    "0.5",
-    "--warmup_iters",
-    "-1",
-    "--batch_size",
-    "8",
-    "--n_workers",
-    "0",
-    "--device",
-    "cpu",
-    "--print_to_log",
-]
+TINY = ["--depth", "10", "--width", "1", "--n_steps", "2", "--buffer_size", "40", "--reinit_freq",
+        "0.5", "--warmup_iters", "-1", "--batch_size", "8", "--n_workers", "0", "--device", "cpu",
+        "--print_to_log"]
 ITERATIONS = 2
 NORMALISE = [T.ToTensor(), T.Normalize((.5, .5, .5), (.5, .5, .5))]
 
@@ -76,11 +58,8 @@ def project_run(folder, save_dir, recipe, flags):
         patch.setattr(ClassGaussians, "fit", staticmethod(quick_fit))
         trainer = Trainer(train_flags.settings_from_args(args), vars(args), Topology(),
                           torch.device("cpu"), SilentLog())
-    before = dict(
-        model=copy.deepcopy(trainer.model.state_dict()),
-        buffer=trainer.replay_buffer.images.clone(),
-        gaussians=trainer.chain_init,
-    )
+    before = dict(model=copy.deepcopy(trainer.model.state_dict()),
+                  buffer=trainer.replay_buffer.images.clone(), gaussians=trainer.chain_init)
     torch.manual_seed(7)
     rng = torch.get_rng_state()
     for _ in range(ITERATIONS):
@@ -188,15 +167,9 @@ def jempp_iteration(f, buffer, optim, a, gaussians, x_p_d, x_lab, y_lab, swap_pa
 def jempp_batches(trainer, raw, a, iteration):
     """The p(x) batch (the epoch's stream), then the labeled one, both through their
     transform_train."""
-    transform_train = T.Compose(
-        [
-            T.Pad(4, padding_mode="reflect"),
-            T.RandomCrop(32),
-            T.RandomHorizontalFlip(),
-            *NORMALISE,
-            lambda x: x + a.sigma * torch.randn_like(x),
-        ]
-    )
+    transform_train = T.Compose([T.Pad(4, padding_mode="reflect"), T.RandomCrop(32),
+                                 T.RandomHorizontalFlip(), *NORMALISE,
+                                 lambda x: x + a.sigma * torch.randn_like(x)])
     x_p_d, _ = their_batch(raw, batch_indices(trainer.loaders["train"], iteration), transform_train)
     x_lab, y_lab = their_batch(raw, batch_indices(trainer.loaders["labeled"], iteration),
                                transform_train)

@@ -94,14 +94,12 @@ def test_the_table_reads_every_seed_and_the_figures_are_drawn(tmp_path):
     out = str(tmp_path)
     bins = [{"lower": 0.0, "upper": 1.0, "count": 5, "accuracy": 0.6, "confidence": 0.7}]
     for seed, acc in ((1, 0.5), (2, 0.7)):
-        write_run(out, "clf", seed, bins, [
-            {"kind": "train", "iteration": 0, "train_seconds": 1.0, "cpu_seconds": 1.0},
-            {"kind": "eval", "iteration": 65, "end_of_epoch": True, "train_seconds": 60.0,
-             "cpu_seconds": 60.0, "valid_acc": acc,
-             "test_acc": acc, "train_acc": 1.0},
-            {"kind": "eval", "iteration": 130, "end_of_epoch": True, "train_seconds": 130.0,
-             "cpu_seconds": 120.0, "valid_acc": acc,
-             "test_acc": acc, "train_acc": 1.0}])
+        write_run(out, "clf", seed, bins,
+                  [{"kind": "train", "iteration": 0, "train_seconds": 1.0, "cpu_seconds": 1.0},
+                   {"kind": "eval", "iteration": 65, "end_of_epoch": True, "train_seconds": 60.0,
+                    "cpu_seconds": 60.0, "valid_acc": acc, "test_acc": acc, "train_acc": 1.0},
+                    {"kind": "eval", "iteration": 130, "end_of_epoch": True, "train_seconds": 130.0,
+                     "cpu_seconds": 120.0, "valid_acc": acc, "test_acc": acc, "train_acc": 1.0}])
     args = study.parse_args(["--data", out, "--out", out, "--seeds", "1", "2", "--figs_dir",
                              str(tmp_path / "figs")])
     table, numbers = report.build_table(args, ["clf"], ["cifar_interp"])

@@ -160,14 +160,9 @@ def test_a_training_run_with_tensorboard_writes_its_metrics_energies_and_grids(s
              "--n_workers", "0", "--device", "cpu", "--print_to_log", "--plot_uncond"]
     for argv in ([*flags, "--n_epochs", "1", "--tensorboard", "--save_dir", run],
                  ["--resume", run, "--n_epochs", "2"]):
-        done = subprocess.run(
-            [sys.executable, "train_wrn_ebm.py", *argv],
-            cwd=root,
-            text=True,
-            capture_output=True,
-            timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        done = subprocess.run([sys.executable, "train_wrn_ebm.py", *argv], cwd=root, text=True,
+                              capture_output=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
     events = read_events(run)
     train = [r for r in read_metrics(run) if r["kind"] == "train"]

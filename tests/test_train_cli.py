@@ -16,27 +16,9 @@ from jem.model import JEM
 from utils import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--n_valid",
-    "20",
-    "--depth",
-    "10",
-    "--width",
-    "1",
-    "--batch_size",
-    "16",
-    "--n_steps",
-    "2",
-    "--buffer_size",
-    "100",
-    "--n_epochs",
-    "1",
-    "--print_every",
-    "2",
-    "--print_to_log",
-    "--lr",
-    "1e-3",
-]
+TINY = ["--n_valid", "20", "--depth", "10", "--width", "1", "--batch_size", "16", "--n_steps", "2",
+        "--buffer_size", "100", "--n_epochs", "1", "--print_every", "2", "--print_to_log", "--lr",
+        "1e-3"]
 
 
 @pytest.fixture
@@ -297,29 +279,9 @@ def test_paper_defaults():
 
 @pytest.mark.slow
 def test_plain_classifier_learns_synthetic_far_above_chance(tmp_path):
-    train_wrn_ebm.main(
-        [
-            "--dataset",
-            "synthetic",
-            "--n_valid",
-            "500",
-            "--depth",
-            "10",
-            "--width",
-            "1",
-            "--p_x_weight",
-            "0",
-            "--lr",
-            "1e-3",
-            "--batch_size",
-            "32",
-            "--n_epochs",
-            "3",
-            "--print_to_log",
-            "--save_dir",
-            str(tmp_path),
-        ]
-    )
+    train_wrn_ebm.main(["--dataset", "synthetic", "--n_valid", "500", "--depth", "10", "--width",
+                        "1", "--p_x_weight", "0", "--lr", "1e-3", "--batch_size", "32",
+                        "--n_epochs", "3", "--print_to_log", "--save_dir", str(tmp_path)])
     test_acc = [r for r in records(tmp_path) if r["kind"] == "eval"][-1]["test_acc"]
     assert test_acc > 0.5
 
@@ -373,30 +335,14 @@ def test_recipe_defaults_yield_to_flags_given():
 
 @pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
 def test_recipe_runs_end_to_end_and_resume_fits_the_same_gaussians_again(tiny, tmp_path, recipe):
-    train(
-        tiny,
-        tmp_path,
-        "--recipe",
-        recipe,
-        "--n_valid",
-        "20",
-        "--warmup_iters",
-        "2",
-        "--n_workers",
-        "0",
-        "--device",
-        "cpu",
-        "--plot_uncond",
-        "--labeled_batch_size",
-        "16",
-    )
+    train(tiny, tmp_path, "--recipe", recipe, "--n_valid", "20", "--warmup_iters", "2",
+          "--n_workers", "0", "--device", "cpu", "--plot_uncond", "--labeled_batch_size", "16")
     args = json.loads((tmp_path / "args.json").read_text())
     assert (args["recipe"] == recipe and args["buffer_init"] == "informative"
             and args["n_steps"] == 2)
-    assert (args["norm"], args["optimizer"], args["px_augment"], args["epoch_over"]) == {
-        "jempp": ("batch", "sgd", True, "px"),
-        "sadajem": ("batch", "sam", False, "labeled"),
-    }[recipe]
+    assert (args["norm"], args["optimizer"], args["px_augment"],
+            args["epoch_over"]) == {"jempp": ("batch", "sgd", True, "px"),
+                                    "sadajem": ("batch", "sam", False, "labeled")}[recipe]
     # 380 MB for CIFAR-10: fitted again, not stored
     assert not (tmp_path / "class_gaussians.pt").exists()
     fingerprint = load_checkpoint(str(tmp_path / "last_ckpt.pt"))["class_gaussians_sha256"]

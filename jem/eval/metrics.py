@@ -25,7 +25,8 @@ def py_score(model, x):
 def pxgrad_score(model, x):
     """-||d log p(x) / dx||_2 per example: flat regions of the density are typical of the data."""
     x = x.detach().requires_grad_(True)
-    with uncached_autocast(x.device.type):  # under --amp, no bf16 copy of every batch kept to the end
+    # under --amp, no bf16 copy of every batch kept to the end
+    with uncached_autocast(x.device.type):
         grad, = torch.autograd.grad(model(x).sum(), x)
     return -grad.flatten(1).norm(dim=1)
 
@@ -40,20 +41,23 @@ HISTOGRAM_LABELS = {**SCORE_LABELS, "pxgrad": "-log ||d log p(x)/dx||"}
 
 
 def histogram_values(score_fn, scores):
-    """What logp_hist plots: the score, but for pxgrad -log ||grad||, as the paper's histogram did (its OOD
-    score, like ours, is -||grad||)."""
+    """What logp_hist plots: the score, but for pxgrad -log ||grad||, as the paper's histogram did
+    (its OOD score, like ours, is -||grad||)."""
     return -np.log(-scores) if score_fn == "pxgrad" else scores
 
 
 def ood_metrics(in_scores, out_scores):
-    """AUROC, AUPR and FPR at 95% TPR of telling in-distribution (positives, higher scores) from OOD."""
+    """AUROC, AUPR and FPR at 95% TPR of telling in-distribution (positives, higher scores) from
+    OOD."""
     labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
     scores = np.concatenate([np.asarray(in_scores), np.asarray(out_scores)])
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return {
         "auroc": float(roc_auc_score(labels, scores)),
         "aupr": float(average_precision_score(labels, scores)),
-        "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95)]),  # the first threshold that keeps 95% in
+        "fpr_at_95_tpr": float(
+            fpr[np.searchsorted(tpr, 0.95)]
+        ),  # the first threshold that keeps 95% in
     }
 
 
@@ -64,7 +68,9 @@ def expected_calibration_error(confidences, correct, n_bins=ECE_BINS):
     """
     confidences, correct = np.asarray(confidences, dtype=float), np.asarray(correct, dtype=float)
     edges = np.linspace(0, 1, n_bins + 1)
-    which = np.digitize(confidences, edges[1:-1], right=True)  # 0 for (0, 1/n], ..., n-1 for (1-1/n, 1]
+    which = np.digitize(
+        confidences, edges[1:-1], right=True
+    )  # 0 for (0, 1/n], ..., n-1 for (1-1/n, 1]
     counts = np.bincount(which, minlength=n_bins)
     accuracy = np.bincount(which, weights=correct, minlength=n_bins) / np.maximum(counts, 1)
     confidence = np.bincount(which, weights=confidences, minlength=n_bins) / np.maximum(counts, 1)

@@ -1,4 +1,5 @@
-"""Figures: sample grids, histograms, reliability diagrams and robustness curves (PNG, no pyplot)."""
+"""Figures: sample grids, histograms, reliability diagrams and robustness curves (PNG, no
+pyplot)."""
 import math
 import os
 
@@ -65,7 +66,9 @@ def class_rows(n_classes, per_class):
 
 def save_histograms(path_stem, scores_by_name, xlabel):
     """Overlaid normalised histograms, one per data set, on shared bins; writes .png and .pdf."""
-    edges = np.histogram_bin_edges(np.concatenate([np.asarray(s) for s in scores_by_name.values()]), bins=100)
+    edges = np.histogram_bin_edges(
+        np.concatenate([np.asarray(s) for s in scores_by_name.values()]), bins=100
+    )
     fig = Figure(figsize=(6, 4), layout="tight")
     ax = fig.subplots()
     for name, scores in scores_by_name.items():
@@ -128,3 +131,10 @@ def plot_robustness(runs, path):
 
 
 AXIS_LABELS = {"Linf": "ε (L∞, in 1/255)", "L2": "ε (L2 norm, pixels in [0, 1])"}
+
+
+def legend_labels(given, defaults):
+    """--labels when given (one per run, else one line), the runs' own labels otherwise."""
+    if given is not None and len(given) != len(defaults):
+        raise UserError(f"{len(given)} --labels for {len(defaults)} runs; give one label per run")
+    return given or defaults

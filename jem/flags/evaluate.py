@@ -32,7 +32,13 @@ MODE_NAMES = ("test_clf", "OOD", "logp_hist", "uncond_samples", "cond_samples", 
 MODEL_FLAGS = ("depth", "width", "norm", "uncond")
 
 
-PAPER_MODEL = {"depth": 28, "width": 10, "norm": None, "uncond": False, "n_classes": 10}  # WRN-28-10, CIFAR-10
+PAPER_MODEL = {
+    "depth": 28,
+    "width": 10,
+    "norm": None,
+    "uncond": False,
+    "n_classes": 10,
+}  # WRN-28-10, CIFAR-10
 
 
 FROM_CHECKPOINT = object()  # default of the model flags: take the value from the checkpoint
@@ -44,10 +50,12 @@ def parse_args(argv=None):
 
 def build_parser():
     parser = OneLineErrors(
-        prog="eval_wrn_ebm.py", description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
-        epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored arguments, else "
-               "the shapes of its weights, else the paper's WRN-28-10 without norm. A model of a later recipe is "
-               "sampled as it was trained (jem/flags/evaluate.py): the sampler flags not given default to its training's.")
+        prog="eval_wrn_ebm.py", description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR "
+                                            "2020).",
+        epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored "
+               "arguments, else the shapes of its weights, else the paper's WRN-28-10 without "
+               "norm. A model of a later recipe is sampled as it was trained "
+               "(jem/flags/evaluate.py): the sampler flags not given default to its training's.")
     parser.add_argument("--eval", choices=list(MODE_NAMES), default="OOD", help="what to evaluate")
     parser.add_argument("--load_path", type=str, default=None,
                         help="checkpoint of this project or of the paper's code, or a run's "
@@ -56,31 +64,41 @@ def build_parser():
     parser.add_argument("--save_dir", type=str, default="./experiment/eval",
                         help="where <mode>.json, figures and samples go")
 
-    data = parser.add_argument_group("data", f"data sets: {', '.join(EVAL_NAMES)}, or the PATH of an image "
-                                             "folder (PATH/test/<class>/*, PATH/<class>/* or PATH/*.png)")
+    data = parser.add_argument_group("data", f"data sets: {', '.join(EVAL_NAMES)}, or the PATH of "
+                                             "an image folder (PATH/test/<class>/*, PATH/<class>/* "
+                                             "or PATH/*.png)")
     data.add_argument("--dataset", type=str, default="cifar_test",
-                      help="labeled set of test_clf and calibration; in-distribution set (positives) of OOD, "
-                           "and the set that cifar_interp mixes")
-    data.add_argument("--ood_dataset", type=str, default="svhn", help="OOD: the out-of-distribution set")
-    data.add_argument("--datasets", nargs="+", type=str, default=[], help="logp_hist: one histogram per set")
-    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data sets live")
+                      help="labeled set of test_clf and calibration; in-distribution set "
+                           "(positives) of OOD, and the set that cifar_interp mixes")
+    data.add_argument(
+        "--ood_dataset", type=str, default="svhn", help="OOD: the out-of-distribution set"
+    )
+    data.add_argument("--datasets", nargs="+", type=str, default=[], help="logp_hist: one "
+                                                                          "histogram per set")
+    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data "
+                                                                       "sets live")
     data.add_argument("--celeba_root", type=str, default=None,
-                      help="image folder read for the data set named celeba (shorter side resized to 32, "
-                           "aspect kept, as the paper)")
+                      help="image folder read for the data set named celeba (shorter side resized "
+                           "to 32, aspect kept, as the paper)")
     data.add_argument("--sigma", type=float, default=3e-2,
-                      help="std of the Gaussian noise added to every test image, as in training; 0: none")
+                      help="std of the Gaussian noise added to every test image, as in training; "
+                           "0: none")
     data.add_argument("--max_images", type=int, default=None,
-                      help="use only the first this many images of each data set (quick checks; default all)")
+                      help="use only the first this many images of each data set (quick checks; "
+                           "default all)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--score_fn", choices=list(SCORES), default="px",
                             help="OOD and logp_hist: px = logsumexp f(x), py = max p(y|x), "
                                  "pxgrad = -||d logsumexp f(x)/dx||")
-    evaluation.add_argument("--batch_size", type=int, default=64, help="SGLD chains per sample_q call")
+    evaluation.add_argument("--batch_size", type=int, default=64, help="SGLD chains per sample_q "
+                                                                       "call")
     evaluation.add_argument("--n_sample_steps", type=int, default=100,
-                            help="sampling rounds; each round advances --batch_size chains of the buffer")
+                            help="sampling rounds; each round advances --batch_size chains of the "
+                                 "buffer")
     evaluation.add_argument("--fresh_samples", action="store_true",
-                            help="cond_samples: sample a new buffer instead of using the checkpoint's")
+                            help="cond_samples: sample a new buffer instead of using the "
+                                 "checkpoint's")
     evaluation.add_argument("--n_grids", type=int, default=10,
                             help="cond_samples: grids written at most, the best-ranked "
                                  "images first (10 images of each class a grid)")
@@ -89,65 +107,84 @@ def build_parser():
                                  "cond_samples_buffer.pt")
 
     evaluation.add_argument("--samples", type=str, default="buffer",
-                            help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of it), a "
-                                 "<mode>_buffer.pt file, or an image folder / data set name")
+                            help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of "
+                                 "it), a <mode>_buffer.pt file, or an image folder / data set name")
     add_sample_quality_flags(parser)
     add_model_flags(parser)
     parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
     add_sampler_flags(parser, n_steps=0, buffer_size=0)
     add_recipe_sampler_flags(parser)
-    parser.set_defaults(pyld_eps=1.0, chains_in_train_mode=False, training_data=None)  # see sample_as_trained
+    parser.set_defaults(
+        pyld_eps=1.0, chains_in_train_mode=False, training_data=None
+    )  # see sample_as_trained
     add_system_flags(parser)
     add_attack_flags(parser)
     return parser
 
 
-EVAL_FLAG_RANGES = {
-    "sigma": (0, None), "max_images": (1, None), "batch_size": (1, None), "n_sample_steps": (0, None),
-    "is_splits": (1, None), "depth": (10, None), "width": (1, None), "n_steps": (0, None), "buffer_size": (0, None),
-    "reinit_freq": (0, 1), "sgld_lr": (0, None), "sgld_std": (0, None), "in_steps": (0, None),
-    "pyld_lr": (None, None), "seed": (0, 2 ** 31 - 1), "n_workers": (0, None), "print_every": (1, None),
-    "eps": (0, None), "n_steps_pgd_attack": (0, None), "pgd_step_factor": (0, None), "n_steps_refine": (0, None),
-    "n_dup_chains": (1, None), "n_eval": (1, None), "max_chains_per_pass": (1, None),
-    "n_grids": (0, None),
-}
+EVAL_FLAG_RANGES = {"sigma": (0, None), "max_images": (1, None), "batch_size": (1, None),
+                    "n_sample_steps": (0, None), "is_splits": (1, None), "depth": (10, None),
+                    "width": (1, None), "n_steps": (0, None), "buffer_size": (0, None),
+                    "reinit_freq": (0, 1), "sgld_lr": (0, None), "sgld_std": (0, None),
+                    "in_steps": (0, None), "pyld_lr": (None, None), "seed": (0, 2**31 - 1),
+                    "n_workers": (0, None), "print_every": (1, None), "eps": (0, None),
+                    "n_steps_pgd_attack": (0, None), "pgd_step_factor": (0, None),
+                    "n_steps_refine": (0, None), "n_dup_chains": (1, None), "n_eval": (1, None),
+                    "max_chains_per_pass": (1, None), "n_grids": (0, None)}
 
 
 def check_args(args):
-    """Numbers out of range and impossible flag combinations, reported before the checkpoint or any data is read."""
+    """Numbers out of range and impossible flag combinations, reported before the checkpoint or any
+    data is read."""
     check_ranges(args, EVAL_FLAG_RANGES)
     if args.load_path is None and not (args.eval == "sample_quality" and args.samples != "buffer"):
-        raise UserError(f"--eval {args.eval} needs --load_path MODEL.pt (a checkpoint of this project or of the "
-                        "paper's code)")
+        raise UserError(f"--eval {args.eval} needs --load_path MODEL.pt (a checkpoint of this "
+                        "project or of the paper's code)")
     if args.eval == "logp_hist" and not args.datasets:
         raise UserError("logp_hist needs --datasets NAME [NAME ...], e.g. --datasets cifar10 svhn")
     if args.eval == "sample_quality":
-        args.inception_weights = inception_weights_path(args.inception_weights)  # before the checkpoint is read
+        args.inception_weights = inception_weights_path(
+            args.inception_weights
+        )  # before the checkpoint is read
     if args.eval == "uncond_samples" or (args.eval == "cond_samples" and args.fresh_samples):
         if args.n_steps < 1:
-            raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size N, or "
-                            "--buffer_size 0 for chains from fresh noise (the paper: --buffer_size 10000 --n_steps 40)")
+            raise UserError(f"{args.eval} samples a new buffer: pass --n_steps T and --buffer_size "
+                            "N, or --buffer_size 0 for chains from fresh noise (the paper: "
+                            "--buffer_size 10000 --n_steps 40)")
     if args.load_path is not None:  # last: a wrong flag is named first; before the save dir is made
         args.load_path = require_checkpoint_file(args.load_path)  # of a save dir: its last_ckpt.pt
 
 
-TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "sigma")  # read from the training
+TRAINED_FLAGS = (
+    "sgld_lr",
+    "sgld_std",
+    "in_steps",
+    "pyld_lr",
+    "buffer_init",
+    "sigma",
+)  # read from the training
 
 
 def add_recipe_sampler_flags(parser):
-    group = parser.add_argument_group("the sampler of a later recipe (default: the checkpoint's training)")
+    group = parser.add_argument_group("the sampler of a later recipe (default: the checkpoint's "
+                                      "training)")
     group.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
-                       help="sample as this recipe trained (for files that store no training flags, e.g. JEM++'s and "
-                            "SADA-JEM's published models); default: the checkpoint's recipe, else jem")
-    group.add_argument("--in_steps", type=int, default=0, help="PYLD inner steps per step (0: SGLD)")
+                       help="sample as this recipe trained (for files that store no training "
+                            "flags, e.g. JEM++'s and SADA-JEM's published models); default: the "
+                            "checkpoint's recipe, else jem")
+    group.add_argument(
+        "--in_steps", type=int, default=0, help="PYLD inner steps per step (0: SGLD)"
+    )
     group.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size")
     group.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
-                       help="starts of fresh chains: uniform noise, or per-class Gaussians of the training images")
+                       help="starts of fresh chains: uniform noise, or per-class Gaussians of the "
+                            "training images")
 
 
 def sample_as_trained(args, ckpt, given):
-    """Set the sampler flags not `given` on the command line to those of the model's training (see the module
-    docstring); also args.pyld_eps (PYLD's clip), args.chains_in_train_mode and args.training_data."""
+    """Set the sampler flags not `given` on the command line to those of the model's training (see
+    the module docstring); also args.pyld_eps (PYLD's clip), args.chains_in_train_mode and
+    args.training_data."""
     stored = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if "recipe" not in given:
         args.recipe = stored.get("recipe", "jem")
@@ -157,12 +194,14 @@ def sample_as_trained(args, ckpt, given):
             setattr(args, flag, trained[flag])
     args.pyld_eps = trained.get("eps", 1.0)
     args.chains_in_train_mode = bool(trained) and args.norm == "batch"
-    args.training_data = {k: stored[k] for k in ("dataset", "n_valid", "labels_per_class") if k in stored} or None
+    args.training_data = {
+        k: stored[k] for k in ("dataset", "n_valid", "labels_per_class") if k in stored
+    } or None
 
 
 def trained_flags(recipe, recipe_given, stored):
-    """The training flags of a later recipe's model: --recipe's own when given, else the checkpoint's when its
-    chains were PYLD; {} for the paper's models (and the paper's recipe)."""
+    """The training flags of a later recipe's model: --recipe's own when given, else the
+    checkpoint's when its chains were PYLD; {} for the paper's models (and the paper's recipe)."""
     if recipe_given:
         return sampler_of(recipe) if recipe != "jem" else {}
     if stored.get("recipe", "jem") != "jem" or stored.get("in_steps", 0) > 0:
@@ -179,8 +218,11 @@ def chain_settings(args):
 def describe_sampler(args):
     """The chain step in a few words, for the log."""
     if args.in_steps > 0 and args.pyld_lr > 0:
-        step = (f"PYLD, {args.in_steps} inner steps of {args.pyld_lr:g} along the gradient clipped to "
-                f"+-{args.pyld_eps:g}{f' after a step of {args.sgld_lr:g}' if args.sgld_lr > 0 else ''}")
+        step = (
+            f"PYLD, {args.in_steps} inner steps of {args.pyld_lr:g} along the gradient clipped "
+            f"to +-{args.pyld_eps:g}"
+            + (f" after a step of {args.sgld_lr:g}" if args.sgld_lr > 0 else "")
+        )
     else:
         step = f"SGLD, step {args.sgld_lr:g}"
     mode = ", batch statistics" if args.chains_in_train_mode else ""

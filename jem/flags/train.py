@@ -290,52 +290,21 @@ def build_parser():
 
 # Every numeric flag's range, checked in one place (check_ranges): (lowest, highest) allowed, None
 # where unbounded; a float must also be a finite number (--sigma nan would train as if it were 0).
-FLAG_RANGES = {
-    "n_valid": (0, None),
-    "labels_per_class": (-1, None),
-    "sigma": (0, None),
-    "test_sigma": (0, None),
-    "rho": (0, None),
-    "lr": (0, None),
-    "decay_epochs": (0, None),
-    "decay_rate": (0, None),
-    "warmup_iters": (-1, None),
-    "batch_size": (1, None),
-    "labeled_batch_size": (1, None),
-    "n_epochs": (1, None),
-    "weight_decay": (0, None),
-    "p_x_weight": (0, None),
-    "p_y_given_x_weight": (0, None),
-    "p_x_y_weight": (0, None),
-    "energy_l2": (0, None),
-    "diverge_threshold": (0, None),
-    "max_rollbacks": (1, None),
-    "rollback_lr_scale": (0, None),
-    "depth": (10, None),
-    "width": (1, None),
-    "dropout_rate": (0, 1),
-    "n_steps": (0, None),
-    "in_steps": (0, None),
-    "buffer_size": (0, None),
-    "reinit_freq": (0, 1),
-    "sgld_lr": (0, None),
-    "sgld_std": (0, None),
-    "pyld_lr": (None, None),
-    "eps": (0, None),
-    "ckpt_every": (1, None),
-    "ckpt_every_iters": (0, None),
-    "keep_last": (0, None),
-    "eval_every": (1, None),
-    "eval_every_iters": (0, None),
-    "eval_every_minutes": (0, None),
-    "max_train_minutes": (0, None),
-    "fid_every": (0, None),
-    "is_splits": (1, None),
-    "seed": (0, 2**31 - 1),
-    "n_workers": (0, None),
-    "print_every": (1, None),
-    "gpu_id": (0, None),
-}
+FLAG_RANGES = {"n_valid": (0, None), "labels_per_class": (-1, None), "sigma": (0, None),
+               "test_sigma": (0, None), "rho": (0, None), "lr": (0, None),
+               "decay_epochs": (0, None), "decay_rate": (0, None), "warmup_iters": (-1, None),
+               "batch_size": (1, None), "labeled_batch_size": (1, None), "n_epochs": (1, None),
+               "weight_decay": (0, None), "p_x_weight": (0, None), "p_y_given_x_weight": (0, None),
+               "p_x_y_weight": (0, None), "energy_l2": (0, None), "diverge_threshold": (0, None),
+               "max_rollbacks": (1, None), "rollback_lr_scale": (0, None), "depth": (10, None),
+               "width": (1, None), "dropout_rate": (0, 1), "n_steps": (0, None),
+               "in_steps": (0, None), "buffer_size": (0, None), "reinit_freq": (0, 1),
+               "sgld_lr": (0, None), "sgld_std": (0, None), "pyld_lr": (None, None),
+               "eps": (0, None), "ckpt_every": (1, None), "ckpt_every_iters": (0, None),
+               "keep_last": (0, None), "eval_every": (1, None), "eval_every_iters": (0, None),
+               "eval_every_minutes": (0, None), "max_train_minutes": (0, None),
+               "fid_every": (0, None), "is_splits": (1, None), "seed": (0, 2**31 - 1),
+               "n_workers": (0, None), "print_every": (1, None), "gpu_id": (0, None)}
 
 
 def needs_conditional_buffer(args):
@@ -366,14 +335,8 @@ def check_args(args, world_size=1):
 
 def settings_from_args(args):
     """The typed settings of a run, from its flags (after check_args)."""
-    objective = Objective(
-        args.p_x_weight,
-        args.p_y_given_x_weight,
-        args.p_x_y_weight,
-        args.energy_l2,
-        args.class_cond_p_x_sample,
-        args.n_classes,
-    )
+    objective = Objective(args.p_x_weight, args.p_y_given_x_weight, args.p_x_y_weight,
+                          args.energy_l2, args.class_cond_p_x_sample, args.n_classes)
     chain = ChainSettings(args.n_steps, args.sgld_lr, args.sgld_std, args.in_steps, args.pyld_lr,
                           args.eps, train_mode=args.norm == "batch", cuda_graph=args.cuda_graph)
     return TrainSettings(
