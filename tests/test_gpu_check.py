@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -25,6 +27,7 @@ def is_png(path):
         return fh.read(8) == PNG
 
 
+@pytest.mark.slow  # half a minute: run it (pytest -m slow) before spending GPU time
 def test_tiny_gpu_check_writes_the_bench_the_time_to_accuracy_and_the_evaluations(
         tiny_image_folder, tmp_path):
     out = tmp_path / "check"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -369,6 +370,7 @@ train_wrn_ebm.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow  # torchrun twice; the gloo test above covers torchrun by default
 def test_two_process_run_with_informative_starts_resumes_with_the_same_gaussians(tiny, tmp_path):
     """Rank 0 fits the class Gaussians and sends them to rank 1; a resumed two-process run fits them
     again and finds the fingerprint its checkpoint holds."""
@@ -459,9 +461,12 @@ def test_a_finished_run_stays_finished_and_a_typed_flag_extends_it(tiny, tmp_pat
     typed now extends it, the log names the changed flag, and the summary says how to go on."""
     run = str(tmp_path / "run")
     done = train_from_shell([*tiny, "--n_epochs", "1", "--save_dir", run])
-    assert "evaluate: python eval_wrn_ebm.py --load_path" in \
-        open(os.path.join(run, "log.txt")).read()
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "evaluate: python eval_wrn_ebm.py --load_path" in log
+    # the iterations the log prints (0 to 5) and the count the summary and checkpoint give agree
+    assert "epoch 0 it 5 |" in log and "done: 6 iterations" in log
     checkpoint = os.path.join(run, "last_ckpt.pt")
+    assert load_checkpoint(checkpoint)["iteration"] == 6
     before = os.path.getmtime(checkpoint)
     train_from_shell(["--resume", run])
     assert os.path.getmtime(checkpoint) == before
@@ -481,3 +486,19 @@ def test_a_flag_fixed_within_a_run_is_refused_naming_its_stored_value(tiny, tmp_
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
         assert f"{flag} cannot change within a run" in done.stderr
         assert f"{flag} {stored}" in done.stderr
+
+
+def test_the_set_up_before_the_first_iteration_is_not_training_time(tiny, tmp_path):
+    """Fitting the class Gaussians (here a stand-in that takes 3 s) is left out of train_seconds."""
+    def slow_fit(loader, n_classes):
+        time.sleep(3)
+        return quick_fit(loader, n_classes)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassGaussians, "fit", staticmethod(slow_fit))
+        started = time.perf_counter()
+        train_wrn_ebm.main([*tiny, "--n_epochs", "1", "--buffer_init", "informative",
+                            "--save_dir", str(tmp_path)])
+        wall = time.perf_counter() - started
+    end = [r for r in records(str(tmp_path)) if r["kind"] == "end"][-1]
+    assert end["train_seconds"] < wall - 3

@@ -333,7 +333,8 @@ def test_recipe_defaults_yield_to_flags_given():
     assert train_wrn_ebm.parse_args(["--model", "yopo", "--recipe", "jem"]).in_steps == 0
 
 
-@pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
+# JEM++ as a slow test: its resume from a shell is tested by default (test_long_runs.py)
+@pytest.mark.parametrize("recipe", [pytest.param("jempp", marks=pytest.mark.slow), "sadajem"])
 def test_recipe_runs_end_to_end_and_resume_fits_the_same_gaussians_again(tiny, tmp_path, recipe):
     train(tiny, tmp_path, "--recipe", recipe, "--n_valid", "20", "--warmup_iters", "2",
           "--n_workers", "0", "--device", "cpu", "--plot_uncond", "--labeled_batch_size", "16")

@@ -258,7 +258,8 @@ def build_parser():
     io.add_argument("--max_train_minutes", type=float, default=0,
                     help="stop, as on SIGTERM (last_ckpt.pt written, --resume continues), once the "
                          "run has trained this many minutes (--train_clock), and log the held-out "
-                         "accuracy there; 0: no limit")
+                         "accuracy there; 0: no limit. On a shared machine budget CPU time: "
+                         "--train_clock cpu with OMP_NUM_THREADS=1")
     io.add_argument("--train_clock", choices=["wall", "cpu"], default="wall",
                     help="the clock of the two flags above: wall-clock seconds of training "
                          "(evaluations left out), or this process's CPU seconds (with "
