@@ -259,10 +259,22 @@ def earlier_results(out):
         return json.load(fh)
 
 
+def fewer_seeds(numbers, seeds):
+    """', over seeds 1, 2 for SADA-JEM' for each model with results for only some of the seeds."""
+    notes = []
+    for name, rows in numbers.items():
+        found = [seed for i, seed in enumerate(seeds)
+                 if any(values[i] is not None for values in rows.values())]
+        if found and len(found) < len(seeds):
+            notes.append(f"over seed{'s' if len(found) > 1 else ''} "
+                         f"{', '.join(map(str, found))} for {SHORT[name]}")
+    return "; " + "; ".join(notes) if notes else ""
+
+
 def write_results(args, table, numbers, figures, times, commands_run, failures, total):
     """OUT/results.md and OUT/results.json; returns the text of results.md above its commands."""
     text = (f"{table}\nEach cell: the mean over seeds {', '.join(map(str, args.seeds))} "
-            "(lowest–highest). "
+            f"(lowest–highest){fewer_seeds(numbers, args.seeds)}. "
             + ("" if args.report_only else f"Wall time of this command: {total / 60:.1f} minutes. ")
             + f"Each step's wall time: results.json.\nFigures in {args.figs_dir}: "
               f"{', '.join(figures)}\n")

@@ -168,3 +168,11 @@ def test_train_per_class_trains_on_the_first_images_of_each_class(tmp_path):
     with pytest.raises(SystemExit, match="fewer than --train_per_class 5"):
         study.make_training_folder(too_many)
     assert not os.path.exists(study.training_folder(too_many))  # nothing half made
+
+
+def test_the_footer_names_the_models_with_fewer_seeds():
+    numbers = {"clf": {"test_acc": [0.4, 0.5, 0.6]}, "jem": {"test_acc": [0.3, None, 0.35]},
+               "sadajem": {"test_acc": [0.4, None, None], "ece": [0.1, None, None]}}
+    assert report.fewer_seeds(numbers, [1, 2, 3]) == \
+        "; over seeds 1, 3 for JEM; over seed 1 for SADA-JEM"
+    assert report.fewer_seeds({"clf": {"test_acc": [0.4, 0.5]}}, [1, 2]) == ""
