@@ -95,8 +95,8 @@ def parse_args(argv=None):
     parser.add_argument("--keep_checkpoints", action="store_true",
                         help="keep the trained checkpoints and sample buffers (*.pt)")
     parser.add_argument("--tiny", action="store_true",
-                        help="toy sizes: every step in seconds (a test of the script, not a "
-                             "measurement)")
+                        help="toy sizes: every step in seconds (a "
+                             "test of the script, not a measurement)")
     return parser.parse_args(argv)
 
 

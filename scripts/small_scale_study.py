@@ -90,8 +90,8 @@ def parse_args(argv=None):
                                                  "seeds, evaluate each, one table",
                                      allow_abbrev=False)
     parser.add_argument("--data", required=True,
-                        help="image folder with train/<class>/ and test/<class>/ (e.g. "
-                             "../shared/data/cifar10_subset)")
+                        help="image folder with train/<class>/ and "
+                             "test/<class>/ (e.g. ../shared/data/cifar10_subset)")
     parser.add_argument("--out", default="runs/study",
                         help="where runs, evaluations and the table go")
     parser.add_argument("--figs_dir", default=os.path.join(REPO, "figs"),
@@ -99,35 +99,35 @@ def parse_args(argv=None):
     parser.add_argument("--figs_prefix", default="",
                         help="prefix of the figure files' names in --figs_dir")
     parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[1],
-                        help="seeds of training and of every evaluation: each model is trained "
-                             "once per seed")
+                        help="seeds of training and of every evaluation: "
+                             "each model is trained once per seed")
     parser.add_argument("--models", nargs="+", choices=list(LABELS), default=list(LABELS),
                         help="run only these (the table shows every model found in --out)")
     parser.add_argument("--report_only", action="store_true",
-                        help="train and evaluate nothing: the table and figures of what OUT holds "
-                             "for --models and --seeds (e.g. after runs of different seeds for "
-                             "different models)")
+                        help="train and evaluate nothing: the table and figures "
+                             "of what OUT holds for --models and --seeds (e.g. "
+                             "after runs of different seeds for different models)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="runs trained and evaluated at a time, one CPU thread each")
 
     parser.add_argument("--mnist_raw", default=MNIST_RAW,
-                        help="folder with t10k-images-idx3-ubyte(.gz) and "
-                             "t10k-labels-idx1-ubyte(.gz); missing: MNIST is left out of the OOD "
-                             "sets")
+                        help="folder with t10k-images-idx3-ubyte(.gz) "
+                             "and t10k-labels-idx1-ubyte(.gz); missing: "
+                             "MNIST is left out of the OOD sets")
     parser.add_argument("--n_ood_images", type=int, default=1000,
                         help="images of each OOD folder (MNIST, noise)")
     # --- the budget and the network, the same for every model
     parser.add_argument("--minutes", type=float, default=8.0,
-                        help="training time of each run (train_wrn_ebm.py's --max_train_minutes, "
-                             "on its CPU clock)")
+                        help="training time of each run (train_wrn_ebm.py's "
+                             "--max_train_minutes, on its CPU clock)")
     parser.add_argument("--epochs", type=int, default=0,
-                        help="train each run for this many epochs instead of --minutes (the "
-                             "converged regime)")
+                        help="train each run for this many epochs "
+                             "instead of --minutes (the converged regime)")
     parser.add_argument("--train_per_class", type=int, default=0,
-                        help="train on the first K images of each class of --data's train/ (by "
-                             "file name; --n_valid of them are held out for validation): a set "
-                             "small enough for the classifier to over-fit within the budget. 0: "
-                             "every image")
+                        help="train on the first K images of each class of --data's "
+                             "train/ (by file name; --n_valid of them are held out "
+                             "for validation): a set small enough for the classifier "
+                             "to over-fit within the budget. 0: every image")
     parser.add_argument("--amp", action="store_true",
                         help="train in bf16 mixed precision (evaluations stay float32)")
     parser.add_argument("--depth", type=int, default=10, help="Wide-ResNet depth (6n+4)")

@@ -71,8 +71,8 @@ def parse_args(argv=None):
                                                  "training time, and the time to a target",
                                      allow_abbrev=False)
     parser.add_argument("--data", required=True,
-                        help="train_wrn_ebm.py's --dataset: synthetic, cifar10, ... or an "
-                             "image folder with train/ and test/")
+                        help="train_wrn_ebm.py's --dataset: synthetic, cifar10, "
+                             "... or an image folder with train/ and test/")
     parser.add_argument("--data_root", default=None,
                         help="train_wrn_ebm.py's --data_root for torchvision sets")
     parser.add_argument("--out", default="runs/time_to_accuracy",
@@ -81,17 +81,16 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--minutes", type=float, default=5.0, help="training time of every run")
     parser.add_argument("--baseline", default="jem", choices=list(CONFIGS),
-                        help="the configuration the others are "
-                                                                                  "compared with")
+                        help="the configuration the others are compared with")
     parser.add_argument("--target", type=float, default=None,
-                        help="the accuracy to reach (default: the baseline's mean at the end of "
-                             "its budget)")
+                        help="the accuracy to reach (default: the "
+                             "baseline's mean at the end of its budget)")
     parser.add_argument("--metric", choices=["test_acc", "valid_acc"], default="test_acc")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="train_wrn_ebm.py's --train_clock, of the budget and the curves: "
-                             "wall-clock seconds of training, or the run's CPU seconds (with "
-                             "--threads 1, an idle core's wall-clock that other work on the "
-                             "machine does not stretch)")
+                        help="train_wrn_ebm.py's --train_clock, of the budget and the "
+                             "curves: wall-clock seconds of training, or the run's CPU "
+                             "seconds (with --threads 1, an idle core's wall-clock "
+                             "that other work on the machine does not stretch)")
     parser.add_argument("--evals", type=int, default=20,
                         help="held-out evaluations per run, evenly over its budget")
     parser.add_argument("--base_flags", default=BASE_FLAGS,

@@ -25,8 +25,8 @@ def add_model_flags(parser):
     group.add_argument("--norm", type=norm_flag, default=None,
                        help="batch | instance | layer | act | none (default none, as the paper)")
     group.add_argument("--uncond", action="store_true",
-                       help="score p(x) with a separate scalar head instead of logsumexp of the "
-                            "logits")
+                       help="score p(x) with a separate scalar head "
+                            "instead of logsumexp of the logits")
     return group
 
 
@@ -37,29 +37,28 @@ def add_sampler_flags(parser, n_steps, buffer_size):
                        help="replay buffer size (0: every chain starts from fresh noise)")
     group.add_argument("--reinit_freq", type=float, default=0.05,
                        help="probability that a chain restarts from noise instead of the buffer")
-    group.add_argument("--sgld_lr", type=float, default=1.0, help="SGLD step size on the score "
-                                                                  "gradient")
+    group.add_argument("--sgld_lr", type=float, default=1.0,
+                       help="SGLD step size on the score gradient")
     group.add_argument("--sgld_std", type=float, default=1e-2, help="std of the SGLD noise")
     return group
 
 
 def add_system_flags(parser):
     group = parser.add_argument_group("system")
-    group.add_argument("--device", type=str, default=None, help="cuda, cuda:1, cpu (default: cuda "
-                                                                "if available)")
+    group.add_argument("--device", type=str, default=None,
+                       help="cuda, cuda:1, cpu (default: cuda if available)")
     group.add_argument("--seed", type=int, default=1, help="seed for torch, numpy and random")
     group.add_argument("--amp", action="store_true",
-                       help="bf16 mixed precision, where the hardware has it (GPUs from Ampere on; "
-                            "CPUs with AMX-BF16 or AVX512-BF16); elsewhere one line says so and "
-                            "float32 is used")
+                       help="bf16 mixed precision, where the hardware has it (GPUs "
+                            "from Ampere on; CPUs with AMX-BF16 or AVX512-BF16); "
+                            "elsewhere one line says so and float32 is used")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the Wide-ResNet (a GPU speed-up; slower on the CPUs we "
-                            "measured)")
+                       help="torch.compile the Wide-ResNet (a GPU "
+                            "speed-up; slower on the CPUs we measured)")
     group.add_argument("--n_workers", type=int, default=None,
                        help="data-loading processes (default: 4 on GPU, 0 on CPU)")
-    group.add_argument(
-        "--print_every", type=int, default=100, help="log every this many iterations"
-    )
+    group.add_argument("--print_every", type=int, default=100,
+                       help="log every this many iterations")
     group.add_argument("--print_to_log", action="store_true",
                        help="write log lines to log.txt only, not to the console")
     return group

@@ -58,9 +58,9 @@ def build_parser():
                "(jem/flags/evaluate.py): the sampler flags not given default to its training's.")
     parser.add_argument("--eval", choices=list(MODE_NAMES), default="OOD", help="what to evaluate")
     parser.add_argument("--load_path", type=str, default=None,
-                        help="checkpoint of this project or of the paper's code, or a run's "
-                             "save dir (its last_ckpt.pt); every mode but sample_quality of a "
-                             "--samples file or folder needs one")
+                        help="checkpoint of this project or of the paper's code, or "
+                             "a run's save dir (its last_ckpt.pt); every mode but "
+                             "sample_quality of a --samples file or folder needs one")
     parser.add_argument("--save_dir", type=str, default="./experiment/eval",
                         help="where <mode>.json, figures and samples go")
 
@@ -68,47 +68,47 @@ def build_parser():
                                              "an image folder (PATH/test/<class>/*, PATH/<class>/* "
                                              "or PATH/*.png)")
     data.add_argument("--dataset", type=str, default="cifar_test",
-                      help="labeled set of test_clf and calibration; in-distribution set "
-                           "(positives) of OOD, and the set that cifar_interp mixes")
-    data.add_argument(
-        "--ood_dataset", type=str, default="svhn", help="OOD: the out-of-distribution set"
-    )
-    data.add_argument("--datasets", nargs="+", type=str, default=[], help="logp_hist: one "
-                                                                          "histogram per set")
-    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data "
-                                                                       "sets live")
+                      help="labeled set of test_clf and calibration; in-distribution "
+                           "set (positives) of OOD, and the set that cifar_interp mixes")
+    data.add_argument("--ood_dataset", type=str, default="svhn",
+                      help="OOD: the out-of-distribution set")
+    data.add_argument("--datasets", nargs="+", type=str, default=[],
+                      help="logp_hist: one histogram per set")
+    data.add_argument("--data_root", type=str, default="../data",
+                      help="where torchvision data sets live")
     data.add_argument("--celeba_root", type=str, default=None,
-                      help="image folder read for the data set named celeba (shorter side resized "
-                           "to 32, aspect kept, as the paper)")
+                      help="image folder read for the data set named celeba "
+                           "(shorter side resized to 32, aspect kept, as the paper)")
     data.add_argument("--sigma", type=float, default=3e-2,
-                      help="std of the Gaussian noise added to every test image, as in training; "
-                           "0: none")
+                      help="std of the Gaussian noise added to every "
+                           "test image, as in training; 0: none")
     data.add_argument("--max_images", type=int, default=None,
-                      help="use only the first this many images of each data set (quick checks; "
-                           "default all)")
+                      help="use only the first this many images of "
+                           "each data set (quick checks; default all)")
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--score_fn", choices=list(SCORES), default="px",
-                            help="OOD and logp_hist: px = logsumexp f(x), py = max p(y|x), "
-                                 "pxgrad = -||d logsumexp f(x)/dx||")
-    evaluation.add_argument("--batch_size", type=int, default=64, help="SGLD chains per sample_q "
-                                                                       "call")
+                            help="OOD and logp_hist: px = logsumexp f(x), py = "
+                                 "max p(y|x), pxgrad = -||d logsumexp f(x)/dx||")
+    evaluation.add_argument("--batch_size", type=int, default=64,
+                            help="SGLD chains per sample_q call")
     evaluation.add_argument("--n_sample_steps", type=int, default=100,
-                            help="sampling rounds; each round advances --batch_size chains of the "
-                                 "buffer")
+                            help="sampling rounds; each round advances "
+                                 "--batch_size chains of the buffer")
     evaluation.add_argument("--fresh_samples", action="store_true",
-                            help="cond_samples: sample a new buffer instead of using the "
-                                 "checkpoint's")
+                            help="cond_samples: sample a new buffer "
+                                 "instead of using the checkpoint's")
     evaluation.add_argument("--n_grids", type=int, default=10,
                             help="cond_samples: grids written at most, the best-ranked "
                                  "images first (10 images of each class a grid)")
     evaluation.add_argument("--save_buffer", action="store_true",
-                            help="cond_samples: also write the classified buffer to "
-                                 "cond_samples_buffer.pt")
+                            help="cond_samples: also write the classified "
+                                 "buffer to cond_samples_buffer.pt")
 
     evaluation.add_argument("--samples", type=str, default="buffer",
-                            help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of "
-                                 "it), a <mode>_buffer.pt file, or an image folder / data set name")
+                            help="sample_quality: 'buffer' (the checkpoint's "
+                                 "replay buffer, all of it), a <mode>_buffer.pt "
+                                 "file, or an image folder / data set name")
     add_sample_quality_flags(parser)
     add_model_flags(parser)
     parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
@@ -169,16 +169,15 @@ def add_recipe_sampler_flags(parser):
     group = parser.add_argument_group("the sampler of a later recipe (default: the checkpoint's "
                                       "training)")
     group.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
-                       help="sample as this recipe trained (for files that store no training "
-                            "flags, e.g. JEM++'s and SADA-JEM's published models); default: the "
-                            "checkpoint's recipe, else jem")
-    group.add_argument(
-        "--in_steps", type=int, default=0, help="PYLD inner steps per step (0: SGLD)"
-    )
+                       help="sample as this recipe trained (for files that store no "
+                            "training flags, e.g. JEM++'s and SADA-JEM's published "
+                            "models); default: the checkpoint's recipe, else jem")
+    group.add_argument("--in_steps", type=int, default=0,
+                       help="PYLD inner steps per step (0: SGLD)")
     group.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size")
     group.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
-                       help="starts of fresh chains: uniform noise, or per-class Gaussians of the "
-                            "training images")
+                       help="starts of fresh chains: uniform noise, or "
+                            "per-class Gaussians of the training images")
 
 
 def sample_as_trained(args, ckpt, given):

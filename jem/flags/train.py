@@ -121,169 +121,160 @@ def build_parser():
     parser = OneLineErrors(prog="train_wrn_ebm.py", description="Train a JEM (Grathwohl et al., "
                                                                 "ICLR 2020).")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
-                        help="defaults of the paper (jem), JEM++ (jempp, Yang & Ji 2021) or "
-                             "SADA-JEM (sadajem, Yang et al. 2023) for every flag not given; see "
-                             "docs/recipes.md")
+                        help="defaults of the paper (jem), JEM++ (jempp, Yang & "
+                             "Ji 2021) or SADA-JEM (sadajem, Yang et al. 2023) "
+                             "for every flag not given; see docs/recipes.md")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default="cifar10",
                       help=f"{' | '.join(TORCHVISION_SETS)} | synthetic | PATH of an image folder "
                            "with train/ and test/ class sub-folders")
-    data.add_argument("--data_root", type=str, default="../data", help="where torchvision data "
-                                                                       "sets live")
-    data.add_argument("--n_valid", type=int, default=5000, help="training images held out for "
-                                                                "validation")
+    data.add_argument("--data_root", type=str, default="../data",
+                      help="where torchvision data sets live")
+    data.add_argument("--n_valid", type=int, default=5000,
+                      help="training images held out for validation")
     data.add_argument("--labels_per_class", type=int, default=-1,
                       help="keep this many labels per class for p(y|x) (semi-supervised); -1: all")
-    data.add_argument("--sigma", type=float, default=3e-2, help="std of Gaussian noise added to "
-                                                                "every training image")
+    data.add_argument("--sigma", type=float, default=3e-2,
+                      help="std of Gaussian noise added to every training image")
     data.add_argument("--test_sigma", type=float, default=None,
-                      help="std of the noise added to the validation and test images (default: "
-                           "--sigma, as the paper; JEM++: 0, clean images)")
+                      help="std of the noise added to the validation and test images "
+                           "(default: --sigma, as the paper; JEM++: 0, clean images)")
     data.add_argument("--no_px_augment", dest="px_augment", action="store_false",
-                      help="serve the p(x) data batch without crop and flip, as SADA-JEM (the "
-                           "classification batch keeps them)")
+                      help="serve the p(x) data batch without crop and flip, "
+                           "as SADA-JEM (the classification batch keeps them)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", choices=["adam", "sgd", "sam"], default="adam",
-                       help="adam | sgd (momentum 0.9) | sam: SAM over SGD with momentum 0.9, "
-                            "adaptive (ASAM) when --rho >= 0.5, as SADA-JEM")
+                       help="adam | sgd (momentum 0.9) | sam: SAM over SGD with momentum "
+                            "0.9, adaptive (ASAM) when --rho >= 0.5, as SADA-JEM")
     optim.add_argument("--rho", type=float, default=2.0,
-                       help="--optimizer sam: radius of the weight perturbation (SADA-JEM: 2.0, "
-                            "adaptive)")
+                       help="--optimizer sam: radius of the weight "
+                            "perturbation (SADA-JEM: 2.0, adaptive)")
     optim.add_argument("--lr", type=float, default=1e-4)
     optim.add_argument("--decay_epochs", nargs="+", type=int, default=[160, 180],
-                       help="multiply the learning rate by --decay_rate at the start of these "
-                            "epochs")
+                       help="multiply the learning rate by "
+                            "--decay_rate at the start of these epochs")
     optim.add_argument("--decay_rate", type=float, default=0.3)
     optim.add_argument("--warmup_iters", type=int, default=-1,
                        help="linear learning-rate warm-up over this many iterations (-1: none)")
     optim.add_argument("--batch_size", type=int, default=64)
-    optim.add_argument(
-        "--labeled_batch_size",
-        type=int,
-        default=None,
-        help="images per classification batch (default: --batch_size; SADA-JEM: 128)",
-    )
+    optim.add_argument("--labeled_batch_size", type=int, default=None,
+                       help="images per classification batch "
+                            "(default: --batch_size; SADA-JEM: 128)")
     optim.add_argument("--n_epochs", type=int, default=200)
     optim.add_argument("--epoch_over", choices=["px", "labeled"], default="px",
-                       help="what one epoch passes over: the p(x) batches (the paper) or the "
-                            "labeled batches (SADA-JEM); --n_epochs, --decay_epochs, --eval_every "
-                            "and --ckpt_every count these")
+                       help="what one epoch passes over: the p(x) batches (the paper) "
+                            "or the labeled batches (SADA-JEM); --n_epochs, "
+                            "--decay_epochs, --eval_every and --ckpt_every count these")
     optim.add_argument("--weight_decay", type=float, default=0.0)
     optim.add_argument("--clf_only", action="store_true",
-                       help="optimise only the classification head (class_output), as the paper's "
-                            "flag")
+                       help="optimise only the classification head "
+                            "(class_output), as the paper's flag")
 
     objective = parser.add_argument_group("objective")
-    objective.add_argument("--p_x_weight", "--px", type=float, default=1.0, help="weight of the "
-                                                                                 "log p(x) term")
+    objective.add_argument("--p_x_weight", "--px", type=float, default=1.0,
+                           help="weight of the log p(x) term")
     objective.add_argument("--p_y_given_x_weight", "--pyx", type=float, default=1.0,
                            help="weight of the CE term")
-    objective.add_argument("--p_x_y_weight", type=float, default=0.0, help="weight of the log p(x, "
-                                                                           "y) term")
-    objective.add_argument(
-        "--class_cond_p_x_sample",
-        action="store_true",
-        help="draw the p(x) term's samples from p(y)p(x|y) with uniform random y",
-    )
+    objective.add_argument("--p_x_y_weight", type=float, default=0.0,
+                           help="weight of the log p(x, y) term")
+    objective.add_argument("--class_cond_p_x_sample", action="store_true",
+                           help="draw the p(x) term's samples from "
+                                "p(y)p(x|y) with uniform random y")
     objective.add_argument("--energy_l2", type=float, default=0.0,
-                           help="add this times mean(E(x_data)^2 + E(x_q)^2), a stabiliser the "
-                                "authors suggest (about 0.1); 0: the paper's objective")
+                           help="add this times mean(E(x_data)^2 + E(x_q)^2), a stabiliser "
+                                "the authors suggest (about 0.1); 0: the paper's objective")
 
     divergence = parser.add_argument_group("divergence")
     divergence.add_argument("--on_diverge", choices=["stop", "rollback"], default="stop",
-                            help="when training diverges (see --diverge_on) or a loss is NaN: stop "
-                                 "(as the paper) or roll back to the last checkpoint with new "
-                                 "random numbers")
+                            help="when training diverges (see --diverge_on) or a "
+                                 "loss is NaN: stop (as the paper) or roll back "
+                                 "to the last checkpoint with new random numbers")
     divergence.add_argument("--diverge_on", choices=["loss", "p_x"], default="loss",
-                            help="what is checked against --diverge_threshold: the whole loss (the "
-                                 "paper) or its p(x) part, p_x_weight * l_p_x (SADA-JEM)")
+                            help="what is checked against --diverge_threshold: the whole loss "
+                                 "(the paper) or its p(x) part, p_x_weight * l_p_x (SADA-JEM)")
     divergence.add_argument("--diverge_threshold", type=float, default=1e8,
-                            help="training has diverged when the checked value exceeds this (the "
-                                 "paper: 1e8; SADA-JEM: 1e5)")
-    divergence.add_argument("--max_rollbacks", type=int, default=3, help="give up after this many "
-                                                                         "rollbacks")
+                            help="training has diverged when the checked value "
+                                 "exceeds this (the paper: 1e8; SADA-JEM: 1e5)")
+    divergence.add_argument("--max_rollbacks", type=int, default=3,
+                            help="give up after this many rollbacks")
     divergence.add_argument("--rollback_lr_scale", type=float, default=1.0,
                             help="multiply the learning rate by this at each rollback (e.g. 0.5)")
 
     model = add_model_flags(parser)
     model.add_argument("--dropout_rate", type=float, default=0.0)
     model.add_argument("--model", choices=["wrn", "yopo"], default="wrn",
-                       help="JEM++'s flag: yopo implies --recipe jempp (the network is the same "
-                            "Wide-ResNet)")
+                       help="JEM++'s flag: yopo implies --recipe jempp "
+                            "(the network is the same Wide-ResNet)")
     sampler = add_sampler_flags(parser, n_steps=20, buffer_size=10000)
     sampler.add_argument("--in_steps", type=int, default=0,
-                         help="JEM++'s PYLD: inner steps of --pyld_lr along the clipped gradient "
-                              "per step (0: SGLD)")
-    sampler.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size (<= 0: "
-                                                                    "no inner steps)")
-    sampler.add_argument("--eps", type=float, default=1.0, help="PYLD clips the gradient to [-eps, "
-                                                                "eps]")
+                         help="JEM++'s PYLD: inner steps of --pyld_lr along "
+                              "the clipped gradient per step (0: SGLD)")
+    sampler.add_argument("--pyld_lr", type=float, default=0.2,
+                         help="PYLD inner step size (<= 0: no inner steps)")
+    sampler.add_argument("--eps", type=float, default=1.0,
+                         help="PYLD clips the gradient to [-eps, eps]")
     sampler.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
-                         help="chain starts and restarts: uniform noise (the paper) or per-class "
-                              "Gaussians fitted to the training images (JEM++) when the run "
-                              "starts, and again when it resumes")
+                         help="chain starts and restarts: uniform noise (the paper) "
+                              "or per-class Gaussians fitted to the training images "
+                              "(JEM++) when the run starts, and again when it resumes")
 
     io = parser.add_argument_group("logging and checkpoints")
     io.add_argument("--save_dir", type=str, default="./experiment")
     io.add_argument("--load_path", type=str, default=None,
-                    help="start a new run from this checkpoint's model (and replay buffer), or a "
-                         "run folder's last_ckpt.pt; the paper's files work")
+                    help="start a new run from this checkpoint's model (and replay "
+                         "buffer), or a run folder's last_ckpt.pt; the paper's files work")
     io.add_argument("--resume", type=str, default=None,
-                    help="continue a run exactly where it stopped: its save dir or one of its "
-                         "checkpoints")
-    io.add_argument("--ckpt_every", type=int, default=10, help="write ckpt_{epoch}.pt every this "
-                                                               "many epochs")
+                    help="continue a run exactly where it stopped: "
+                         "its save dir or one of its checkpoints")
+    io.add_argument("--ckpt_every", type=int, default=10,
+                    help="write ckpt_{epoch}.pt every this many epochs")
     io.add_argument("--ckpt_every_iters", type=int, default=0,
-                    help="also write ckpt_iter_{iteration}.pt (and last_ckpt.pt) every this many "
-                         "iterations; 0: off")
-    io.add_argument(
-        "--keep_last",
-        type=int,
-        default=0,
-        help="keep only this many numbered checkpoints (ckpt_*.pt) on disk; 0: keep all",
-    )
-    io.add_argument("--eval_every", type=int, default=1, help="validation/test accuracy every this "
-                                                              "many epochs")
+                    help="also write ckpt_iter_{iteration}.pt (and "
+                         "last_ckpt.pt) every this many iterations; 0: off")
+    io.add_argument("--keep_last", type=int, default=0,
+                    help="keep only this many numbered checkpoints "
+                         "(ckpt_*.pt) on disk; 0: keep all")
+    io.add_argument("--eval_every", type=int, default=1,
+                    help="validation/test accuracy every this many epochs")
     io.add_argument("--eval_every_iters", type=int, default=0,
                     help="also log validation/test accuracy every this many iterations (learning "
                          "curves; the epoch evaluations alone choose best_valid_ckpt.pt); 0: off")
     io.add_argument("--eval_train", action="store_true",
-                    help="evaluations also report the accuracy on the training split (clean "
-                         "images, no augmentation, validation held out): how well the model fits "
-                         "what it trains on")
+                    help="evaluations also report the accuracy on the training "
+                         "split (clean images, no augmentation, validation "
+                         "held out): how well the model fits what it trains on")
     io.add_argument("--eval_every_minutes", type=float, default=0,
-                    help="also log validation/test accuracy every this many minutes of training "
-                         "(--train_clock); 0: off")
+                    help="also log validation/test accuracy every this "
+                         "many minutes of training (--train_clock); 0: off")
     io.add_argument("--max_train_minutes", type=float, default=0,
-                    help="stop, as on SIGTERM (last_ckpt.pt written, --resume continues), once the "
-                         "run has trained this many minutes (--train_clock), and log the held-out "
-                         "accuracy there; 0: no limit. On a shared machine budget CPU time: "
-                         "--train_clock cpu with OMP_NUM_THREADS=1")
+                    help="stop, as on SIGTERM (last_ckpt.pt written, --resume continues), "
+                         "once the run has trained this many minutes (--train_clock), and "
+                         "log the held-out accuracy there; 0: no limit. On a shared "
+                         "machine budget CPU time: --train_clock cpu with OMP_NUM_THREADS=1")
     io.add_argument("--train_clock", choices=["wall", "cpu"], default="wall",
                     help="the clock of the two flags above: wall-clock seconds of training "
                          "(evaluations left out), or this process's CPU seconds (with "
-                         "OMP_NUM_THREADS=1, an idle core's wall-clock that other work on the "
-                         "machine does not stretch); metrics.jsonl records both")
+                         "OMP_NUM_THREADS=1, an idle core's wall-clock that other work on "
+                         "the machine does not stretch); metrics.jsonl records both")
     io.add_argument("--plot_uncond", action="store_true", help="save unconditional samples every "
                                                                f"{PLOT_EVERY} its")
     io.add_argument("--plot_cond", action="store_true", help="save class-conditional samples "
                                                              f"every {PLOT_EVERY} its")
     io.add_argument("--tensorboard", action="store_true",
-                    help="also write every metrics.jsonl value, energy histograms and sample grids "
-                         "as TensorBoard events to SAVE_DIR/tensorboard (tensorboard --logdir "
-                         "SAVE_DIR)")
+                    help="also write every metrics.jsonl value, energy "
+                         "histograms and sample grids as TensorBoard events to "
+                         "SAVE_DIR/tensorboard (tensorboard --logdir SAVE_DIR)")
     io.add_argument("--log_arg", type=str, default=None,
-                    help="JEM++'s run-name flag: accepted and recorded in args.json (the run goes "
-                         "to --save_dir)")
+                    help="JEM++'s run-name flag: accepted and recorded "
+                         "in args.json (the run goes to --save_dir)")
     io.add_argument("--fid_every", type=int, default=0,
-                    help="log the IS and FID of the replay buffer (rank 0's shard) every this many "
-                         "epochs; 0: off")
+                    help="log the IS and FID of the replay buffer (rank "
+                         "0's shard) every this many epochs; 0: off")
     add_sample_quality_flags(parser)
-    add_system_flags(parser).add_argument(
-        "--cuda_graph", action="store_true",
-        help="capture the SGLD chain as a CUDA graph and replay it (GPU only; fewer kernel "
-             "launches)")
+    add_system_flags(parser).add_argument("--cuda_graph", action="store_true",
+                                          help="capture the SGLD chain as a CUDA graph and "
+                                               "replay it (GPU only; fewer kernel launches)")
     parser.add_argument("--gpu-id", dest="gpu_id", type=int, default=None,
                         help="JEM++'s flag: the same as --device cuda:N")
     return parser
