@@ -61,7 +61,7 @@ from jem.flags.evaluate import (FROM_CHECKPOINT, MODE_NAMES, MODEL_FLAGS, PAPER_
 from jem.flags.evaluate import EVAL_FLAG_RANGES, parse_args  # noqa: F401
 from jem.model import ModelSettings, build_model
 from jem.run.device import autocast, describe_hardware, resolve_amp, select_device
-from jem.run.log import RunLog, write_json
+from jem.run.log import RunLog, summary_line, write_json
 from jem.sampler import ReplayBuffer, sgld
 from utils import run_cli, save_dir_removed_on_failure
 
@@ -338,22 +338,6 @@ assert set(MODES) == set(MODE_NAMES), "the modes --eval offers (jem/flags/evalua
 
 
 # --------------------------------------------------------------------------------------------------
-
-def summary_line(mode, results):
-    """'mode: key value, ...' over the scalar results and lists of numbers (tables stay in the
-    JSON)."""
-    def shown(value):
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        if isinstance(value, list):
-            return "/".join(f"{v:.4g}" for v in value)
-        return str(value)
-
-    def is_shown(value):
-        return isinstance(value, (int, float, str)) or (
-            isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value))
-
-    return f"{mode}: " + ", ".join(f"{k} {shown(v)}" for k, v in results.items() if is_shown(v))
 
 
 def result_files(args):

@@ -131,3 +131,20 @@ def format_terms(epoch, iteration, terms, lr):
                      f"d={terms['f_xy_data'] - terms['f_xy_q']:.6f}")
     parts.append(f"lr={lr:.2e}")
     return " | ".join(parts)
+
+
+def summary_line(mode, results):
+    """'mode: key value, ...' over the scalar results and lists of numbers (tables stay in the
+    JSON)."""
+    def shown(value):
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, list):
+            return "/".join(f"{v:.4g}" for v in value)
+        return str(value)
+
+    def is_shown(value):
+        return isinstance(value, (int, float, str)) or (
+            isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value))
+
+    return f"{mode}: " + ", ".join(f"{k} {shown(v)}" for k, v in results.items() if is_shown(v))
