@@ -68,10 +68,6 @@ from utils import run_cli, save_dir_removed_on_failure
 EVAL_BATCH_SIZE = 100  # images per batch when scoring a data set (the paper's eval loaders)
 
 
-# Every numeric flag's range (train_flags.check_ranges); the model flags are checked once the
-# checkpoint gave them.
-
-
 # --------------------------------------------------------------------------------------------------
 # The model and its replay buffer, from a checkpoint.
 
@@ -165,7 +161,7 @@ def score_dataset(args, model, device, dataset, name):
 def classify_dataset(args, model, device):
     """Logits and labels of every image of --dataset; with --n_steps > 0 the images first take that
     many steps on log p(x), the paper's test-time refinement (with the model's own sampler,
-    eval_sampling.py)."""
+    jem/flags/evaluate.py)."""
     logits, labels = [], []
     for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device,
                         args.dataset):

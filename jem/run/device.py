@@ -6,7 +6,7 @@ bf16 inputs while the weights, the optimizer, the replay buffer and the chain's 
 float32. Two details make it learn as well as float32 (docs/performance.md, "A bf16 that learns"):
 
 - the chain's forward passes run without autocast's cache of bf16 copies
-(`sampler.uncached_autocast`): x
+(`jem/sampler.py` `uncached_autocast`): x
   moves in place every step, and a cached copy would show every step the chain's start;
 - the energy, logsumexp of the logits, is taken in float32 (`models.JEM.px_score`), so the energy
 gap and
