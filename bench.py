@@ -315,7 +315,7 @@ def print_result(result):
 def main(argv=None):
     opts = parse_args(argv)
     device = select_device(opts.device)
-    resolve_amp(opts, device)
+    opts.amp = resolve_amp(opts.amp, device)
     names = opts.configs or DEFAULT_CONFIGS[device.type]
     print_header(device, opts)
     results = []

@@ -54,9 +54,9 @@ from jem.eval.sample_quality import (INCEPTION_BATCH_SIZE, Inception, dataset_ba
 from jem.eval.sampling import (chains_as_trained, class_names, classify_images, sample_fresh_buffer,
                                save_buffer, save_class_grids)
 from jem.flags.common import flags_given
-from jem.flags.evaluate import (FROM_CHECKPOINT, MODE_NAMES, MODEL_FLAGS, PAPER_MODEL, build_parser,
-                                chain_settings, check_args, describe_sampler, sample_as_trained,
-                                sampling_settings)
+from jem.flags.evaluate import (FROM_CHECKPOINT, MODE_NAMES, MODEL_FLAGS, PAPER_MODEL,
+                                attack_settings, build_parser, chain_settings, check_args,
+                                describe_sampler, sample_as_trained, sampling_settings)
 # the script's command line, as tests and docs read it
 from jem.flags.evaluate import EVAL_FLAG_RANGES, parse_args  # noqa: F401
 from jem.model import ModelSettings, build_model
@@ -281,6 +281,11 @@ def buffer_path(args):
     return os.path.join(args.save_dir, f"{args.eval}_buffer.pt")
 
 
+def attack(args, model, replay_buffer, device):
+    """Robust accuracy of the SGLD-refined classifier under PGD (jem/eval/attack.py)."""
+    return run_attack(attack_settings(args), model, device)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sample quality.
 
@@ -327,7 +332,7 @@ MODES = {  # the choices of --eval (MODE_NAMES)
     "uncond_samples": uncond_samples,
     "cond_samples": cond_samples,
     "calibration": calibration,
-    "attack": run_attack,
+    "attack": attack,
     "sample_quality": sample_quality,
 }
 assert set(MODES) == set(MODE_NAMES), "the modes --eval offers (jem/flags/evaluate.py)"
@@ -369,7 +374,7 @@ def evaluate(args, given):
 
 
 def run_mode(args, given, device, log):
-    resolve_amp(args, device, log.line)
+    args.amp = resolve_amp(args.amp, device, log.line)
     args.hardware = describe_hardware(device)
     if args.load_path is None:  # sample_quality of a file or a folder: no model (check_args)
         model, replay_buffer = None, None

@@ -77,7 +77,7 @@ def train(args, resume_state, changed, topology):
     if changed:
         log.line("flags changed from the stored run: " + ", ".join(
             f"--{k} {stored} -> {now}" for k, (stored, now) in sorted(changed.items())))
-    resolve_amp(args, device, log.line)
+    args.amp = resolve_amp(args.amp, device, log.line)
     args.hardware = describe_hardware(device)
     trainer = Trainer(settings_from_args(args), vars(args), topology, device, log, resume_state,
                       load_path=args.load_path, buffer_quality=buffer_quality(args, device, log,
@@ -107,7 +107,9 @@ def buffer_quality(args, device, log, topology):
     """--fid_every's meter of the replay buffer's IS and FID (rank 0), or None."""
     if not args.fid_every or not topology.is_main:
         return None
-    return BufferQuality.if_weights_available(args, device, log)
+    return BufferQuality.if_weights_available(args.inception_weights, args.fid_reference,
+                                              args.data_root, args.fid_cache, args.is_splits,
+                                              device, log, quiet=args.print_to_log)
 
 
 def start(args, trainer, log, topology):

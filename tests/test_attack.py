@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jem.eval import attack
+from jem.eval import attack, defence
+from jem.flags.evaluate import attack_settings
 from test_docs import load_script
 import eval_wrn_ebm
 from jem.eval.attack import RefinedClassifier, add_attack_flags, pgd_attack, run_attack
@@ -19,10 +20,10 @@ CPU = torch.device("cpu")
 
 
 def eval_args(*argv):
-    """The arguments eval_wrn_ebm.py hands to run_attack (the checkpoint is not read by
-    run_attack)."""
-    return eval_wrn_ebm.parse_args(["--load_path", "unused.pt", "--eval", "attack",
-                                    "--dataset", "synthetic", *argv])
+    """The settings eval_wrn_ebm.py hands to run_attack, from its command line (the checkpoint is
+    not read by run_attack)."""
+    return attack_settings(eval_wrn_ebm.parse_args(["--load_path", "unused.pt", "--eval", "attack",
+                                                    "--dataset", "synthetic", *argv]))
 
 
 def classifier_for(model, n_steps_refine=0, n_dup_chains=1, sigma=0.0, sgld_lr=1.0, sgld_std=0.0,
@@ -121,7 +122,7 @@ def test_straight_through_is_the_classifiers_gradient_at_the_refined_point(model
 
     # replays the same chains: the same seeds, drawn alike
     by_hand = classifier_for(model64, **settings)
-    seed = attack.draw_seed(by_hand.rng)
+    seed = defence.draw_seed(by_hand.rng)
     refined = []
     for i, n_chains in enumerate(by_hand.chain_blocks()):
         generator = torch.Generator().manual_seed(seed + i)
@@ -246,7 +247,7 @@ def linf_run(trained_model, tmp_path_factory):
                      "0", "2", "--n_steps_pgd_attack", "10", "--n_steps_refine", "0",
                      "--n_dup_chains", "1", "--sigma", "0", "--save_dir",
                      str(tmp_path_factory.mktemp("attack")))
-    return run_attack(args, trained_model, None, CPU)
+    return run_attack(args, trained_model, CPU)
 
 
 def test_eps_zero_gives_the_clean_accuracy(linf_run):
@@ -277,7 +278,7 @@ def test_the_defended_run_repeats_under_a_seed(trained_model, tmp_path):
     argv = ("--n_eval", "8", "--seed", "3", "--distance", "L2", "--eps", "0", "2",
             "--n_steps_pgd_attack", "2", "--n_steps_refine", "1", "--n_dup_chains", "2",
             "--save_dir", str(tmp_path))
-    first, again = (run_attack(eval_args(*argv), trained_model, None, CPU) for _ in range(2))
+    first, again = (run_attack(eval_args(*argv), trained_model, CPU) for _ in range(2))
     assert first == again
     assert first["robust_accuracy"][1] <= first["robust_accuracy"][0] == first["clean_accuracy"]
 
@@ -317,7 +318,7 @@ def test_the_issue_command_line_parses_with_units_in_the_help():
     args = eval_args("--distance", "Linf", "--eps", "0", "1", "2", "4", "8", "16",
                      "--n_steps_pgd_attack", "40", "--n_steps_refine", "10", "--n_dup_chains", "5",
                      "--random_start")
-    assert args.eps == [0, 1, 2, 4, 8, 16] and args.random_start and args.n_steps_refine == 10
+    assert args.eps == (0, 1, 2, 4, 8, 16) and args.random_start and args.n_steps_refine == 10
     assert not eval_args("--no-random_start").random_start
     help_text = argparse.ArgumentParser()
     add_attack_flags(help_text)
@@ -330,7 +331,7 @@ def test_the_issue_command_line_parses_with_units_in_the_help():
     (["--compile", "--n_steps_refine", "1"], "--compile")])
 def test_impossible_settings_are_user_errors(model, argv, message):
     with pytest.raises(UserError, match=message):
-        run_attack(eval_args(*argv), model, None, CPU)
+        run_attack(eval_args(*argv), model, CPU)
 
 
 plot_attack = load_script("scripts/plot_attack.py")

@@ -277,18 +277,18 @@ class BufferQuality:
         self.inception, self.reference, self.is_splits = inception, reference, is_splits
 
     @classmethod
-    def if_weights_available(cls, args, device, log):
-        """The meter, or None after a warning line when the weights file is neither given nor
-        downloadable."""
+    def if_weights_available(cls, weights, reference, data_root, cache_dir, is_splits, device,
+                             log, quiet=False):
+        """The meter of the `reference` set's statistics, or None after a warning line when the
+        weights file is neither given nor downloadable."""
         try:
-            weights = inception_weights_path(args.inception_weights)
+            weights = inception_weights_path(weights)
         except UserError as e:
             log.line(f"warning: --fid_every is skipped: {e}")
             return None
         inception = Inception(weights, device)
-        return cls(inception,
-                   load_reference(inception, args.fid_reference, args.data_root, args.fid_cache,
-                                             quiet=args.print_to_log), args.is_splits)
+        statistics = load_reference(inception, reference, data_root, cache_dir, quiet=quiet)
+        return cls(inception, statistics, is_splits)
 
     def __call__(self, images):
         pool, logits = self.inception.features(tensor_batches(images), quiet=True)

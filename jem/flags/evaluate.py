@@ -13,7 +13,7 @@ of the paper's script. A flag given on the command line always wins.
 """
 from jem.checkpoint import require_checkpoint_file
 from jem.data import DataSettings
-from jem.eval.attack import add_attack_flags
+from jem.eval.attack import AttackSettings, add_attack_flags
 from jem.eval.datasets import EVAL_NAMES, EVAL_SETS
 from jem.eval.metrics import SCORES
 from jem.eval.sample_quality import add_sample_quality_flags, inception_weights_path
@@ -245,3 +245,16 @@ def sampling_settings(args):
                             args.print_every, args.buffer_init,
                             training_data(args) if args.buffer_init == "informative" else None,
                             args.print_to_log)
+
+
+def attack_settings(args):
+    """--eval attack's settings, from its flags once sample_as_trained ran (the refinement takes the
+    model's own step)."""
+    chain = ChainSettings(args.n_steps_refine, args.sgld_lr, args.sgld_std, args.in_steps,
+                          args.pyld_lr, args.pyld_eps)
+    return AttackSettings(args.distance, tuple(args.eps or ()), args.n_steps_pgd_attack,
+                          args.pgd_step_factor, args.random_start, args.n_steps_refine,
+                          args.n_dup_chains, args.attack_grad, args.max_chains_per_pass, chain,
+                          args.sigma, args.dataset, args.data_root, args.celeba_root, args.n_eval,
+                          args.batch_size, args.seed, args.save_dir, args.compile,
+                          args.print_to_log)

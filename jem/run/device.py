@@ -82,15 +82,15 @@ def describe_hardware(device):
     return f"{device.type}, torch {torch.__version__}"
 
 
-def resolve_amp(args, device, say=print):
-    """`--amp` where bf16 is emulated: say so in one line and train in float32 (sets args.amp =
-    False)."""
-    if args.amp and not native_bf16(device):
+def resolve_amp(amp, device, say=print):
+    """Whether to run in bf16: `--amp` (amp) where the hardware computes bf16; where it is emulated,
+    one line that says so, and float32."""
+    if amp and not native_bf16(device):
         processor = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
         say(f"--amp: {processor} has no native bf16 (AMX-BF16, AVX512-BF16 or an Ampere GPU): "
             "emulated bf16 is slower than float32, so this run uses float32")
-        args.amp = False
-    return args.amp
+        return False
+    return amp
 
 
 def select_device(name=None):
