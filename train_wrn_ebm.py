@@ -29,7 +29,7 @@ from contextlib import nullcontext
 
 import torch
 
-from jem.checkpoint import require_checkpoint_file
+from jem.checkpoint import require_checkpoint_file, seed_everything
 from jem.data import n_classes_of
 from jem.errors import UserError
 from jem.eval.sample_quality import BufferQuality
@@ -37,7 +37,6 @@ from jem.flags.train import check_args, parse_args, resumed_args, settings_from_
 from jem.run.device import describe_hardware, resolve_amp, select_device
 from jem.run.distributed import device_for, init_from_torchrun, shutdown
 from jem.run.log import RunLog, SilentLog, write_json
-from jem.checkpoint import seed_everything
 from jem.trainer import Trainer
 from utils import run_cli, save_dir_removed_on_failure
 
