@@ -174,9 +174,8 @@ def check_same_step(config, device, opts):
         paper = one_step(PaperIteration(copy.deepcopy(model), buffer_images, config, device,
                                         rng_device=device),
                          batch, buffer_images, opts.seed)
-        project = one_step(ProjectIteration(copy.deepcopy(model), buffer_images, config, device),
-                           batch,
-                           buffer_images, opts.seed)
+        project_side = ProjectIteration(copy.deepcopy(model), buffer_images, config, device)
+        project = one_step(project_side, batch, buffer_images, opts.seed)
     for name in paper:
         try:
             # The chains' pixels pass through n_steps gradient steps, each taken at a point that
@@ -189,9 +188,8 @@ def check_same_step(config, device, opts):
                              f"{e}")
     errors = {"project": summarize(relative_errors(paper, project))}
     if "fast" in side_names(opts):
-        fast = one_step(make_side("fast", copy.deepcopy(model), buffer_images, config, device,
-                                  opts), batch,
-                        buffer_images, opts.seed)
+        fast_side = make_side("fast", copy.deepcopy(model), buffer_images, config, device, opts)
+        fast = one_step(fast_side, batch, buffer_images, opts.seed)
         errors["fast"] = summarize(relative_errors(paper, fast))
     return errors
 

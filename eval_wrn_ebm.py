@@ -147,8 +147,8 @@ def batches(args, dataset, device, desc):
 def score_dataset(args, model, device, dataset, name):
     """The --score_fn score of every image of a data set, as a CPU float tensor."""
     score_fn = SCORES[args.score_fn]
-    scores = torch.cat([score_fn(model, x).float() for x, _ in batches(args, dataset, device,
-                                                                       name)]).cpu()
+    images = batches(args, dataset, device, name)
+    scores = torch.cat([score_fn(model, x).float() for x, _ in images]).cpu()
     if not torch.isfinite(scores).all():
         raise UserError(f"the {args.score_fn} scores of {name} are not all finite: the model's "
                         "energies overflow (a diverged checkpoint?)")
@@ -163,8 +163,8 @@ def classify_dataset(args, model, device):
     many steps on log p(x), the paper's test-time refinement (with the model's own sampler,
     jem/flags/evaluate.py)."""
     logits, labels = [], []
-    for x, y in batches(args, dataset_named(args, args.dataset, labeled=True), device,
-                        args.dataset):
+    dataset = dataset_named(args, args.dataset, labeled=True)
+    for x, y in batches(args, dataset, device, args.dataset):
         if args.n_steps > 0:
             chain = chain_settings(args)
             with chains_as_trained(model, chain):

@@ -78,9 +78,9 @@ def train(args, resume_state, changed, topology):
             f"--{k} {stored} -> {now}" for k, (stored, now) in sorted(changed.items())))
     args.amp = resolve_amp(args.amp, device, log.line)
     args.hardware = describe_hardware(device)
+    meter = buffer_quality(args, device, log, topology)
     trainer = Trainer(settings_from_args(args), vars(args), topology, device, log, resume_state,
-                      load_path=args.load_path, buffer_quality=buffer_quality(args, device, log,
-                                                                              topology))
+                      load_path=args.load_path, buffer_quality=meter)
     finished = trainer.finished() if resume_state is not None else None
     if finished:
         log.line(f"{args.resume}: nothing left to train, {finished}; extend it with a larger "

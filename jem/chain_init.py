@@ -30,8 +30,8 @@ class UniformNoise:
 
     def restart(self, starts, reinit):
         """starts with the rows where reinit is True replaced by fresh ones."""
-        return torch.where(reinit[:, None, None, None], uniform_noise(len(starts), starts.device),
-                           starts)
+        fresh = uniform_noise(len(starts), starts.device)
+        return torch.where(reinit[:, None, None, None], fresh, starts)
 
 
 class ClassGaussians:

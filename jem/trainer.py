@@ -70,6 +70,7 @@ class Trainer:
         if resume_state is not None:
             self.load_state_dict(resume_state)
             log.line(f"resumed {flags['resume']} at epoch {self.epoch}, iteration {self.iteration}")
+        self.clock.restart(**self.clock.before)  # the set-up (data, Gaussians) is not training
         self.evaluations = EvaluationTimer(settings.held_out, self.clock)
         self.rollback = Rollback(self, settings.rollback)
         self.buffer_quality = buffer_quality
@@ -85,8 +86,8 @@ class Trainer:
         gaussians, n_classes = None, self.settings.model.n_classes
         if self.topology.is_main:
             tick = time.time()
-            gaussians = ClassGaussians.fit(plain_training_images(self.settings.data, self.device),
-                                           n_classes)
+            images = plain_training_images(self.settings.data, self.device)
+            gaussians = ClassGaussians.fit(images, n_classes)
             self.gaussians_fingerprint = gaussians.fingerprint()
             stored = resume_state.get("class_gaussians_sha256") if resume_state else None
             if stored is None:
@@ -187,7 +188,6 @@ class Trainer:
 
     def fit(self):
         """Epochs until --n_epochs, a signal or the budget; returns 'done', 'budget' or 'signal'."""
-        self.clock.restart(**self.clock.before)  # the set-up (data, Gaussians) is not training
         with StopSignals() as signals:
             while self.epoch < self.settings.run.n_epochs:
                 outcome = self.train_epoch(signals)
@@ -198,11 +198,14 @@ class Trainer:
                         self.evaluate(end_of_epoch=False)  # the accuracy the budget bought
                     self.save("last_ckpt.pt")
                 reason = self.stop_reason(signals)
-                if outcome == "stopped" or any_rank(float(reason is not None), self.topology,
-                                                    self.device):
+                if outcome == "stopped" or self.any_rank_stops(reason):
                     return self.stop(reason)
         self.record(kind="end", reason="done")
         return "done"
+
+    def any_rank_stops(self, reason):
+        """Whether this or another process has a reason to stop (every process must ask)."""
+        return bool(any_rank(float(reason is not None), self.topology, self.device))
 
     def stop(self, reason):
         self.log.line(f"{reason or 'another process asked to stop'}: stopped after "

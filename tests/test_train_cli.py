@@ -11,6 +11,7 @@ from jem.flags import train as train_flags
 import train_wrn_ebm
 from jem import step
 from jem.optim import Schedule
+from jem.recipes import PAPER_SAMPLER
 from jem.checkpoint import load_checkpoint
 from jem.model import JEM
 from utils import run_cli
@@ -393,3 +394,10 @@ def test_cuda_graph_refuses_batch_norm(tiny, tmp_path, capsys):
         run_cli(train_wrn_ebm.main, tiny + ["--save_dir", str(tmp_path), "--norm", "batch",
                                              "--cuda_graph"])
     assert "--cuda_graph cannot capture a batch-norm chain" in capsys.readouterr().err
+
+
+def test_the_paper_sampler_that_evaluation_assumes_is_the_training_default():
+    """Evaluation samples a recipe's model with the recipe's values over jem/recipes.py's
+    PAPER_SAMPLER: those are the training flags' defaults."""
+    defaults = vars(train_flags.parse_args([]))
+    assert {flag: defaults[flag] for flag in PAPER_SAMPLER} == PAPER_SAMPLER

@@ -160,9 +160,8 @@ def load_eval_dataset(name, data_root, sigma, celeba_root=None, interp_of="cifar
         if interp_of == "cifar_interp":
             raise UserError("cifar_interp mixes images of the in-distribution set (--dataset), "
                             "which cannot be cifar_interp itself")
-        return InterpolatedPairs(load_eval_dataset(interp_of, data_root, sigma, celeba_root,
-                                                   normalize=normalize),
-                                 sigma)
+        mixed = load_eval_dataset(interp_of, data_root, sigma, celeba_root, normalize=normalize)
+        return InterpolatedPairs(mixed, sigma)
 
     if name in EVAL_SETS:
         base, train = EVAL_SETS[name]

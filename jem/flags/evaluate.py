@@ -30,17 +30,8 @@ MODE_NAMES = ("test_clf", "OOD", "logp_hist", "uncond_samples", "cond_samples", 
 
 
 MODEL_FLAGS = ("depth", "width", "norm", "uncond")
-
-
-PAPER_MODEL = {
-    "depth": 28,
-    "width": 10,
-    "norm": None,
-    "uncond": False,
-    "n_classes": 10,
-}  # WRN-28-10, CIFAR-10
-
-
+# WRN-28-10 for CIFAR-10, the paper's
+PAPER_MODEL = {"depth": 28, "width": 10, "norm": None, "uncond": False, "n_classes": 10}
 FROM_CHECKPOINT = object()  # default of the model flags: take the value from the checkpoint
 
 
@@ -155,14 +146,8 @@ def check_args(args):
         args.load_path = require_checkpoint_file(args.load_path)  # of a save dir: its last_ckpt.pt
 
 
-TRAINED_FLAGS = (
-    "sgld_lr",
-    "sgld_std",
-    "in_steps",
-    "pyld_lr",
-    "buffer_init",
-    "sigma",
-)  # read from the training
+# the flags a later recipe's model is sampled with, read from its training
+TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "sigma")
 
 
 def add_recipe_sampler_flags(parser):

@@ -19,7 +19,7 @@ from jem.flags.common import (OneLineErrors, add_model_flags, add_sampler_flags,
                               check_ranges, flags_given)
 from jem.model import ModelSettings
 from jem.optim import OptimizerSettings, Schedule
-from jem.recipes import RECIPES
+from jem.recipes import PAPER_SAMPLER, RECIPES
 from jem.run.held_out import HeldOutSchedule
 from jem.run.rollback import RollbackSettings
 from jem.run.stopping import DivergenceCriterion
@@ -207,14 +207,15 @@ def build_parser():
                        help="JEM++'s flag: yopo implies --recipe jempp "
                             "(the network is the same Wide-ResNet)")
     sampler = add_sampler_flags(parser, n_steps=20, buffer_size=10000)
-    sampler.add_argument("--in_steps", type=int, default=0,
+    sampler.add_argument("--in_steps", type=int, default=PAPER_SAMPLER["in_steps"],
                          help="JEM++'s PYLD: inner steps of --pyld_lr along "
                               "the clipped gradient per step (0: SGLD)")
-    sampler.add_argument("--pyld_lr", type=float, default=0.2,
+    sampler.add_argument("--pyld_lr", type=float, default=PAPER_SAMPLER["pyld_lr"],
                          help="PYLD inner step size (<= 0: no inner steps)")
-    sampler.add_argument("--eps", type=float, default=1.0,
+    sampler.add_argument("--eps", type=float, default=PAPER_SAMPLER["eps"],
                          help="PYLD clips the gradient to [-eps, eps]")
-    sampler.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
+    sampler.add_argument("--buffer_init", choices=["uniform", "informative"],
+                         default=PAPER_SAMPLER["buffer_init"],
                          help="chain starts and restarts: uniform noise (the paper) "
                               "or per-class Gaussians fitted to the training images "
                               "(JEM++) when the run starts, and again when it resumes")
