@@ -55,6 +55,7 @@ from dataclasses import asdict
 
 import torch
 
+from jem.flags.common import OneLineErrors
 from jem.reference import (CONFIGS, Config, PaperIteration, ProjectIteration,  # noqa: F401
                            make_inputs, project_args)
 from jem.run.device import describe_hardware, resolve_amp, select_device
@@ -69,30 +70,24 @@ FAST_FLAGS = ("amp", "compile", "cuda_graph")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Time the JEM training iteration against the "
-                                                 "paper's.",
-                                     allow_abbrev=False)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
-                        help="configurations to run (default: wrn-10-1 "
-                             "wrn-16-2 on a CPU, all on a GPU)")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations per side")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per side first")
-    parser.add_argument("--device", type=str, default=None,
-                        help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--amp", action="store_true",
-                        help="add a side in bf16 mixed precision (GPU, or a CPU with native bf16)")
-    parser.add_argument("--compile", action="store_true",
-                        help="add a side with torch.compile of the network")
-    parser.add_argument("--cuda_graph", action="store_true",
-                        help="add a side replaying the SGLD chain as a CUDA graph")
-    parser.add_argument("--profile", action="store_true",
-                        help="also measure the time in convolutions "
-                             "and the speed-up ceiling it sets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=str, default=None,
-                        help="also write the results to this JSON file")
-    parser.add_argument("--skip_memory", action="store_true",
-                        help="leave out peak memory, a fresh process per side (quick checks)")
+    parser = OneLineErrors(description="Time the JEM training iteration against the paper's.")
+    add = parser.add_argument
+    add("--configs", nargs="+", choices=list(CONFIGS), default=None,
+        help="configurations to run (default: wrn-10-1 wrn-16-2 on a CPU, all on a GPU)")
+    add("--iters", type=int, default=10, help="timed iterations per side")
+    add("--warmup", type=int, default=2, help="untimed iterations per side first")
+    add("--device", type=str, default=None, help="cuda or cpu (default: cuda if available)")
+    add("--amp", action="store_true",
+        help="add a side in bf16 mixed precision (GPU, or a CPU with native bf16)")
+    add("--compile", action="store_true", help="add a side with torch.compile of the network")
+    add("--cuda_graph", action="store_true",
+        help="add a side replaying the SGLD chain as a CUDA graph")
+    add("--profile", action="store_true",
+        help="also measure the time in convolutions and the speed-up ceiling it sets")
+    add("--seed", type=int, default=0)
+    add("--json", type=str, default=None, help="also write the results to this JSON file")
+    add("--skip_memory", action="store_true",
+        help="leave out peak memory, a fresh process per side (quick checks)")
     return parser.parse_args(argv)
 
 

@@ -30,7 +30,6 @@ OUT holds JSON, logs and small PNGs only. --tiny runs the same steps at toy size
 of wrn-10-1 for one iteration, a few seconds of training per run, evaluations of 16 images): the
 test of this script, and a check that a machine is set up before a real run.
 """
-import argparse
 import glob
 import json
 import os
@@ -43,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's modules
 from jem.errors import UserError  # noqa: E402  (needs the path above)
+from jem.flags.common import OneLineErrors  # noqa: E402
 from utils import prepare_save_dir, run_cli  # noqa: E402
 
 PYTHON = sys.executable
@@ -72,31 +72,29 @@ TINY_EVAL_MAX_IMAGES = 16
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Benchmark, time to accuracy and evaluations on a GPU, into one folder",
-        allow_abbrev=False)
-    parser.add_argument("out", help="folder for the JSON, logs and PNGs (made if missing)")
-    parser.add_argument("--data", default=None,
-                        help="image folder with train/ and test/ (default: "
-                             "shared/data/cifar10_subset beside the repository, or inside it)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--minutes", type=float, default=0.4,
-                        help="training time of each time-to-accuracy run (wall clock)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--configs", nargs="+", default=None,
-                        help="time_to_accuracy.py's configurations, jem (the baseline) among them "
-                             f"(default: {' '.join(TTA_CONFIGS)}; with --tiny "
-                             f"{' '.join(TINY_TTA_CONFIGS)})")
-    parser.add_argument("--threads", type=int, default=4, help="CPU threads of each training run")
-    parser.add_argument("--parallel_evals", type=int, default=6,
-                        help="evaluations at a time (each of 2 CPU threads)")
-    parser.add_argument("--skip", nargs="+", default=[], choices=["bench", "tta", "eval"],
-                        help="steps to leave out")
-    parser.add_argument("--keep_checkpoints", action="store_true",
-                        help="keep the trained checkpoints and sample buffers (*.pt)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="toy sizes: every step in seconds (a "
-                             "test of the script, not a measurement)")
+    parser = OneLineErrors(description="Benchmark, time to accuracy and evaluations on a GPU, into "
+                                       "one folder")
+    add = parser.add_argument
+    add("out", help="folder for the JSON, logs and PNGs (made if missing)")
+    add("--data", default=None,
+        help="image folder with train/ and test/ (default: shared/data/cifar10_subset beside the "
+             "repository, or inside it)")
+    add("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add("--minutes", type=float, default=0.4,
+        help="training time of each time-to-accuracy run (wall clock)")
+    add("--seeds", nargs="+", type=int, default=[1, 2])
+    add("--configs", nargs="+", default=None,
+        help="time_to_accuracy.py's configurations, jem (the baseline) among them (default: "
+             f"{' '.join(TTA_CONFIGS)}; with --tiny {' '.join(TINY_TTA_CONFIGS)})")
+    add("--threads", type=int, default=4, help="CPU threads of each training run")
+    add("--parallel_evals", type=int, default=6,
+        help="evaluations at a time (each of 2 CPU threads)")
+    add("--skip", nargs="+", default=[], choices=["bench", "tta", "eval"],
+        help="steps to leave out")
+    add("--keep_checkpoints", action="store_true",
+        help="keep the trained checkpoints and sample buffers (*.pt)")
+    add("--tiny", action="store_true",
+        help="toy sizes: every step in seconds (a test of the script, not a measurement)")
     return parser.parse_args(argv)
 
 

@@ -38,11 +38,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="IDX images (+ labels) -> PATH/<label>/NNNNN.png, "
                                                  "32x32 RGB",
                                      allow_abbrev=False)
-    parser.add_argument("images", help="IDX image file, e.g. t10k-images-idx3-ubyte(.gz)")
-    parser.add_argument("labels", help="IDX label file, e.g. t10k-labels-idx1-ubyte(.gz)")
-    parser.add_argument("out", help="folder to write (created)")
-    parser.add_argument("--max_images", type=int, default=None,
-                        help="only the first this many images")
+    add = parser.add_argument
+    add("images", help="IDX image file, e.g. t10k-images-idx3-ubyte(.gz)")
+    add("labels", help="IDX label file, e.g. t10k-labels-idx1-ubyte(.gz)")
+    add("out", help="folder to write (created)")
+    add("--max_images", type=int, default=None, help="only the first this many images")
     return parser.parse_args(argv)
 
 

@@ -29,14 +29,15 @@ TERM_STYLES = ["-", "--", ":", "-."]
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="plot_runs.py", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="save dirs of train_wrn_ebm.py runs (each with its metrics.jsonl)")
-    parser.add_argument("--labels", nargs="+", default=None,
-                        help="one legend label per run (default: the name of its folder)")
-    parser.add_argument("--x", choices=sorted(X_AXES), default="iteration",
-                        help="the horizontal axis: training iterations, or minutes of the run's "
-                             "training clock (evaluations left out; --resume continues it)")
-    parser.add_argument("--out", default="runs.png", help="the PNG to write")
+    add = parser.add_argument
+    add("runs", nargs="+", metavar="RUN_DIR",
+        help="save dirs of train_wrn_ebm.py runs (each with its metrics.jsonl)")
+    add("--labels", nargs="+", default=None,
+        help="one legend label per run (default: the name of its folder)")
+    add("--x", choices=sorted(X_AXES), default="iteration",
+        help="the horizontal axis: training iterations, or minutes of the run's training clock "
+             "(evaluations left out; --resume continues it)")
+    add("--out", default="runs.png", help="the PNG to write")
     return parser.parse_args(argv)
 
 

@@ -34,7 +34,6 @@ short (the machine stopped, the command was interrupted) continues from its last
 evaluation that wrote its results is not run again: the command can be re-run, in this session or a
 later one, and does only what is left.
 """
-import argparse
 import os
 import shlex
 import subprocess
@@ -47,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study_report import (LABELS, SAMPLERS, SCORES, build_table, copy_figures,  # noqa: E402
                           earlier_results, run_dir, write_results)
 
+from jem.flags.common import OneLineErrors  # noqa: E402
 from jem.run.log import run_ended  # noqa: E402  (study_report puts the repository on the path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,78 +85,60 @@ def decay_flags(args, name):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="JEM, JEM++, SADA-JEM and the plain classifier: "
-                                                 "train each for the same budget over several "
-                                                 "seeds, evaluate each, one table",
-                                     allow_abbrev=False)
-    parser.add_argument("--data", required=True,
-                        help="image folder with train/<class>/ and "
-                             "test/<class>/ (e.g. ../shared/data/cifar10_subset)")
-    parser.add_argument("--out", default="runs/study",
-                        help="where runs, evaluations and the table go")
-    parser.add_argument("--figs_dir", default=os.path.join(REPO, "figs"),
-                        help="where the small figures are copied")
-    parser.add_argument("--figs_prefix", default="",
-                        help="prefix of the figure files' names in --figs_dir")
-    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[1],
-                        help="seeds of training and of every evaluation: "
-                             "each model is trained once per seed")
-    parser.add_argument("--models", nargs="+", choices=list(LABELS), default=list(LABELS),
-                        help="run only these (the table shows every model found in --out)")
-    parser.add_argument("--report_only", action="store_true",
-                        help="train and evaluate nothing: the table and figures "
-                             "of what OUT holds for --models and --seeds (e.g. "
-                             "after runs of different seeds for different models)")
-    parser.add_argument("--parallel", type=int, default=2,
-                        help="runs trained and evaluated at a time, one CPU thread each")
+    parser = OneLineErrors(
+        description="JEM, JEM++, SADA-JEM and the plain classifier, each trained for one budget "
+                    "over several seeds and evaluated: one table")
+    add = parser.add_argument
+    add("--data", required=True,
+        help="image folder with train/<class>/ and test/<class>/ "
+             "(e.g. ../shared/data/cifar10_subset)")
+    add("--out", default="runs/study", help="where runs, evaluations and the table go")
+    add("--figs_dir", default=os.path.join(REPO, "figs"), help="where the small figures are copied")
+    add("--figs_prefix", default="", help="prefix of the figure files' names in --figs_dir")
+    add("--seeds", "--seed", nargs="+", type=int, default=[1],
+        help="seeds of training and of every evaluation: each model is trained once per seed")
+    add("--models", nargs="+", choices=list(LABELS), default=list(LABELS),
+        help="run only these (the table shows every model found in --out)")
+    add("--report_only", action="store_true",
+        help="train and evaluate nothing: the table and figures of what OUT holds for --models and "
+             "--seeds (e.g. after runs of different seeds for different models)")
+    add("--parallel", type=int, default=2,
+        help="runs trained and evaluated at a time, one CPU thread each")
 
-    parser.add_argument("--mnist_raw", default=MNIST_RAW,
-                        help="folder with t10k-images-idx3-ubyte(.gz) "
-                             "and t10k-labels-idx1-ubyte(.gz); missing: "
-                             "MNIST is left out of the OOD sets")
-    parser.add_argument("--n_ood_images", type=int, default=1000,
-                        help="images of each OOD folder (MNIST, noise)")
+    add("--mnist_raw", default=MNIST_RAW,
+        help="folder with t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz); missing: "
+             "MNIST is left out of the OOD sets")
+    add("--n_ood_images", type=int, default=1000, help="images of each OOD folder (MNIST, noise)")
     # --- the budget and the network, the same for every model
-    parser.add_argument("--minutes", type=float, default=8.0,
-                        help="training time of each run (train_wrn_ebm.py's "
-                             "--max_train_minutes, on its CPU clock)")
-    parser.add_argument("--epochs", type=int, default=0,
-                        help="train each run for this many epochs "
-                             "instead of --minutes (the converged regime)")
-    parser.add_argument("--train_per_class", type=int, default=0,
-                        help="train on the first K images of each class of --data's "
-                             "train/ (by file name; --n_valid of them are held out "
-                             "for validation): a set small enough for the classifier "
-                             "to over-fit within the budget. 0: every image")
-    parser.add_argument("--amp", action="store_true",
-                        help="train in bf16 mixed precision (evaluations stay float32)")
-    parser.add_argument("--depth", type=int, default=10, help="Wide-ResNet depth (6n+4)")
-    parser.add_argument("--width", type=int, default=1, help="Wide-ResNet widen factor")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--warmup_iters", type=int, default=100)
-    parser.add_argument("--n_valid", type=int, default=500,
-                        help="training images held out for validation")
-    parser.add_argument("--buffer_size", type=int, default=2000,
-                        help="replay buffer (paper: 10000)")
+    add("--minutes", type=float, default=8.0,
+        help="training time of each run (train_wrn_ebm.py's --max_train_minutes, on its CPU clock)")
+    add("--epochs", type=int, default=0,
+        help="train each run for this many epochs instead of --minutes (the converged regime)")
+    add("--train_per_class", type=int, default=0,
+        help="train on the first K images of each class of --data's train/ "
+             "(by file name; --n_valid of them are held out for validation): "
+             "a set small enough for the classifier to over-fit within the budget. 0: every image")
+    add("--amp", action="store_true",
+        help="train in bf16 mixed precision (evaluations stay float32)")
+    add("--depth", type=int, default=10, help="Wide-ResNet depth (6n+4)")
+    add("--width", type=int, default=1, help="Wide-ResNet widen factor")
+    add("--batch_size", type=int, default=64)
+    add("--warmup_iters", type=int, default=100)
+    add("--n_valid", type=int, default=500, help="training images held out for validation")
+    add("--buffer_size", type=int, default=2000, help="replay buffer (paper: 10000)")
     # --- the paper's JEM row (Adam, short SGLD chains); the other recipes take their authors'
     # settings
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="Adam's learning rate for jem and clf")
-    parser.add_argument("--n_steps", type=int, default=5,
-                        help="jem: SGLD steps per training iteration (paper: 20)")
-    parser.add_argument("--energy_l2", type=float, default=0.1,
-                        help="jem: the authors' energy stabiliser (0: the paper's objective)")
+    add("--lr", type=float, default=1e-3, help="Adam's learning rate for jem and clf")
+    add("--n_steps", type=int, default=5, help="jem: SGLD steps per training iteration (paper: 20)")
+    add("--energy_l2", type=float, default=0.1,
+        help="jem: the authors' energy stabiliser (0: the paper's objective)")
     # --- evaluation sizes
-    parser.add_argument("--attack_n_eval", type=int, default=100)
-    parser.add_argument("--attack_pgd_steps", type=int, default=10)
-    parser.add_argument("--attack_eps", type=float, nargs="+", default=[0, 1, 2, 4, 8],
-                        help="L-inf, in 1/255")
-    parser.add_argument("--sample_rounds", type=int, default=50,
-                        help="uncond_samples: sampling rounds")
-    parser.add_argument("--sample_steps", type=int, default=20,
-                        help="uncond_samples: SGLD steps per round")
-    parser.add_argument("--sample_buffer", type=int, default=100,
-                        help="uncond_samples: buffer size")
+    add("--attack_n_eval", type=int, default=100)
+    add("--attack_pgd_steps", type=int, default=10)
+    add("--attack_eps", type=float, nargs="+", default=[0, 1, 2, 4, 8], help="L-inf, in 1/255")
+    add("--sample_rounds", type=int, default=50, help="uncond_samples: sampling rounds")
+    add("--sample_steps", type=int, default=20, help="uncond_samples: SGLD steps per round")
+    add("--sample_buffer", type=int, default=100, help="uncond_samples: buffer size")
     return parser.parse_args(argv)
 
 

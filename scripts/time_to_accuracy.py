@@ -21,7 +21,6 @@ the mean over seeds, the band from the lowest to the highest), and prints, per c
 final accuracy and the time the mean curve needs to reach the target: by default the baseline's
 (`jem`, the paper's float32 step) mean accuracy at the end of its budget.
 """
-import argparse
 import json
 import os
 import shlex
@@ -37,7 +36,8 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, works on head
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 sys.path.insert(0, REPO)  # the repository's modules
-from jem.run.log import read_metrics, run_ended  # noqa: E402  (needs the path above)
+from jem.flags.common import OneLineErrors  # noqa: E402  (needs the path above)
+from jem.run.log import read_metrics, run_ended  # noqa: E402
 
 # Shared by every configuration: a small network, the paper's batch, a short warm-up
 # for a short budget; the epoch count is a ceiling that the time budget reaches long
@@ -66,42 +66,34 @@ GRID_POINTS = 200  # the curves are compared on this many equal steps of the bud
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train each configuration for the same time over "
-                                                 "several seeds; held-out accuracy against "
-                                                 "training time, and the time to a target",
-                                     allow_abbrev=False)
-    parser.add_argument("--data", required=True,
-                        help="train_wrn_ebm.py's --dataset: synthetic, cifar10, "
-                             "... or an image folder with train/ and test/")
-    parser.add_argument("--data_root", default=None,
-                        help="train_wrn_ebm.py's --data_root for torchvision sets")
-    parser.add_argument("--out", default="runs/time_to_accuracy",
-                        help="where the runs, the JSON and the figure go")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training time of every run")
-    parser.add_argument("--baseline", default="jem", choices=list(CONFIGS),
-                        help="the configuration the others are compared with")
-    parser.add_argument("--target", type=float, default=None,
-                        help="the accuracy to reach (default: the "
-                             "baseline's mean at the end of its budget)")
-    parser.add_argument("--metric", choices=["test_acc", "valid_acc"], default="test_acc")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="train_wrn_ebm.py's --train_clock, of the budget and the "
-                             "curves: wall-clock seconds of training, or the run's CPU "
-                             "seconds (with --threads 1, an idle core's wall-clock "
-                             "that other work on the machine does not stretch)")
-    parser.add_argument("--evals", type=int, default=20,
-                        help="held-out evaluations per run, evenly over its budget")
-    parser.add_argument("--base_flags", default=BASE_FLAGS,
-                        help="train_wrn_ebm.py flags shared by every run")
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads of each run (OMP_NUM_THREADS)")
-    parser.add_argument("--device", default=None,
-                        help="train_wrn_ebm.py's --device (default: its own choice)")
-    parser.add_argument("--report_only", action="store_true",
-                        help="train nothing; summarise the runs in --out")
+    parser = OneLineErrors(description="Train each configuration for the same time over several "
+                                       "seeds; held-out accuracy against training time, and the "
+                                       "time to a target")
+    add = parser.add_argument
+    add("--data", required=True,
+        help="train_wrn_ebm.py's --dataset: synthetic, cifar10, "
+             "... or an image folder with train/ and test/")
+    add("--data_root", default=None, help="train_wrn_ebm.py's --data_root for torchvision sets")
+    add("--out", default="runs/time_to_accuracy", help="where the runs, the JSON and the figure go")
+    add("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
+    add("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    add("--minutes", type=float, default=5.0, help="training time of every run")
+    add("--baseline", default="jem", choices=list(CONFIGS),
+        help="the configuration the others are compared with")
+    add("--target", type=float, default=None,
+        help="the accuracy to reach (default: the baseline's mean at the end of its budget)")
+    add("--metric", choices=["test_acc", "valid_acc"], default="test_acc")
+    add("--clock", choices=list(CLOCKS), default="wall",
+        help="train_wrn_ebm.py's --train_clock, of the budget and the curves: "
+             "wall-clock seconds of training, or the run's CPU seconds (with --threads 1, "
+             "an idle core's wall-clock that other work on the machine does not stretch)")
+    add("--evals", type=int, default=20,
+        help="held-out evaluations per run, evenly over its budget")
+    add("--base_flags", default=BASE_FLAGS, help="train_wrn_ebm.py flags shared by every run")
+    add("--parallel", type=int, default=2, help="runs at a time")
+    add("--threads", type=int, default=1, help="CPU threads of each run (OMP_NUM_THREADS)")
+    add("--device", default=None, help="train_wrn_ebm.py's --device (default: its own choice)")
+    add("--report_only", action="store_true", help="train nothing; summarise the runs in --out")
     return parser.parse_args(argv)
 
 

@@ -35,14 +35,16 @@ def page_id(path):
 
 def split_page(text):
     """(prose, blocks): the page with its ``` blocks blanked out (line numbers kept), and each block
-    as (line number of its first line, its lines)."""
-    prose, blocks, block = [], [], None
+    that may hold commands as (line number of its first line, its lines); a ```text block (a file
+    tree, a log) holds none."""
+    prose, blocks, block, is_text = [], [], None, False
     for number, line in enumerate(text.splitlines(), start=1):
         if line.lstrip().startswith("```"):
             if block is None:
-                block = (number + 1, [])
+                block, is_text = (number + 1, []), line.strip() == "```text"
             else:
-                blocks.append(block)
+                if not is_text:
+                    blocks.append(block)
                 block = None
             prose.append("")
         elif block is not None:

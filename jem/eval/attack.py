@@ -102,40 +102,35 @@ class AttackSettings:
 def add_attack_flags(parser):
     """The flags of `--eval attack`; the data set, sigma, sgld_lr/std, batch size and seed are
     shared."""
-    group = parser.add_argument_group("adversarial attack (--eval attack)")
-    group.add_argument("--distance", choices=sorted(EPS_UNITS), default="Linf",
-                       help="the attack's norm")
-    group.add_argument("--eps", type=float, nargs="+", default=None,
-                       help="attack budgets: for Linf in units of 1/255 of the [0, 1] pixel range "
-                            f"(default {' '.join(map(str, DEFAULT_EPS['Linf']))}); for L2 the L2 "
-                            "norm of the perturbation in [0, 1] pixel space (default "
-                            f"{' '.join(map(str, DEFAULT_EPS['L2']))})")
-    group.add_argument("--n_steps_pgd_attack", type=int, default=40,
-                       help="PGD steps per attack (default %(default)s)")
-    group.add_argument("--pgd_step_factor", type=float, default=2.5,
-                       help="PGD step size = FACTOR * eps / "
-                            "n_steps_pgd_attack (2.5 as in Madry et al.)")
-    group.add_argument("--random_start", action=argparse.BooleanOptionalAction, default=True,
-                       help="start PGD at a uniformly random point of the eps-ball (default on)")
-    group.add_argument("--n_steps_refine", type=int, default=0,
-                       help="SGLD steps on log p(x) the defended classifier takes before "
-                            "classifying (the paper: 0, 1 or 10; default %(default)s); uses "
-                            "--sgld_lr and --sgld_std, or the PYLD step of a model trained with it")
-    group.add_argument("--n_dup_chains", type=int, default=5,
-                       help="noisy copies of each input refined separately; "
-                            "their logits are averaged (default %(default)s)")
-    group.add_argument("--attack_grad", choices=ATTACK_GRADIENTS, default="exact",
-                       help="the attacker's gradient through the refinement: exact (second order) "
-                            "or straight_through (the classifier's gradient at the refined point, "
-                            "as the paper's attack code; cheaper) (default %(default)s)")
-    group.add_argument("--n_eval", type=int, default=500,
-                       help="test images attacked, a fixed random subset "
-                            "drawn with --seed (default %(default)s)")
-    group.add_argument("--max_chains_per_pass", type=int, default=64,
-                       help="most chains (image copies) refined in one pass "
-                            "through the network; lower it if memory runs out; "
-                            "the result does not change (default %(default)s)")
-    return group
+    add = parser.add_argument_group("adversarial attack (--eval attack)").add_argument
+    add("--distance", choices=sorted(EPS_UNITS), default="Linf", help="the attack's norm")
+    add("--eps", type=float, nargs="+", default=None,
+        help="attack budgets: for Linf in units of 1/255 of the [0, 1] pixel range "
+             f"(default {' '.join(map(str, DEFAULT_EPS['Linf']))}); for L2 the L2 "
+             "norm of the perturbation in [0, 1] pixel space (default "
+             f"{' '.join(map(str, DEFAULT_EPS['L2']))})")
+    add("--n_steps_pgd_attack", type=int, default=40,
+        help="PGD steps per attack (default %(default)s)")
+    add("--pgd_step_factor", type=float, default=2.5,
+        help="PGD step size = FACTOR * eps / n_steps_pgd_attack (2.5 as in Madry et al.)")
+    add("--random_start", action=argparse.BooleanOptionalAction, default=True,
+        help="start PGD at a uniformly random point of the eps-ball (default on)")
+    add("--n_steps_refine", type=int, default=0,
+        help="SGLD steps on log p(x) the defended classifier takes before classifying "
+             "(the paper: 0, 1 or 10; default %(default)s); uses --sgld_lr and --sgld_std, "
+             "or the PYLD step of a model trained with it")
+    add("--n_dup_chains", type=int, default=5,
+        help="noisy copies of each input refined separately; their logits are averaged "
+             "(default %(default)s)")
+    add("--attack_grad", choices=ATTACK_GRADIENTS, default="exact",
+        help="the attacker's gradient through the refinement: exact (second order) or "
+             "straight_through (the classifier's gradient at the refined point, as the paper's "
+             "attack code; cheaper) (default %(default)s)")
+    add("--n_eval", type=int, default=500,
+        help="test images attacked, a fixed random subset drawn with --seed (default %(default)s)")
+    add("--max_chains_per_pass", type=int, default=64,
+        help="most chains (image copies) refined in one pass through the network; "
+             "lower it if memory runs out; the result does not change (default %(default)s)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,19 +43,18 @@ def default_cache_dir():
 def add_sample_quality_flags(parser):
     """The flags every IS/FID measurement needs (evaluation mode and the training log share
     them)."""
-    group = parser.add_argument_group("sample quality (Inception Score, FID, KID)")
-    group.add_argument("--inception_weights", type=str, default=None,
-                       help=f"local path of {WEIGHTS_FILE} (offline machines); default: torch "
-                            f"hub's cache, downloaded there from {URL_INCEPTION_V3} when missing")
-    group.add_argument("--fid_reference", type=str, default="cifar_train",
-                       help="reference set of FID/KID: any evaluation data set name "
-                            "or image folder (the papers: cifar_train, 50 000 images)")
-    group.add_argument("--fid_cache", type=str, default=None,
-                       help="folder of the cached reference statistics "
-                            "(default: $XDG_CACHE_HOME/jem/inception_stats, "
-                            "else ~/.cache/jem/inception_stats)")
-    group.add_argument("--is_splits", type=int, default=10,
-                       help="Inception Score: mean and std over this many splits")
+    add = parser.add_argument_group("sample quality (Inception Score, FID, KID)").add_argument
+    add("--inception_weights", type=str, default=None,
+        help=f"local path of {WEIGHTS_FILE} (offline machines); default: torch "
+             f"hub's cache, downloaded there from {URL_INCEPTION_V3} when missing")
+    add("--fid_reference", type=str, default="cifar_train",
+        help="reference set of FID/KID: any evaluation data set name or image folder (the papers: "
+             "cifar_train, 50 000 images)")
+    add("--fid_cache", type=str, default=None,
+        help="folder of the cached reference statistics (default: "
+             "$XDG_CACHE_HOME/jem/inception_stats, else ~/.cache/jem/inception_stats)")
+    add("--is_splits", type=int, default=10,
+        help="Inception Score: mean and std over this many splits")
 
 
 # --------------------------------------------------------------------------------------------------

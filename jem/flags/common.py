@@ -20,47 +20,44 @@ norm_flag.__name__ = "norm"  # argparse names the type in its error line
 
 def add_model_flags(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--depth", type=int, default=28, help="Wide-ResNet depth, 6n+4")
-    group.add_argument("--width", type=int, default=10, help="Wide-ResNet widen factor k")
-    group.add_argument("--norm", type=norm_flag, default=None,
-                       help="batch | instance | layer | act | none (default none, as the paper)")
-    group.add_argument("--uncond", action="store_true",
-                       help="score p(x) with a separate scalar head "
-                            "instead of logsumexp of the logits")
+    add = group.add_argument
+    add("--depth", type=int, default=28, help="Wide-ResNet depth, 6n+4")
+    add("--width", type=int, default=10, help="Wide-ResNet widen factor k")
+    add("--norm", type=norm_flag, default=None,
+        help="batch | instance | layer | act | none (default none, as the paper)")
+    add("--uncond", action="store_true",
+        help="score p(x) with a separate scalar head instead of logsumexp of the logits")
     return group
 
 
 def add_sampler_flags(parser, n_steps, buffer_size):
     group = parser.add_argument_group("SGLD sampler")
-    group.add_argument("--n_steps", type=int, default=n_steps, help="SGLD steps per sample")
-    group.add_argument("--buffer_size", type=int, default=buffer_size,
-                       help="replay buffer size (0: every chain starts from fresh noise)")
-    group.add_argument("--reinit_freq", type=float, default=0.05,
-                       help="probability that a chain restarts from noise instead of the buffer")
-    group.add_argument("--sgld_lr", type=float, default=1.0,
-                       help="SGLD step size on the score gradient")
-    group.add_argument("--sgld_std", type=float, default=1e-2, help="std of the SGLD noise")
+    add = group.add_argument
+    add("--n_steps", type=int, default=n_steps, help="SGLD steps per sample")
+    add("--buffer_size", type=int, default=buffer_size,
+        help="replay buffer size (0: every chain starts from fresh noise)")
+    add("--reinit_freq", type=float, default=0.05,
+        help="probability that a chain restarts from noise instead of the buffer")
+    add("--sgld_lr", type=float, default=1.0, help="SGLD step size on the score gradient")
+    add("--sgld_std", type=float, default=1e-2, help="std of the SGLD noise")
     return group
 
 
 def add_system_flags(parser):
     group = parser.add_argument_group("system")
-    group.add_argument("--device", type=str, default=None,
-                       help="cuda, cuda:1, cpu (default: cuda if available)")
-    group.add_argument("--seed", type=int, default=1, help="seed for torch, numpy and random")
-    group.add_argument("--amp", action="store_true",
-                       help="bf16 mixed precision, where the hardware has it (GPUs "
-                            "from Ampere on; CPUs with AMX-BF16 or AVX512-BF16); "
-                            "elsewhere one line says so and float32 is used")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the Wide-ResNet (a GPU "
-                            "speed-up; slower on the CPUs we measured)")
-    group.add_argument("--n_workers", type=int, default=None,
-                       help="data-loading processes (default: 4 on GPU, 0 on CPU)")
-    group.add_argument("--print_every", type=int, default=100,
-                       help="log every this many iterations")
-    group.add_argument("--print_to_log", action="store_true",
-                       help="write log lines to log.txt only, not to the console")
+    add = group.add_argument
+    add("--device", type=str, default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    add("--seed", type=int, default=1, help="seed for torch, numpy and random")
+    add("--amp", action="store_true",
+        help="bf16 mixed precision, where the hardware has it (GPUs from Ampere on; "
+             "CPUs with AMX-BF16 or AVX512-BF16); elsewhere one line says so and float32 is used")
+    add("--compile", action="store_true",
+        help="torch.compile the Wide-ResNet (a GPU speed-up; slower on the CPUs we measured)")
+    add("--n_workers", type=int, default=None,
+        help="data-loading processes (default: 4 on GPU, 0 on CPU)")
+    add("--print_every", type=int, default=100, help="log every this many iterations")
+    add("--print_to_log", action="store_true",
+        help="write log lines to log.txt only, not to the console")
     return group
 
 

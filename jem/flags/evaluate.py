@@ -41,76 +41,74 @@ def parse_args(argv=None):
 
 def build_parser():
     parser = OneLineErrors(
-        prog="eval_wrn_ebm.py", description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR "
-                                            "2020).",
+        prog="eval_wrn_ebm.py",
+        description="Evaluate a JEM checkpoint (Grathwohl et al., ICLR 2020).",
         epilog="--depth, --width, --norm and --uncond default to the checkpoint's: its stored "
                "arguments, else the shapes of its weights, else the paper's WRN-28-10 without "
                "norm. A model of a later recipe is sampled as it was trained "
                "(jem/flags/evaluate.py): the sampler flags not given default to its training's.")
     parser.add_argument("--eval", choices=list(MODE_NAMES), default="OOD", help="what to evaluate")
     parser.add_argument("--load_path", type=str, default=None,
-                        help="checkpoint of this project or of the paper's code, or "
-                             "a run's save dir (its last_ckpt.pt); every mode but "
+                        help="checkpoint of this project or of the paper's code, "
+                             "or a run's save dir (its last_ckpt.pt); every mode but "
                              "sample_quality of a --samples file or folder needs one")
     parser.add_argument("--save_dir", type=str, default="./experiment/eval",
                         help="where <mode>.json, figures and samples go")
 
-    data = parser.add_argument_group("data", f"data sets: {', '.join(EVAL_NAMES)}, or the PATH of "
-                                             "an image folder (PATH/test/<class>/*, PATH/<class>/* "
-                                             "or PATH/*.png)")
-    data.add_argument("--dataset", type=str, default="cifar_test",
-                      help="labeled set of test_clf and calibration; in-distribution "
-                           "set (positives) of OOD, and the set that cifar_interp mixes")
-    data.add_argument("--ood_dataset", type=str, default="svhn",
-                      help="OOD: the out-of-distribution set")
-    data.add_argument("--datasets", nargs="+", type=str, default=[],
-                      help="logp_hist: one histogram per set")
-    data.add_argument("--data_root", type=str, default="../data",
-                      help="where torchvision data sets live")
-    data.add_argument("--celeba_root", type=str, default=None,
-                      help="image folder read for the data set named celeba "
-                           "(shorter side resized to 32, aspect kept, as the paper)")
-    data.add_argument("--sigma", type=float, default=3e-2,
-                      help="std of the Gaussian noise added to every "
-                           "test image, as in training; 0: none")
-    data.add_argument("--max_images", type=int, default=None,
-                      help="use only the first this many images of "
-                           "each data set (quick checks; default all)")
-
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--score_fn", choices=list(SCORES), default="px",
-                            help="OOD and logp_hist: px = logsumexp f(x), py = "
-                                 "max p(y|x), pxgrad = -||d logsumexp f(x)/dx||")
-    evaluation.add_argument("--batch_size", type=int, default=64,
-                            help="SGLD chains per sample_q call")
-    evaluation.add_argument("--n_sample_steps", type=int, default=100,
-                            help="sampling rounds; each round advances "
-                                 "--batch_size chains of the buffer")
-    evaluation.add_argument("--fresh_samples", action="store_true",
-                            help="cond_samples: sample a new buffer "
-                                 "instead of using the checkpoint's")
-    evaluation.add_argument("--n_grids", type=int, default=10,
-                            help="cond_samples: grids written at most, the best-ranked "
-                                 "images first (10 images of each class a grid)")
-    evaluation.add_argument("--save_buffer", action="store_true",
-                            help="cond_samples: also write the classified "
-                                 "buffer to cond_samples_buffer.pt")
-
-    evaluation.add_argument("--samples", type=str, default="buffer",
-                            help="sample_quality: 'buffer' (the checkpoint's "
-                                 "replay buffer, all of it), a <mode>_buffer.pt "
-                                 "file, or an image folder / data set name")
+    add_data_flags(parser)
+    add_evaluation_flags(parser)
     add_sample_quality_flags(parser)
     add_model_flags(parser)
     parser.set_defaults(**{flag: FROM_CHECKPOINT for flag in MODEL_FLAGS})
     add_sampler_flags(parser, n_steps=0, buffer_size=0)
     add_recipe_sampler_flags(parser)
-    parser.set_defaults(
-        pyld_eps=1.0, chains_in_train_mode=False, training_data=None
-    )  # see sample_as_trained
+    # set from the checkpoint's training by sample_as_trained
+    parser.set_defaults(pyld_eps=1.0, chains_in_train_mode=False, training_data=None)
     add_system_flags(parser)
     add_attack_flags(parser)
     return parser
+
+
+def add_data_flags(parser):
+    """The labeled, in-distribution and OOD sets and their noise."""
+    names = (f"data sets: {', '.join(EVAL_NAMES)}, or the PATH of an image folder "
+             "(PATH/test/<class>/*, PATH/<class>/* or PATH/*.png)")
+    add = parser.add_argument_group("data", names).add_argument
+    add("--dataset", type=str, default="cifar_test",
+        help="labeled set of test_clf and calibration; in-distribution set (positives) of OOD, "
+             "and the set that cifar_interp mixes")
+    add("--ood_dataset", type=str, default="svhn", help="OOD: the out-of-distribution set")
+    add("--datasets", nargs="+", type=str, default=[], help="logp_hist: one histogram per set")
+    add("--data_root", type=str, default="../data", help="where torchvision data sets live")
+    add("--celeba_root", type=str, default=None,
+        help="image folder read for the data set named celeba (shorter side resized to 32, "
+             "aspect kept, as the paper)")
+    add("--sigma", type=float, default=3e-2,
+        help="std of the Gaussian noise added to every test image, as in training; 0: none")
+    add("--max_images", type=int, default=None,
+        help="use only the first this many images of each data set (quick checks; default all)")
+
+
+def add_evaluation_flags(parser):
+    """Scores, sampling rounds and what the sampling modes write."""
+    add = parser.add_argument_group("evaluation").add_argument
+    add("--score_fn", choices=list(SCORES), default="px",
+        help="OOD and logp_hist: px = logsumexp f(x), py = max p(y|x), "
+             "pxgrad = -||d logsumexp f(x)/dx||")
+    add("--batch_size", type=int, default=64, help="SGLD chains per sample_q call")
+    add("--n_sample_steps", type=int, default=100,
+        help="sampling rounds; each round advances --batch_size chains of the buffer")
+    add("--fresh_samples", action="store_true",
+        help="cond_samples: sample a new buffer instead of using the checkpoint's")
+    add("--n_grids", type=int, default=10,
+        help="cond_samples: grids written at most, the best-ranked images first "
+             "(10 images of each class a grid)")
+    add("--save_buffer", action="store_true",
+        help="cond_samples: also write the classified buffer to cond_samples_buffer.pt")
+
+    add("--samples", type=str, default="buffer",
+        help="sample_quality: 'buffer' (the checkpoint's replay buffer, all of it), "
+             "a <mode>_buffer.pt file, or an image folder / data set name")
 
 
 EVAL_FLAG_RANGES = {"sigma": (0, None), "max_images": (1, None), "batch_size": (1, None),
@@ -151,18 +149,15 @@ TRAINED_FLAGS = ("sgld_lr", "sgld_std", "in_steps", "pyld_lr", "buffer_init", "s
 
 
 def add_recipe_sampler_flags(parser):
-    group = parser.add_argument_group("the sampler of a later recipe (default: the checkpoint's "
-                                      "training)")
-    group.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
-                       help="sample as this recipe trained (for files that store no "
-                            "training flags, e.g. JEM++'s and SADA-JEM's published "
-                            "models); default: the checkpoint's recipe, else jem")
-    group.add_argument("--in_steps", type=int, default=0,
-                       help="PYLD inner steps per step (0: SGLD)")
-    group.add_argument("--pyld_lr", type=float, default=0.2, help="PYLD inner step size")
-    group.add_argument("--buffer_init", choices=["uniform", "informative"], default="uniform",
-                       help="starts of fresh chains: uniform noise, or "
-                            "per-class Gaussians of the training images")
+    title = "the sampler of a later recipe (default: the checkpoint's training)"
+    add = parser.add_argument_group(title).add_argument
+    add("--recipe", choices=sorted(RECIPES), default="jem",
+        help="sample as this recipe trained (for files that store no training flags, e.g. JEM++'s "
+             "and SADA-JEM's published models); default: the checkpoint's recipe, else jem")
+    add("--in_steps", type=int, default=0, help="PYLD inner steps per step (0: SGLD)")
+    add("--pyld_lr", type=float, default=0.2, help="PYLD inner step size")
+    add("--buffer_init", choices=["uniform", "informative"], default="uniform",
+        help="starts of fresh chains: uniform noise, or per-class Gaussians of the training images")
 
 
 def sample_as_trained(args, ckpt, given):

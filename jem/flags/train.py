@@ -118,167 +118,179 @@ def resumed_args(argv):
 
 
 def build_parser():
-    parser = OneLineErrors(prog="train_wrn_ebm.py", description="Train a JEM (Grathwohl et al., "
-                                                                "ICLR 2020).")
+    parser = OneLineErrors(prog="train_wrn_ebm.py",
+                           description="Train a JEM (Grathwohl et al., ICLR 2020).")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="jem",
-                        help="defaults of the paper (jem), JEM++ (jempp, Yang & "
-                             "Ji 2021) or SADA-JEM (sadajem, Yang et al. 2023) "
-                             "for every flag not given; see docs/recipes.md")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default="cifar10",
-                      help=f"{' | '.join(TORCHVISION_SETS)} | synthetic | PATH of an image folder "
-                           "with train/ and test/ class sub-folders")
-    data.add_argument("--data_root", type=str, default="../data",
-                      help="where torchvision data sets live")
-    data.add_argument("--n_valid", type=int, default=5000,
-                      help="training images held out for validation")
-    data.add_argument("--labels_per_class", type=int, default=-1,
-                      help="keep this many labels per class for p(y|x) (semi-supervised); -1: all")
-    data.add_argument("--sigma", type=float, default=3e-2,
-                      help="std of Gaussian noise added to every training image")
-    data.add_argument("--test_sigma", type=float, default=None,
-                      help="std of the noise added to the validation and test images "
-                           "(default: --sigma, as the paper; JEM++: 0, clean images)")
-    data.add_argument("--no_px_augment", dest="px_augment", action="store_false",
-                      help="serve the p(x) data batch without crop and flip, "
-                           "as SADA-JEM (the classification batch keeps them)")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=["adam", "sgd", "sam"], default="adam",
-                       help="adam | sgd (momentum 0.9) | sam: SAM over SGD with momentum "
-                            "0.9, adaptive (ASAM) when --rho >= 0.5, as SADA-JEM")
-    optim.add_argument("--rho", type=float, default=2.0,
-                       help="--optimizer sam: radius of the weight "
-                            "perturbation (SADA-JEM: 2.0, adaptive)")
-    optim.add_argument("--lr", type=float, default=1e-4)
-    optim.add_argument("--decay_epochs", nargs="+", type=int, default=[160, 180],
-                       help="multiply the learning rate by "
-                            "--decay_rate at the start of these epochs")
-    optim.add_argument("--decay_rate", type=float, default=0.3)
-    optim.add_argument("--warmup_iters", type=int, default=-1,
-                       help="linear learning-rate warm-up over this many iterations (-1: none)")
-    optim.add_argument("--batch_size", type=int, default=64)
-    optim.add_argument("--labeled_batch_size", type=int, default=None,
-                       help="images per classification batch "
-                            "(default: --batch_size; SADA-JEM: 128)")
-    optim.add_argument("--n_epochs", type=int, default=200)
-    optim.add_argument("--epoch_over", choices=["px", "labeled"], default="px",
-                       help="what one epoch passes over: the p(x) batches (the paper) "
-                            "or the labeled batches (SADA-JEM); --n_epochs, "
-                            "--decay_epochs, --eval_every and --ckpt_every count these")
-    optim.add_argument("--weight_decay", type=float, default=0.0)
-    optim.add_argument("--clf_only", action="store_true",
-                       help="optimise only the classification head "
-                            "(class_output), as the paper's flag")
-
-    objective = parser.add_argument_group("objective")
-    objective.add_argument("--p_x_weight", "--px", type=float, default=1.0,
-                           help="weight of the log p(x) term")
-    objective.add_argument("--p_y_given_x_weight", "--pyx", type=float, default=1.0,
-                           help="weight of the CE term")
-    objective.add_argument("--p_x_y_weight", type=float, default=0.0,
-                           help="weight of the log p(x, y) term")
-    objective.add_argument("--class_cond_p_x_sample", action="store_true",
-                           help="draw the p(x) term's samples from "
-                                "p(y)p(x|y) with uniform random y")
-    objective.add_argument("--energy_l2", type=float, default=0.0,
-                           help="add this times mean(E(x_data)^2 + E(x_q)^2), a stabiliser "
-                                "the authors suggest (about 0.1); 0: the paper's objective")
-
-    divergence = parser.add_argument_group("divergence")
-    divergence.add_argument("--on_diverge", choices=["stop", "rollback"], default="stop",
-                            help="when training diverges (see --diverge_on) or a "
-                                 "loss is NaN: stop (as the paper) or roll back "
-                                 "to the last checkpoint with new random numbers")
-    divergence.add_argument("--diverge_on", choices=["loss", "p_x"], default="loss",
-                            help="what is checked against --diverge_threshold: the whole loss "
-                                 "(the paper) or its p(x) part, p_x_weight * l_p_x (SADA-JEM)")
-    divergence.add_argument("--diverge_threshold", type=float, default=1e8,
-                            help="training has diverged when the checked value "
-                                 "exceeds this (the paper: 1e8; SADA-JEM: 1e5)")
-    divergence.add_argument("--max_rollbacks", type=int, default=3,
-                            help="give up after this many rollbacks")
-    divergence.add_argument("--rollback_lr_scale", type=float, default=1.0,
-                            help="multiply the learning rate by this at each rollback (e.g. 0.5)")
-
-    model = add_model_flags(parser)
-    model.add_argument("--dropout_rate", type=float, default=0.0)
-    model.add_argument("--model", choices=["wrn", "yopo"], default="wrn",
-                       help="JEM++'s flag: yopo implies --recipe jempp "
-                            "(the network is the same Wide-ResNet)")
-    sampler = add_sampler_flags(parser, n_steps=20, buffer_size=10000)
-    sampler.add_argument("--in_steps", type=int, default=PAPER_SAMPLER["in_steps"],
-                         help="JEM++'s PYLD: inner steps of --pyld_lr along "
-                              "the clipped gradient per step (0: SGLD)")
-    sampler.add_argument("--pyld_lr", type=float, default=PAPER_SAMPLER["pyld_lr"],
-                         help="PYLD inner step size (<= 0: no inner steps)")
-    sampler.add_argument("--eps", type=float, default=PAPER_SAMPLER["eps"],
-                         help="PYLD clips the gradient to [-eps, eps]")
-    sampler.add_argument("--buffer_init", choices=["uniform", "informative"],
-                         default=PAPER_SAMPLER["buffer_init"],
-                         help="chain starts and restarts: uniform noise (the paper) "
-                              "or per-class Gaussians fitted to the training images "
-                              "(JEM++) when the run starts, and again when it resumes")
-
-    io = parser.add_argument_group("logging and checkpoints")
-    io.add_argument("--save_dir", type=str, default="./experiment")
-    io.add_argument("--load_path", type=str, default=None,
-                    help="start a new run from this checkpoint's model (and replay "
-                         "buffer), or a run folder's last_ckpt.pt; the paper's files work")
-    io.add_argument("--resume", type=str, default=None,
-                    help="continue a run exactly where it stopped: "
-                         "its save dir or one of its checkpoints")
-    io.add_argument("--ckpt_every", type=int, default=10,
-                    help="write ckpt_{epoch}.pt every this many epochs")
-    io.add_argument("--ckpt_every_iters", type=int, default=0,
-                    help="also write ckpt_iter_{iteration}.pt (and "
-                         "last_ckpt.pt) every this many iterations; 0: off")
-    io.add_argument("--keep_last", type=int, default=0,
-                    help="keep only this many numbered checkpoints "
-                         "(ckpt_*.pt) on disk; 0: keep all")
-    io.add_argument("--eval_every", type=int, default=1,
-                    help="validation/test accuracy every this many epochs")
-    io.add_argument("--eval_every_iters", type=int, default=0,
-                    help="also log validation/test accuracy every this many iterations (learning "
-                         "curves; the epoch evaluations alone choose best_valid_ckpt.pt); 0: off")
-    io.add_argument("--eval_train", action="store_true",
-                    help="evaluations also report the accuracy on the training "
-                         "split (clean images, no augmentation, validation "
-                         "held out): how well the model fits what it trains on")
-    io.add_argument("--eval_every_minutes", type=float, default=0,
-                    help="also log validation/test accuracy every this "
-                         "many minutes of training (--train_clock); 0: off")
-    io.add_argument("--max_train_minutes", type=float, default=0,
-                    help="stop, as on SIGTERM (last_ckpt.pt written, --resume continues), "
-                         "once the run has trained this many minutes (--train_clock), and "
-                         "log the held-out accuracy there; 0: no limit. On a shared "
-                         "machine budget CPU time: --train_clock cpu with OMP_NUM_THREADS=1")
-    io.add_argument("--train_clock", choices=["wall", "cpu"], default="wall",
-                    help="the clock of the two flags above: wall-clock seconds of training "
-                         "(evaluations left out), or this process's CPU seconds (with "
-                         "OMP_NUM_THREADS=1, an idle core's wall-clock that other work on "
-                         "the machine does not stretch); metrics.jsonl records both")
-    io.add_argument("--plot_uncond", action="store_true", help="save unconditional samples every "
-                                                               f"{PLOT_EVERY} its")
-    io.add_argument("--plot_cond", action="store_true", help="save class-conditional samples "
-                                                             f"every {PLOT_EVERY} its")
-    io.add_argument("--tensorboard", action="store_true",
-                    help="also write every metrics.jsonl value, energy "
-                         "histograms and sample grids as TensorBoard events to "
-                         "SAVE_DIR/tensorboard (tensorboard --logdir SAVE_DIR)")
-    io.add_argument("--log_arg", type=str, default=None,
-                    help="JEM++'s run-name flag: accepted and recorded "
-                         "in args.json (the run goes to --save_dir)")
-    io.add_argument("--fid_every", type=int, default=0,
-                    help="log the IS and FID of the replay buffer (rank "
-                         "0's shard) every this many epochs; 0: off")
+                        help="defaults of the paper (jem), JEM++ (jempp, Yang & Ji 2021) "
+                             "or SADA-JEM (sadajem, Yang et al. 2023) for every flag not given; "
+                             "see docs/recipes.md")
+    add_data_flags(parser)
+    add_optimisation_flags(parser)
+    add_objective_flags(parser)
+    add_divergence_flags(parser)
+    add_training_model_flags(parser)
+    add_training_sampler_flags(parser)
+    add_io_flags(parser)
     add_sample_quality_flags(parser)
-    add_system_flags(parser).add_argument("--cuda_graph", action="store_true",
-                                          help="capture the SGLD chain as a CUDA graph and "
-                                               "replay it (GPU only; fewer kernel launches)")
+    add_training_system_flags(parser)
+    return parser
+
+
+def add_data_flags(parser):
+    """The training set, its held-out split and its noise."""
+    add = parser.add_argument_group("data").add_argument
+    add("--dataset", type=str, default="cifar10",
+        help=f"{' | '.join(TORCHVISION_SETS)} | synthetic | PATH of an image folder "
+             "with train/ and test/ class sub-folders")
+    add("--data_root", type=str, default="../data", help="where torchvision data sets live")
+    add("--n_valid", type=int, default=5000, help="training images held out for validation")
+    add("--labels_per_class", type=int, default=-1,
+        help="keep this many labels per class for p(y|x) (semi-supervised); -1: all")
+    add("--sigma", type=float, default=3e-2,
+        help="std of Gaussian noise added to every training image")
+    add("--test_sigma", type=float, default=None,
+        help="std of the noise added to the validation and test images (default: --sigma, "
+             "as the paper; JEM++: 0, clean images)")
+    add("--no_px_augment", dest="px_augment", action="store_false",
+        help="serve the p(x) data batch without crop and flip, as SADA-JEM "
+             "(the classification batch keeps them)")
+
+
+def add_optimisation_flags(parser):
+    """The optimiser and its learning-rate schedule."""
+    add = parser.add_argument_group("optimisation").add_argument
+    add("--optimizer", choices=["adam", "sgd", "sam"], default="adam",
+        help="adam | sgd (momentum 0.9) | sam: SAM over SGD with momentum 0.9, adaptive "
+             "(ASAM) when --rho >= 0.5, as SADA-JEM")
+    add("--rho", type=float, default=2.0,
+        help="--optimizer sam: radius of the weight perturbation (SADA-JEM: 2.0, adaptive)")
+    add("--lr", type=float, default=1e-4)
+    add("--decay_epochs", nargs="+", type=int, default=[160, 180],
+        help="multiply the learning rate by --decay_rate at the start of these epochs")
+    add("--decay_rate", type=float, default=0.3)
+    add("--warmup_iters", type=int, default=-1,
+        help="linear learning-rate warm-up over this many iterations (-1: none)")
+    add("--batch_size", type=int, default=64)
+    add("--labeled_batch_size", type=int, default=None,
+        help="images per classification batch (default: --batch_size; SADA-JEM: 128)")
+    add("--n_epochs", type=int, default=200)
+    add("--epoch_over", choices=["px", "labeled"], default="px",
+        help="what one epoch passes over: the p(x) batches (the paper) or the labeled batches "
+             "(SADA-JEM); --n_epochs, --decay_epochs, --eval_every and --ckpt_every count these")
+    add("--weight_decay", type=float, default=0.0)
+    add("--clf_only", action="store_true",
+        help="optimise only the classification head (class_output), as the paper's flag")
+
+
+def add_objective_flags(parser):
+    """The weights of the loss terms."""
+    add = parser.add_argument_group("objective").add_argument
+    add("--p_x_weight", "--px", type=float, default=1.0, help="weight of the log p(x) term")
+    add("--p_y_given_x_weight", "--pyx", type=float, default=1.0, help="weight of the CE term")
+    add("--p_x_y_weight", type=float, default=0.0, help="weight of the log p(x, y) term")
+    add("--class_cond_p_x_sample", action="store_true",
+        help="draw the p(x) term's samples from p(y)p(x|y) with uniform random y")
+    add("--energy_l2", type=float, default=0.0,
+        help="add this times mean(E(x_data)^2 + E(x_q)^2), a stabiliser the authors suggest "
+             "(about 0.1); 0: the paper's objective")
+
+
+def add_divergence_flags(parser):
+    """What counts as divergence and what happens then."""
+    add = parser.add_argument_group("divergence").add_argument
+    add("--on_diverge", choices=["stop", "rollback"], default="stop",
+        help="when training diverges (see --diverge_on) or a loss is NaN: stop "
+             "(as the paper) or roll back to the last checkpoint with new random numbers")
+    add("--diverge_on", choices=["loss", "p_x"], default="loss",
+        help="what is checked against --diverge_threshold: the whole loss "
+             "(the paper) or its p(x) part, p_x_weight * l_p_x (SADA-JEM)")
+    add("--diverge_threshold", type=float, default=1e8,
+        help="training has diverged when the checked value exceeds this (the paper: "
+             "1e8; SADA-JEM: 1e5)")
+    add("--max_rollbacks", type=int, default=3, help="give up after this many rollbacks")
+    add("--rollback_lr_scale", type=float, default=1.0,
+        help="multiply the learning rate by this at each rollback (e.g. 0.5)")
+
+
+def add_training_model_flags(parser):
+    """The shared model flags and those only training takes."""
+    add = add_model_flags(parser).add_argument
+    add("--dropout_rate", type=float, default=0.0)
+    add("--model", choices=["wrn", "yopo"], default="wrn",
+        help="JEM++'s flag: yopo implies --recipe jempp (the network is the same Wide-ResNet)")
+
+
+def add_training_sampler_flags(parser):
+    """The shared SGLD flags at the paper's training values, JEM++'s PYLD step and chain starts."""
+    add = add_sampler_flags(parser, n_steps=20, buffer_size=10000).add_argument
+    add("--in_steps", type=int, default=PAPER_SAMPLER["in_steps"],
+        help="JEM++'s PYLD: inner steps of --pyld_lr along the clipped gradient per step (0: SGLD)")
+    add("--pyld_lr", type=float, default=PAPER_SAMPLER["pyld_lr"],
+        help="PYLD inner step size (<= 0: no inner steps)")
+    add("--eps", type=float, default=PAPER_SAMPLER["eps"],
+        help="PYLD clips the gradient to [-eps, eps]")
+    add("--buffer_init", choices=["uniform", "informative"],
+        default=PAPER_SAMPLER["buffer_init"],
+        help="chain starts and restarts: uniform noise (the paper) or per-class Gaussians fitted "
+             "to the training images (JEM++) when the run starts, and again when it resumes")
+
+
+def add_io_flags(parser):
+    """Checkpoints, held-out evaluations, time budget and logs."""
+    add = parser.add_argument_group("logging and checkpoints").add_argument
+    add("--save_dir", type=str, default="./experiment")
+    add("--load_path", type=str, default=None,
+        help="start a new run from this checkpoint's model (and replay buffer), "
+             "or a run folder's last_ckpt.pt; the paper's files work")
+    add("--resume", type=str, default=None,
+        help="continue a run exactly where it stopped: its save dir or one of its checkpoints")
+    add("--ckpt_every", type=int, default=10, help="write ckpt_{epoch}.pt every this many epochs")
+    add("--ckpt_every_iters", type=int, default=0,
+        help="also write ckpt_iter_{iteration}.pt (and last_ckpt.pt) every this many "
+             "iterations; 0: off")
+    add("--keep_last", type=int, default=0,
+        help="keep only this many numbered checkpoints (ckpt_*.pt) on disk; 0: keep all")
+    add("--eval_every", type=int, default=1, help="validation/test accuracy every this many epochs")
+    add("--eval_every_iters", type=int, default=0,
+        help="also log validation/test accuracy every this many iterations (learning curves; "
+             "the epoch evaluations alone choose best_valid_ckpt.pt); 0: off")
+    add("--eval_train", action="store_true",
+        help="evaluations also report the accuracy on the training split (clean images, "
+             "no augmentation, validation held out): how well the model fits what it trains on")
+    add("--eval_every_minutes", type=float, default=0,
+        help="also log validation/test accuracy every this many minutes of training "
+             "(--train_clock); 0: off")
+    add("--max_train_minutes", type=float, default=0,
+        help="stop, as on SIGTERM (last_ckpt.pt written, "
+             "--resume continues), once the run has trained this many minutes (--train_clock), and "
+             "log the held-out accuracy there; 0: no limit. On a shared machine budget CPU time: "
+             "--train_clock cpu with OMP_NUM_THREADS=1")
+    add("--train_clock", choices=["wall", "cpu"], default="wall",
+        help="the clock of the two flags above: wall-clock seconds of training "
+             "(evaluations left out), or this process's CPU seconds (with OMP_NUM_THREADS=1, "
+             "an idle core's wall-clock that other work on the machine does not stretch); "
+             "metrics.jsonl records both")
+    add("--plot_uncond", action="store_true",
+        help=f"save unconditional samples every {PLOT_EVERY} its")
+    add("--plot_cond", action="store_true",
+        help=f"save class-conditional samples every {PLOT_EVERY} its")
+    add("--tensorboard", action="store_true",
+        help="also write every metrics.jsonl value, energy histograms and sample grids as "
+             "TensorBoard events to SAVE_DIR/tensorboard (tensorboard --logdir SAVE_DIR)")
+    add("--log_arg", type=str, default=None,
+        help="JEM++'s run-name flag: accepted, recorded in args.json (the run goes to --save_dir)")
+    add("--fid_every", type=int, default=0,
+        help="log IS and FID of the replay buffer (rank 0's shard) every this many epochs; 0: off")
+
+
+def add_training_system_flags(parser):
+    """The shared system flags, the CUDA graph and JEM++'s --gpu-id."""
+    add = add_system_flags(parser).add_argument
+    add("--cuda_graph", action="store_true",
+        help="capture the SGLD chain as a CUDA graph and replay it (GPU only; "
+             "fewer kernel launches)")
     parser.add_argument("--gpu-id", dest="gpu_id", type=int, default=None,
                         help="JEM++'s flag: the same as --device cuda:N")
-    return parser
 
 
 # Every numeric flag's range, checked in one place (check_ranges): (lowest, highest) allowed, None
