@@ -2,7 +2,6 @@
 FPR at 95% TPR) and calibration (ECE over equal-width confidence bins)."""
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from jem.sampler import uncached_autocast
 
@@ -49,6 +48,9 @@ def histogram_values(score_fn, scores):
 def ood_metrics(in_scores, out_scores):
     """AUROC, AUPR and FPR at 95% TPR of telling in-distribution (positives, higher scores) from
     OOD."""
+    # imported here, not with the module: sklearn adds most of a second to every command line
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
     labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
     scores = np.concatenate([np.asarray(in_scores), np.asarray(out_scores)])
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)

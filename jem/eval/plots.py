@@ -6,10 +6,17 @@ import os
 import numpy as np
 import torch
 import torchvision
-from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI (Agg renders PNGs)
 from PIL import Image, ImageDraw, ImageFont
 
 from jem.errors import UserError
+
+
+def new_figure(**options):
+    """A matplotlib Figure: no pyplot, so no global backend and no GUI (Agg renders the PNGs).
+    matplotlib loads at the first chart, not with this module, which the trainer and every command
+    line import for the sample grids: it would add half a second to each."""
+    from matplotlib.figure import Figure
+    return Figure(**options)
 
 
 def save_grid(path, images, nrow=None):
@@ -69,7 +76,7 @@ def save_histograms(path_stem, scores_by_name, xlabel):
     edges = np.histogram_bin_edges(
         np.concatenate([np.asarray(s) for s in scores_by_name.values()]), bins=100
     )
-    fig = Figure(figsize=(6, 4), layout="tight")
+    fig = new_figure(figsize=(6, 4), layout="tight")
     ax = fig.subplots()
     for name, scores in scores_by_name.items():
         ax.hist(np.asarray(scores), bins=edges, density=True, alpha=0.5, label=name)
@@ -91,7 +98,7 @@ def save_reliability_diagram(path, bin_lower, bin_upper, bin_accuracy, ece, titl
     accuracy = np.nan_to_num(np.asarray(bin_accuracy, dtype=float))
     counts = np.asarray(bin_count if bin_count is not None else [FEW_IMAGES] * len(lower))
     few = (counts > 0) & (counts < FEW_IMAGES)
-    fig = Figure(figsize=(4.5, 4.5), layout="tight")
+    fig = new_figure(figsize=(4.5, 4.5), layout="tight")
     ax = fig.subplots()
     width = upper - lower
     ax.bar(lower[~few], accuracy[~few], width=width[~few], align="edge", edgecolor="black",
@@ -118,7 +125,7 @@ def plot_robustness(runs, path):
     if len(distances) > 1:
         raise UserError(f"these runs attack in different norms ({', '.join(sorted(distances))}); "
                         "overlay runs of one --distance at a time")
-    fig = Figure(figsize=(5, 3.5), layout="tight")
+    fig = new_figure(figsize=(5, 3.5), layout="tight")
     ax = fig.subplots()
     for label, result in runs:
         ax.plot(result["eps"], result["robust_accuracy"], marker="o", label=label)

@@ -113,7 +113,9 @@ def resumed_args(argv):
             raise UserError(f"--{flag} cannot change within a run: {path} was trained with "
                             f"--{flag} {changed[flag][0]}; drop --{flag}, or start a new run with "
                             "--load_path")
-    merged = {**defaults, "save_dir": os.path.dirname(path) or ".", **stored, **now, "resume": path}
+    # The run goes on in the folder that holds its checkpoint, also when it was moved or copied
+    # since (its stored save_dir may be another machine's); a --save_dir typed now wins.
+    merged = {**defaults, **stored, "save_dir": os.path.dirname(path) or ".", **now, "resume": path}
     return argparse.Namespace(**merged), ckpt, changed
 
 
