@@ -11,7 +11,6 @@ The new file holds tensors and plain values only: it resumes (`--resume`), loads
 and opens with a plain `torch.load(path)`. NEW may be OLD itself; the write is atomic. Files of the
 paper's code need no conversion.
 """
-import argparse
 import os
 import sys
 
@@ -20,15 +19,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # the import below needs the path above
 from jem.checkpoint import FORMAT_VERSION, convert_trusted_checkpoint  # noqa: E402
+from jem.flags.common import OneLineErrors  # noqa: E402
 
 from utils import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Rewrite a trusted format-1 JEM checkpoint in the "
-                                                 f"safe format (format {FORMAT_VERSION}). Reading "
-                                                 "OLD unpickles it fully.",
-                                     allow_abbrev=False)
+    parser = OneLineErrors(description="Rewrite a trusted format-1 JEM checkpoint in the safe "
+                                       f"format (format {FORMAT_VERSION}). Reading OLD unpickles "
+                                       "it fully.")
     parser.add_argument("old", help="checkpoint to read (full unpickling: only a file you trust)")
     parser.add_argument("new", help="where to write the converted checkpoint (may be OLD itself)")
     return parser.parse_args(argv)

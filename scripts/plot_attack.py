@@ -3,7 +3,6 @@
     python scripts/plot_attack.py runs/attack/refine0 runs/attack/refine1 runs/attack/refine10 \
         --out runs/attack/linf.png
 """
-import argparse
 import os
 import sys
 
@@ -12,12 +11,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jem.eval.attack import read_attack_result, run_label  # noqa: E402
 from jem.eval.plots import legend_labels, plot_robustness  # noqa: E402
+from jem.flags.common import OneLineErrors  # noqa: E402
 from utils import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="plot_attack.py", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = OneLineErrors(prog="plot_attack.py", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+",
                         help="attack.json files, or the save dirs that hold them")
     parser.add_argument("--labels", nargs="+", default=None,

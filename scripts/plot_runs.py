@@ -6,7 +6,6 @@ Four panels: the loss terms (l_p_x, l_p_y_given_x, l_p_x_y, ... as the runs logg
 and held-out accuracy, the energy gap f(x_data) - f(x_q), the learning rate; a colour per run.
 For a machine without TensorBoard, and for a paper's figure.
 """
-import argparse
 import os
 import sys
 
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402  (no pyplot: no GUI backend, 
 
 from jem.errors import UserError  # noqa: E402  (needs the path above)
 from jem.eval.plots import legend_labels  # noqa: E402
+from jem.flags.common import OneLineErrors  # noqa: E402
 from jem.run.log import read_metrics  # noqa: E402
 from utils import run_cli  # noqa: E402
 
@@ -27,8 +27,7 @@ TERM_STYLES = ["-", "--", ":", "-."]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="plot_runs.py", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = OneLineErrors(prog="plot_runs.py", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("runs", nargs="+", metavar="RUN_DIR",
         help="save dirs of train_wrn_ebm.py runs (each with its metrics.jsonl)")
